@@ -1,0 +1,154 @@
+"""Benchmark cases: one per op and shape, each building its inputs and a run function.
+
+A case's `run(backend)` executes the op (forward, or forward + backward when the case says
+so) and returns every output and input gradient, so the runner can time it and compare it
+with the float64 reference on the same inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nested_learning import ops
+
+
+@dataclass
+class Case:
+    op: str
+    shape: dict
+    tokens: int
+    backward: bool
+    make: Callable[[torch.device, torch.dtype], Callable[[str], list[torch.Tensor]]]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shape_str(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.shape.items())
+
+
+def _grads(outs, inputs, backward):
+    """Sum of all outputs backpropagated; returns outputs + input gradients."""
+    flat = [o for o in outs if o is not None and o.is_floating_point()]
+    if not backward:
+        return [o.detach() for o in flat]
+    leaves = [x for x in inputs if x is not None and x.requires_grad]
+    tot = sum((o.float() * torch.linspace(0.5, 1.5, o.numel(), device=o.device).view_as(o)).sum()
+              for o in flat)
+    gs = torch.autograd.grad(tot, leaves, allow_unused=True)
+    return [o.detach() for o in flat] + [g for g in gs if g is not None]
+
+
+def _leaf(x, dtype, grad):
+    return x.to(dtype).detach().requires_grad_(grad)
+
+
+def dgd_case(B, T, H, d, chunk=64, backward=True):
+    def make(dev, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        base = dict(q=r(B, T, H, d), k=F.normalize(r(B, T, H, d), dim=-1), w=r(B, T, H, d),
+                    alpha=0.9 + 0.1 * torch.rand(B, T, H, generator=g),
+                    eta=torch.rand(B, T, H, generator=g), initial_state=r(B, H, d, d))
+        gate = lambda n: n in ("alpha", "eta", "initial_state")  # noqa: E731
+        x = {n: _leaf(v.to(dev), torch.float32 if gate(n) and dtype != torch.float64 else dtype, backward)
+             for n, v in base.items()}
+
+        def run(backend):
+            o, s = ops.dgd_update(**x, read="before", chunk_size=chunk, backend=backend)
+            return _grads([o, s], list(x.values()), backward)
+        return run
+    return Case("dgd_update", dict(B=B, T=T, H=H, d=d, chunk=chunk), B * T, backward, make)
+
+
+def _titan_base(B, T, H, d, g):
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    u = lambda: torch.rand(B, T, H, generator=g)  # noqa: E731
+    return dict(q=F.normalize(r(B, T, H, d), dim=-1), k=F.normalize(r(B, T, H, d), dim=-1),
+                v=r(B, T, H, d), theta=0.1 * u(), eta=0.9 * u(), alpha=0.05 * u())
+
+
+def titan_case(B, T, H, d, chunk=16, backward=True):
+    def make(dev, dtype):
+        g = torch.Generator().manual_seed(0)
+        x = {n: _leaf(v.to(dev), dtype, backward) for n, v in _titan_base(B, T, H, d, g).items()}
+
+        def run(backend):
+            o, (M, S) = ops.titan_update(**x, chunk_size=chunk, backend=backend)
+            return _grads([o, M, S], list(x.values()), backward)
+        return run
+    return Case("titan_update", dict(B=B, T=T, H=H, d=d, chunk=chunk), B * T, backward, make)
+
+
+def titan_mlp_case(B, T, H, d, hidden, chunk=16, backward=True):
+    def make(dev, dtype):
+        g = torch.Generator().manual_seed(0)
+        x = {n: _leaf(v.to(dev), dtype, backward) for n, v in _titan_base(B, T, H, d, g).items()}
+        W1 = _leaf((torch.randn(B, H, d, hidden, generator=g) / hidden**0.5).to(dev), dtype, backward)
+        W2 = _leaf((torch.randn(B, H, hidden, d, generator=g) / d**0.5).to(dev), dtype, backward)
+
+        def run(backend):
+            o, st = ops.titan_mlp_update(**x, initial_state=(W1, W2), chunk_size=chunk, backend=backend)
+            return _grads([o, *st], [*x.values(), W1, W2], backward)
+        return run
+    return Case("titan_mlp_update", dict(B=B, T=T, H=H, d=d, hidden=hidden, chunk=chunk), B * T,
+                backward, make)
+
+
+def cms_case(B, T, d_in, d_out, period, optimizer="dgd"):
+    def make(dev, dtype):
+        g = torch.Generator().manual_seed(0)
+        W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dev, dtype)
+        xs = torch.randn(B, T, d_in, generator=g).to(dev, dtype)
+        ds = (1e-2 * torch.randn(B, T, d_out, generator=g)).to(dev, dtype)
+        state = ops.CMSState.create(W, period, batch_size=B, optimizer=optimizer)
+
+        def run(backend):
+            st, up = ops.cms_update(state, xs, ds, lr=1e-3, optimizer=optimizer, backend=backend)
+            return [st.weight, up.update_norms]
+        return run
+    return Case("cms_update", dict(B=B, T=T, d_in=d_in, d_out=d_out, period=period, opt=optimizer),
+                B * T, False, make)
+
+
+def ce_case(N, D, V, backward=True):
+    def make(dev, dtype):
+        g = torch.Generator().manual_seed(0)
+        h = _leaf(torch.randn(N, D, generator=g).to(dev), dtype, backward)
+        W = _leaf((torch.randn(V, D, generator=g) / D**0.5).to(dev), dtype, backward)
+        y = torch.randint(0, V, (N,), generator=g).to(dev)
+
+        def run(backend):
+            loss, delta = ops.linear_cross_entropy(h, W, y, backend=backend)
+            return _grads([loss, delta], [h, W], backward)
+        return run
+    return Case("linear_cross_entropy", dict(tokens=N, D=D, V=V), N, backward, make)
+
+
+def cases(quick: bool, device: str) -> list[Case]:
+    if quick:
+        return [
+            dgd_case(1, 256, 2, 32),
+            titan_case(1, 256, 2, 32),
+            titan_mlp_case(1, 128, 2, 32, 64),
+            cms_case(2, 256, 64, 128, 16),
+            ce_case(512, 64, 2048),
+        ]
+    if device == "cuda":
+        return [
+            dgd_case(8, 4096, 16, 64),
+            titan_case(8, 4096, 16, 64),
+            titan_mlp_case(4, 2048, 8, 64, 256),
+            cms_case(8, 4096, 1024, 4096, 16),
+            ce_case(8192, 512, 32768),
+        ]
+    return [
+        dgd_case(2, 2048, 4, 64),
+        titan_case(2, 2048, 4, 64),
+        titan_mlp_case(2, 1024, 4, 64, 128),
+        cms_case(4, 1024, 256, 1024, 16),
+        ce_case(2048, 512, 32768),
+    ]

@@ -1,0 +1,152 @@
+"""Benchmark every op, each available backend beside the reference.
+
+    python bench/run.py                 # CPU, full shapes
+    python bench/run.py --quick         # small shapes, a few seconds per op
+    python bench/run.py --device cuda --dtype bfloat16 --json bench/out/cuda.json
+
+Prints one row per (op, backend): shape, median ms, tokens/s, speedup over the reference
+backend and the relative error (||x - ref|| / ||ref||, worst over outputs and input
+gradients) against the float64 reference on the same inputs. --json writes the rows with the
+device, versions and build information.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from cases import cases  # noqa: E402
+
+import nested_learning  # noqa: E402
+from nested_learning import ops  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def median_ms(fn, device: torch.device, warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def rel_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for g, r in zip(got, ref):
+        g, r = g.double().cpu(), r.double().cpu()
+        if not torch.isfinite(g).all():
+            return float("inf")
+        den = r.norm().item()
+        worst = max(worst, (g - r).norm().item() / (den if den > 0 else 1.0))
+    return worst
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "nested_learning": nested_learning.__version__, "build": nested_learning.build_info()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
+    ap.add_argument("--ops", nargs="*", default=None, help=f"subset of {ops.OPS}")
+    ap.add_argument("--backends", nargs="*", default=None, help="subset of backends to time")
+    ap.add_argument("--repeat", type=int, default=None, help="timed repeats (median reported)")
+    ap.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible")
+    unknown = set(args.ops or ()) - set(ops.OPS)
+    if unknown:
+        ap.error(f"unknown ops {sorted(unknown)}; choose from {ops.OPS}")
+    dev = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    repeat = args.repeat or (3 if args.quick else 5)
+    meta = {"device": device_name(dev), "device_type": dev.type, "dtype": args.dtype,
+            "threads": torch.get_num_threads(), "quick": args.quick, "command": " ".join(sys.argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **versions()}
+    print(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
+          f"{meta['threads']} threads | {args.dtype} | median of {repeat}", flush=True)
+    header = f"{'op':22} {'backend':10} {'shape':46} {'ms':>10} {'tokens/s':>12} {'speedup':>8} {'rel err':>9}"
+    print(header)
+    print("-" * len(header), flush=True)
+    rows = []
+    for case in cases(args.quick, args.device):
+        if args.ops and case.op not in args.ops:
+            continue
+        ref_out = case.make(dev, torch.float64)("reference")
+        run = case.make(dev, dtype)
+        ref_ms = None
+        backends = [b for b in reversed(ops.available_backends(case.op, dev.type))
+                    if args.backends is None or b in args.backends]
+        for backend in backends:  # reference first: the others report a speedup over it
+            out = run(backend)
+            ran = ops.last_backend(case.op)
+            ms = median_ms(lambda: run(backend), dev, warmup=1, repeat=repeat)
+            if backend == "reference":
+                ref_ms = ms
+            row = {"op": case.op, "backend": ran, "shape": case.shape, "backward": case.backward,
+                   "median_ms": ms, "tokens_per_s": case.tokens / (ms / 1e3),
+                   "speedup_vs_reference": (ref_ms / ms) if ref_ms else None,
+                   "rel_err_vs_fp64_reference": rel_err(out, ref_out)}
+            rows.append(row)
+            mode = "fwd+bwd" if case.backward else "fwd"
+            sp = f"{row['speedup_vs_reference']:.2f}x" if ref_ms else "-"
+            print(f"{case.op:22} {ran:10} {case.shape_str + ' ' + mode:46} {ms:10.2f} "
+                  f"{row['tokens_per_s']:12.0f} {sp:>8} {row['rel_err_vs_fp64_reference']:9.1e}", flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Loading of the compiled extension nested_learning._C, and what to say when it is absent."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch  # noqa: F401  (loads libtorch before the extension links against it)
+
+try:
+    from . import _C  # type: ignore[attr-defined]
+
+    EXTENSION_ERROR: str | None = None
+except (ImportError, OSError) as err:  # not built, or built against another torch
+    _C = None
+    EXTENSION_ERROR = f"{type(err).__name__}: {err}"
+    warnings.warn(
+        "nested_learning._C could not be loaded, so the compiled 'cpu'/'cuda' backends are "
+        f"unavailable (the reference backend works): {EXTENSION_ERROR}. Rebuild it with "
+        "`pip install --no-build-isolation -e .` against the installed torch.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def extension_available() -> bool:
+    return _C is not None
+
+
+def build_info() -> dict[str, str]:
+    """How the extension was built (torch, OpenMP, CUDA, compiler), or why it is missing."""
+    if _C is None:
+        return {"extension": "missing", "error": str(EXTENSION_ERROR)}
+    info = dict(kv.split("=", 1) for kv in _C.build_info().split(";"))
+    return {"extension": "loaded", **info}

@@ -1,0 +1,34 @@
+"""The public op API (docs/MATH.md). Every op picks its backend per call: `backend=`,
+`use_backend(name)` or NL_BACKEND force one; otherwise the fastest available runs."""
+
+from ._backend import (
+    BACKEND_ORDER,
+    BackendUnavailableError,
+    available_backends,
+    last_backend,
+    registered_backends,
+    use_backend,
+)
+from .cms import CMSState, CMSUpdate, cms_update
+from .cross_entropy import linear_cross_entropy
+from .dgd import dgd_update
+from .titan import titan_mlp_update, titan_update
+
+OPS = ("dgd_update", "titan_update", "titan_mlp_update", "cms_update", "linear_cross_entropy")
+
+__all__ = [
+    "BACKEND_ORDER",
+    "OPS",
+    "BackendUnavailableError",
+    "CMSState",
+    "CMSUpdate",
+    "available_backends",
+    "cms_update",
+    "dgd_update",
+    "last_backend",
+    "linear_cross_entropy",
+    "registered_backends",
+    "titan_mlp_update",
+    "titan_update",
+    "use_backend",
+]

@@ -1,0 +1,143 @@
+"""ops.cms_update: one CMS level's chunked update of one linear layer (MATH section 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ..reference.cms import OPTIMIZERS, cms_update_reference
+from . import _backend, _checks
+from ._define import define_op
+
+
+@dataclass(frozen=True)
+class CMSState:
+    """Per-sequence state of one linear layer of one CMS level.
+
+    weight [B, Dout, Din]; buffer_x [B, C, Din] and buffer_delta [B, C, Dout] are the ring
+    buffer of the unfinished chunk (C = the level's period), `filled` of its slots valid;
+    momentum [B, Dout, Din] for the "momentum" optimizer, else None; `updates` counts the
+    updates applied so far."""
+
+    weight: Tensor
+    buffer_x: Tensor
+    buffer_delta: Tensor
+    filled: int = 0
+    momentum: Tensor | None = None
+    updates: int = 0
+
+    @classmethod
+    def create(cls, weight: Tensor, period: int, batch_size: int | None = None,
+               optimizer: str = "gd") -> CMSState:
+        """Fresh state from a slow weight [Dout, Din] (broadcast to the batch) or a
+        per-sequence weight [B, Dout, Din]."""
+        _checks.positive_int("period", period)
+        _checks.choice("optimizer", optimizer, OPTIMIZERS)
+        _checks.tensor("weight", weight)
+        if weight.dim() == 2:
+            if batch_size is None:
+                raise ValueError("batch_size is required when weight is [Dout, Din]")
+            weight = weight.unsqueeze(0).expand(batch_size, -1, -1).clone()
+        _checks.tensor("weight", weight, 3)
+        B, Dout, Din = weight.shape
+        return cls(
+            weight=weight,
+            buffer_x=weight.new_zeros(B, period, Din),
+            buffer_delta=weight.new_zeros(B, period, Dout),
+            momentum=torch.zeros_like(weight) if optimizer == "momentum" else None,
+        )
+
+    @property
+    def period(self) -> int:
+        return self.buffer_x.shape[1]
+
+
+@dataclass(frozen=True)
+class CMSUpdate:
+    """What one call did: update_norms [B, n] (||W_new - W_old||_F per applied update, in
+    order) and token_index [n] (index, within this call's tokens, of the token that
+    completed each chunk)."""
+
+    update_norms: Tensor
+    token_index: tuple[int, ...]
+
+
+def _fake(weight, x, delta, buffer_x, buffer_delta, momentum, filled, lr, optimizer, beta, alpha):
+    n_up = (filled + x.shape[1]) // buffer_x.shape[1]
+    mom = momentum.new_empty(momentum.shape) if momentum is not None else weight.new_empty(0)
+    return (weight.new_empty(weight.shape), mom, buffer_x.new_empty(buffer_x.shape),
+            buffer_delta.new_empty(buffer_delta.shape), weight.new_empty(weight.shape[0], n_up))
+
+
+def _reference(weight, x, delta, buffer_x, buffer_delta, momentum, filled, lr, optimizer, beta,
+               alpha):
+    return cms_update_reference(
+        weight, x, delta, buffer_x, buffer_delta, filled, momentum, lr, optimizer, beta, alpha
+    )
+
+
+_op = define_op(
+    "cms_update",
+    "Tensor weight, Tensor x, Tensor delta, Tensor buffer_x, Tensor buffer_delta, Tensor? momentum",
+    "int filled, float lr, str optimizer, float beta, float alpha",
+    n_out=5,
+    fake=_fake,
+    reference=_reference,
+)
+
+
+def cms_update(
+    state: CMSState,
+    x: Tensor,
+    delta: Tensor,
+    lr: float,
+    optimizer: str = "gd",
+    beta: float = 0.9,
+    alpha: float = 1.0,
+    backend: str | None = None,
+) -> tuple[CMSState, CMSUpdate]:
+    """Feed tokens to one linear layer y = W x of a CMS level and apply every completed
+    chunk's update (MATH section 4): G = sum_t delta_t x_t^T over the chunk's C tokens, then
+    gd: W -= lr G; momentum: m = beta m - lr G, W += m; dgd: W = W (alpha I - lr X^T X) - lr G.
+
+    x [B, T, Din] are the layer's inputs and delta [B, T, Dout] the teach signal at its
+    output. Leftover tokens stay in the state's ring buffer for the next call, so streaming a
+    sequence in pieces equals feeding it whole. Returns the new state and a CMSUpdate."""
+    if not isinstance(state, CMSState):
+        raise TypeError(f"state must be a CMSState (see CMSState.create), got {type(state).__name__}")
+    B, Dout, Din = state.weight.shape
+    _checks.tensor("x", x, 3)
+    _checks.shape("x", x, (B, None, Din), "[B, T, Din] matching state.weight [B, Dout, Din]")
+    T = x.shape[1]
+    _checks.tensor("delta", delta, 3)
+    _checks.shape("delta", delta, (B, T, Dout), "[B, T, Dout] matching x and state.weight")
+    _checks.same_dtype({"state.weight": state.weight, "x": x, "delta": delta})
+    _checks.choice("optimizer", optimizer, OPTIMIZERS)
+    if optimizer == "momentum" and state.momentum is None:
+        raise ValueError("optimizer='momentum' needs state.momentum (CMSState.create(..., optimizer='momentum'))")
+    if not (isinstance(lr, (int, float)) and lr >= 0):
+        raise ValueError(f"lr must be a non-negative float, got {lr!r}")
+    if optimizer == "dgd" and not 0 < alpha <= 1:
+        raise ValueError(f"alpha must lie in (0, 1] for optimizer='dgd', got {alpha!r}")
+    dev = _checks.same_device({"state.weight": state.weight, "x": x, "delta": delta})
+    name = _backend.resolve("cms_update", dev.type, backend)
+    mom = state.momentum if optimizer == "momentum" else None
+    W, m, bx, bd, norms = _op(
+        state.weight, x, delta, state.buffer_x, state.buffer_delta, mom, state.filled,
+        float(lr), optimizer, float(beta), float(alpha), name,
+    )
+    C = state.period
+    n_up = norms.shape[1]
+    first = C - state.filled - 1  # index in this call of the token completing the first chunk
+    new = replace(
+        state,
+        weight=W,
+        buffer_x=bx,
+        buffer_delta=bd,
+        filled=(state.filled + T) % C,
+        momentum=m if optimizer == "momentum" else state.momentum,
+        updates=state.updates + n_up,
+    )
+    return new, CMSUpdate(norms, tuple(first + i * C for i in range(n_up)))

@@ -1,0 +1,157 @@
+"""ops.titan_update and ops.titan_mlp_update: the Titans memory (MATH section 3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..reference.titan import ACTIVATIONS, titan_linear_reference, titan_mlp_reference
+from . import _backend, _checks
+from ._define import define_op
+
+GATES = "Tensor theta, Tensor eta, Tensor alpha"
+
+
+def _linear_fake(q, k, v, theta, eta, alpha, M0, S0, chunk_size):
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    sdt = torch.promote_types(q.dtype, torch.float32)
+    state = [q.new_empty(B, H, dv, dk, dtype=sdt) for _ in range(2)]
+    return (q.new_empty(B, T, H, dv), *state)
+
+
+def _linear_reference(q, k, v, theta, eta, alpha, M0, S0, chunk_size):
+    init = None if M0 is None else (M0, S0)  # the public wrapper passes both or neither
+    return titan_linear_reference(q, k, v, theta, eta, alpha, init, chunk_size)
+
+
+_linear = define_op(
+    "titan_update",
+    f"Tensor q, Tensor k, Tensor v, {GATES}, Tensor? M0, Tensor? S0",
+    "int chunk_size",
+    n_out=3,
+    fake=_linear_fake,
+    reference=_linear_reference,
+)
+
+
+def _mlp_fake(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation):
+    sdt = torch.promote_types(q.dtype, torch.float32)
+    return (q.new_empty(q.shape), *(x.new_empty(x.shape, dtype=sdt) for x in (W1, W2, S1, S2)))
+
+
+def _mlp_reference(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation):
+    return titan_mlp_reference(
+        q, k, v, theta, eta, alpha, (W1, W2, S1, S2), chunk_size, activation
+    )
+
+
+_mlp = define_op(
+    "titan_mlp_update",
+    f"Tensor q, Tensor k, Tensor v, {GATES}, Tensor W1, Tensor W2, Tensor S1, Tensor S2",
+    "int chunk_size, str activation",
+    n_out=5,
+    fake=_mlp_fake,
+    reference=_mlp_reference,
+)
+
+
+def _check_common(q, k, v, theta, eta, alpha, chunk_size):
+    _checks.tensor("q", q, 4)
+    B, T, H, dk = q.shape
+    _checks.tensor("k", k, 4)
+    _checks.shape("k", k, (B, T, H, dk), "same as q: [B, T, H, dk]")
+    _checks.tensor("v", v, 4)
+    _checks.shape("v", v, (B, T, H, None), "[B, T, H, dv]")
+    _checks.same_dtype({"q": q, "k": k, "v": v})
+    for n, g in (("theta", theta), ("eta", eta), ("alpha", alpha)):
+        _checks.tensor(n, g, 3)
+        _checks.shape(n, g, (B, T, H), "one gate per token and head: [B, T, H]")
+        _checks.in_range(n, g, 0.0, 1.0)
+    _checks.positive_int("chunk_size", chunk_size)
+
+
+def titan_update(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor,
+    alpha: Tensor,
+    initial_state: tuple[Tensor, Tensor] | None = None,
+    output_final_state: bool = True,
+    chunk_size: int = 16,
+    backend: str | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Linear Titans memory with momentum and forgetting, chunked (Titans Eq. 16).
+
+    loss_t = ||M k_t - v_t||^2 at the chunk-start state M_c; S_t = eta_t S_{t-1} - theta_t
+    grad; M_t = (1 - alpha_t) M_{t-1} + S_t; o_t = M_c q_t. q, k [B, T, H, dk]; v
+    [B, T, H, dv]; theta (learning rate), eta (momentum decay), alpha (forget) in [0, 1],
+    each [B, T, H]; initial_state an (M, S) pair of [B, H, dv, dk] or None (zeros).
+    Returns o [B, T, H, dv] and (M, S) (float32 or wider) when output_final_state."""
+    _check_common(q, k, v, theta, eta, alpha, chunk_size)
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    M0 = S0 = None
+    if initial_state is not None:
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+            raise TypeError("initial_state must be an (M, S) pair of tensors or None")
+        M0, S0 = initial_state
+        for n, x in (("initial_state[0] (M)", M0), ("initial_state[1] (S)", S0)):
+            _checks.tensor(n, x, 4)
+            _checks.shape(n, x, (B, H, dv, dk), "[B, H, dv, dk]")
+    dev = _checks.same_device(
+        {"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha, "M": M0, "S": S0}
+    )
+    name = _backend.resolve("titan_update", dev.type, backend)
+    o, M, S = _linear(q, k, v, theta, eta, alpha, M0, S0, chunk_size, name)
+    return o, ((M, S) if output_final_state else None)
+
+
+def titan_mlp_update(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor,
+    alpha: Tensor,
+    initial_state: tuple[Tensor, ...],
+    output_final_state: bool = True,
+    chunk_size: int = 16,
+    activation: str = "silu",
+    backend: str | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor] | None]:
+    """Residual MLP Titans memory M(x) = x + W1 act(W2 x), chunked, momentum and forgetting
+    applied to W1 and W2 alike (same gates as titan_update).
+
+    q, k, v [B, T, H, d]; initial_state (W1 [B, H, d, h], W2 [B, H, h, d]) or
+    (W1, W2, S1, S2) with momenta of the same shapes (zeros when only two are given). The
+    state is required: zero weights are a fixed point of the update (act(0) = 0).
+    Returns o [B, T, H, d] = M_c(q_t) and (W1, W2, S1, S2) when output_final_state."""
+    _check_common(q, k, v, theta, eta, alpha, chunk_size)
+    B, T, H, d = q.shape
+    _checks.shape("v", v, (B, T, H, d), "same as q: the residual MLP memory maps d to d")
+    _checks.choice("activation", activation, ACTIVATIONS)
+    if not isinstance(initial_state, (tuple, list)) or len(initial_state) not in (2, 4):
+        raise TypeError("initial_state must be (W1, W2) or (W1, W2, S1, S2)")
+    W1, W2 = initial_state[:2]
+    _checks.tensor("W1", W1, 4)
+    hid = W1.shape[-1]
+    _checks.shape("W1", W1, (B, H, d, None), "[B, H, d, hidden]")
+    _checks.tensor("W2", W2, 4)
+    _checks.shape("W2", W2, (B, H, hid, d), "[B, H, hidden, d]")
+    if len(initial_state) == 4:
+        S1, S2 = initial_state[2:]
+        _checks.tensor("S1", S1, 4)
+        _checks.shape("S1", S1, tuple(W1.shape), "same as W1")
+        _checks.tensor("S2", S2, 4)
+        _checks.shape("S2", S2, tuple(W2.shape), "same as W2")
+    else:
+        S1, S2 = torch.zeros_like(W1), torch.zeros_like(W2)
+    dev = _checks.same_device(
+        {"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha, "W1": W1, "W2": W2}
+    )
+    name = _backend.resolve("titan_mlp_update", dev.type, backend)
+    o, *state = _mlp(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation, name)
+    return o, (tuple(state) if output_final_state else None)
