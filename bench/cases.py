@@ -152,3 +152,46 @@ def cases(quick: bool, device: str) -> list[Case]:
         cms_case(4, 1024, 256, 1024, 16),
         ce_case(2048, 512, 32768),
     ]
+
+
+@dataclass
+class StepCase:
+    """One two-pass training step of a model: forward, backward (outer gradients and teach
+    signals), CMS update pass, optimizer step."""
+
+    model: str
+    size: str
+    batch: int
+    seq: int
+
+    @property
+    def op(self) -> str:
+        return f"step:{self.model}"
+
+    @property
+    def shape_str(self) -> str:
+        return f"size={self.size} B={self.batch} T={self.seq}"
+
+    def make(self, dev: torch.device):
+        from nested_learning.models import build_model
+
+        torch.manual_seed(0)
+        m = build_model(self.model, self.size).to(dev)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        tok = torch.randint(0, m.config.vocab_size, (self.batch, self.seq), device=dev)
+
+        def step():
+            loss, cap, st = m.train_forward(tok)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            m.apply_updates(st, cap)
+            return loss
+        return m, step
+
+
+def step_cases(quick: bool, device: str) -> list[StepCase]:
+    if quick:
+        return [StepCase(n, "tiny", 2, 64) for n in ("transformer", "titans", "hope")]
+    B, T = (16, 1024) if device == "cuda" else (4, 256)
+    return [StepCase(n, "smoke", B, T) for n in ("transformer", "titans", "hope")]

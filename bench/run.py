@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from cases import cases  # noqa: E402
+from cases import cases, step_cases  # noqa: E402
 
 import nested_learning  # noqa: E402
 from nested_learning import ops  # noqa: E402
@@ -94,14 +94,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
-    ap.add_argument("--ops", nargs="*", default=None, help=f"subset of {ops.OPS}")
+    ap.add_argument("--ops", nargs="*", default=None, help=f"subset of {ops.OPS} and 'step' (model training steps)")
     ap.add_argument("--backends", nargs="*", default=None, help="subset of backends to time")
     ap.add_argument("--repeat", type=int, default=None, help="timed repeats (median reported)")
     ap.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible")
-    unknown = set(args.ops or ()) - set(ops.OPS)
+    unknown = set(args.ops or ()) - set(ops.OPS) - {"step"}
     if unknown:
         ap.error(f"unknown ops {sorted(unknown)}; choose from {ops.OPS}")
     dev = torch.device(args.device)
@@ -140,6 +140,16 @@ def main(argv=None) -> int:
             sp = f"{row['speedup_vs_reference']:.2f}x" if ref_ms else "-"
             print(f"{case.op:22} {ran:10} {case.shape_str + ' ' + mode:46} {ms:10.2f} "
                   f"{row['tokens_per_s']:12.0f} {sp:>8} {row['rel_err_vs_fp64_reference']:9.1e}", flush=True)
+    if args.ops is None or any(o.startswith("step") for o in args.ops):
+        for sc in step_cases(args.quick, args.device):
+            model, step = sc.make(dev)
+            ms = median_ms(step, dev, warmup=1, repeat=repeat)
+            row = {"op": sc.op, "backend": "auto", "shape": sc.shape_str, "backward": True, "median_ms": ms,
+                   "tokens_per_s": sc.batch * sc.seq / (ms / 1e3), "parameters": model.num_parameters(),
+                   "speedup_vs_reference": None, "rel_err_vs_fp64_reference": None}
+            rows.append(row)
+            print(f"{sc.op:22} {'auto':10} {sc.shape_str + ' train step':46} {ms:10.2f} "
+                  f"{row['tokens_per_s']:12.0f} {'-':>8} {'-':>9}  ({row['parameters']:,} params)", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

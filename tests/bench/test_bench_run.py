@@ -18,8 +18,11 @@ def test_quick_benchmark_table_and_json(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert {row["op"] for row in data["rows"]} == set(ops.OPS)
+    assert {row["op"] for row in data["rows"]} == set(ops.OPS) | {"step:hope", "step:titans", "step:transformer"}
     for row in data["rows"]:
+        if row["op"].startswith("step:"):
+            assert row["median_ms"] > 0 and row["parameters"] > 0
+            continue
         assert row["median_ms"] > 0 and row["tokens_per_s"] > 0
         assert row["rel_err_vs_fp64_reference"] < 1e-4, row  # float32 against float64
         assert f"{row['op']:22} {row['backend']:10}" in r.stdout

@@ -1,0 +1,136 @@
+"""Continuum Memory System chain (MATH section 4): levels z <- z + MLP_l(norm(z)) whose two
+linear layers are fast weights, one per sequence, updated every `period` tokens from the
+teach signal through ops.cms_update (two-pass, stop-gradient writes: the forward reads the
+state, the update pass consumes the teach signals of the same backward pass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from .common import RMSNorm, fast_weight
+from .teach import TeachCapture
+
+INNER_OPTIMIZERS = ("gd", "momentum", "dgd")
+
+
+@dataclass(frozen=True)
+class UpdateEvent:
+    layer: int
+    level: int
+    token_index: int  # absolute position of the token that completed the chunk
+    chunk_tokens: int
+    update_norm: float  # ||delta W||_F of the level (both linear layers), mean over the batch
+
+
+@dataclass
+class UpdateLog:
+    """Cheap log of applied CMS updates: norms stay tensors until `events()` is read."""
+
+    records: list = field(default_factory=list)
+
+    def add(self, layer: int, level: int, index: tuple[int, ...], chunk: int, norms: Tensor) -> None:
+        if index:
+            self.records.append((layer, level, index, chunk, norms))
+
+    def events(self) -> list[UpdateEvent]:
+        out = []
+        for layer, level, index, chunk, norms in self.records:
+            mean = norms.float().mean(0).tolist()
+            out += [UpdateEvent(layer, level, i, chunk, n) for i, n in zip(index, mean)]
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(r[2]) for r in self.records)
+
+
+@dataclass
+class CMSLevelState:
+    up: ops.CMSState
+    down: ops.CMSState
+
+
+class CMSChain(nn.Module):
+    def __init__(self, d_model: int, periods=(1, 4, 16, 64), hidden_mult: int = 4,
+                 optimizer="gd", lr=1e-2, beta: float = 0.9, dgd_alpha: float = 1.0,
+                 teach_scale: float = 1.0, teach_clip: float | None = None,
+                 differentiable_writes: bool = False):
+        super().__init__()
+        periods = tuple(periods)
+        if not periods:
+            raise ValueError("periods must name at least one level")
+        for p in periods:
+            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+                raise ValueError(f"periods must be positive ints, got {p!r} in {periods}")
+        n = len(periods)
+        self.optimizers = (optimizer,) * n if isinstance(optimizer, str) else tuple(optimizer)
+        self.lrs = (float(lr),) * n if isinstance(lr, (int, float)) else tuple(map(float, lr))
+        if len(self.optimizers) != n or len(self.lrs) != n:
+            raise ValueError(f"optimizer and lr need one entry per level ({n})")
+        for o in self.optimizers:
+            if o not in INNER_OPTIMIZERS:
+                raise ValueError(f"optimizer must be one of {INNER_OPTIMIZERS}, got {o!r}")
+        if teach_clip is not None and teach_clip <= 0:
+            raise ValueError(f"teach_clip must be positive or None, got {teach_clip}")
+        self.periods, self.beta, self.dgd_alpha = periods, beta, dgd_alpha
+        self.teach_scale, self.teach_clip = teach_scale, teach_clip
+        self.differentiable_writes = differentiable_writes
+        hid = hidden_mult * d_model
+        self.norms = nn.ModuleList(RMSNorm(d_model) for _ in periods)
+        self.up = nn.ParameterList(nn.Parameter(torch.randn(hid, d_model) / d_model**0.5) for _ in periods)
+        self.down = nn.ParameterList(nn.Parameter(torch.randn(d_model, hid) * 0.5 / hid**0.5) for _ in periods)
+
+    def init_state(self, batch: int, device, dtype) -> list[CMSLevelState]:
+        out = []
+        for up, down, period, opt in zip(self.up, self.down, self.periods, self.optimizers):
+            mk = lambda w: ops.CMSState.create(w.detach().to(device, dtype), period, batch, opt)  # noqa: E731
+            out.append(CMSLevelState(mk(up), mk(down)))
+        return out
+
+    def forward(self, z: Tensor, state: list[CMSLevelState], layer: int,
+                capture: TeachCapture | None = None) -> Tensor:
+        for lvl, (norm, st) in enumerate(zip(self.norms, state)):
+            u = norm(z)
+            Wu = fast_weight(self.up[lvl], st.up.weight, self.differentiable_writes)
+            Wd = fast_weight(self.down[lvl], st.down.weight, self.differentiable_writes)
+            pre = torch.bmm(u, Wu.transpose(1, 2).to(u.dtype))
+            a = F.gelu(pre)
+            out = torch.bmm(a, Wd.transpose(1, 2).to(a.dtype))
+            if capture is not None:
+                keep = (lambda t: t) if self.differentiable_writes else (lambda t: t.detach())
+                capture.watch(("cms", layer, lvl, "up"), pre, keep(u))
+                capture.watch(("cms", layer, lvl, "down"), out, keep(a))
+            z = z + out
+        return z
+
+    def update(self, state: list[CMSLevelState], capture: TeachCapture, layer: int, log: UpdateLog,
+               lr: float | None = None, levels=None, surprise_threshold: float = 0.0):
+        """Apply the teach signals of `capture` (one forward + backward) to the fast weights.
+        Returns the new state and, per level, the mean surprise ||delta_t|| of the tokens."""
+        new, surprise = [], {}
+        for lvl, st in enumerate(state):
+            if levels is not None and lvl not in levels:
+                new.append(st)
+                continue
+            kd, ku = ("cms", layer, lvl, "down"), ("cms", layer, lvl, "up")
+            d_down, d_up = capture.signal(kd), capture.signal(ku)
+            norm_t = d_down.float().norm(dim=-1, keepdim=True)  # [B, T, 1] surprise per token
+            factor = torch.full_like(norm_t, self.teach_scale)
+            if self.teach_clip is not None:
+                factor = factor * (self.teach_clip / norm_t.clamp(min=1e-30)).clamp(max=1.0)
+            factor = factor * (norm_t > surprise_threshold)
+            surprise[lvl] = norm_t.mean()
+            kw = dict(lr=self.lrs[lvl] if lr is None else lr, optimizer=self.optimizers[lvl],
+                      beta=self.beta, alpha=self.dgd_alpha)
+            f = factor.to(d_down.dtype)
+            up, u_rep = ops.cms_update(st.up, capture.inputs[ku], d_up * f, **kw)
+            down, d_rep = ops.cms_update(st.down, capture.inputs[kd], d_down * f, **kw)
+            norms = (u_rep.update_norms.square() + d_rep.update_norms.square()).sqrt()
+            log.add(layer, lvl, tuple(capture.position + i for i in u_rep.token_index), self.periods[lvl], norms)
+            new.append(CMSLevelState(up, down))
+        return new, surprise

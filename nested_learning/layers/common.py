@@ -1,0 +1,71 @@
+"""Small shared pieces: RMSNorm, RoPE, the MLP, causal depthwise convolution, and the
+stop-gradient-write helper used by every fast state."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """x -> W_down gelu(W_up x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+def rope(x: Tensor, start: int, theta: float) -> Tensor:
+    """Rotary position embedding of x [B, T, H, d] (d even) at positions start .. start+T-1."""
+    T, d = x.shape[1], x.shape[-1]
+    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = torch.arange(start, start + T, device=x.device, dtype=torch.float32)[:, None] * inv
+    cos, sin = ang.cos()[None, :, None, :].to(x.dtype), ang.sin()[None, :, None, :].to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Short causal depthwise convolution over time (Titans section 4.4) with a streaming
+    state: the last kernel-1 inputs of each sequence."""
+
+    def __init__(self, channels: int, kernel: int = 4):
+        super().__init__()
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.zeros(channels, kernel))
+        with torch.no_grad():
+            self.weight[:, -1] = 1.0  # starts as the identity
+            self.weight.add_(0.02 * torch.randn_like(self.weight))
+
+    def init_state(self, batch: int, device, dtype) -> Tensor:
+        return torch.zeros(batch, self.kernel - 1, self.weight.shape[0], device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, T, C], state [B, kernel-1, C] -> y [B, T, C], new state."""
+        full = torch.cat([state.to(x.dtype), x], 1)  # [B, kernel-1+T, C]
+        y = F.conv1d(full.transpose(1, 2), self.weight.unsqueeze(1).to(x.dtype), groups=x.shape[-1])
+        return y.transpose(1, 2), full[:, full.shape[1] - (self.kernel - 1):]
+
+
+def fast_weight(slow: Tensor, fast: Tensor, differentiable: bool) -> Tensor:
+    """The weight a read uses: the fast state's value, with the outer gradient flowing to the
+    slow parameter it started from (stop-gradient writes), or through the writes too."""
+    if differentiable:
+        return fast
+    return slow + (fast - slow).detach()

@@ -1,0 +1,110 @@
+"""Self-modifying Titans (MATH section 6): every projection is an adaptive memory.
+
+Per head (width d), the memories M_q, M_k, M_v ([d, d]) and M_eta, M_alpha ([1, d]) are the
+rows of one projection memory P [3d + 2, d]; they produce q, k, v, the learning rate and the
+forget gate from the input, and are all updated in context by the DGD rule of section 2 with
+self-generated targets (a = 2k - v, w = 0: each row block moves towards its own output on v).
+Inside a projection chunk every token is projected by the chunk-start P; the DGD writes then
+advance P token by token for the next chunk (projection chunk 1 is the exact recurrence).
+
+The main memory M_memory [d, d] reads before it writes, o_t = M_{t-1} q_t, with the same DGD
+rule (ops.dgd_update, its own chunk size, which changes only the parallel schedule).
+
+Gradients: memory initial states are slow parameters, trained through the reads
+(stop-gradient writes: w_read = w_slow + sg(w_fast - w_slow)). The main memory's writes are
+always differentiated: they are the only path by which k, v and the gates reach the loss.
+The projection memory's writes are stop-gradient unless differentiable_writes=True.
+Streaming is exact for any split (the unfinished projection chunk is kept and replayed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from .common import RMSNorm, fast_weight
+
+
+@dataclass
+class SelfModifyingState:
+    proj: Tensor  # chunk-start projection memory [B, H, 3d+2, d]
+    memory: Tensor  # main memory [B, H, d, d]
+    pending: Tensor  # inputs of the unfinished projection chunk [B, P, H, d]
+    pending_valid: Tensor  # [B, P] False for tokens dropped by a reset (identity writes)
+
+
+class SelfModifyingTitans(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, proj_chunk: int = 16, memory_chunk: int = 64,
+                 eta_max: float = 0.3, differentiable_writes: bool = False):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        for name, c in (("proj_chunk", proj_chunk), ("memory_chunk", memory_chunk)):
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                raise ValueError(f"{name} must be a positive int, got {c!r}")
+        if not 0 < eta_max <= 1:
+            raise ValueError(f"eta_max must lie in (0, 1], got {eta_max}")
+        self.h, self.d = n_heads, d_model // n_heads
+        self.proj_chunk, self.memory_chunk = proj_chunk, memory_chunk
+        self.eta_max, self.differentiable_writes = eta_max, differentiable_writes
+        d = self.d
+        P0 = torch.randn(n_heads, 3 * d + 2, d) / d**0.5
+        P0[:, 3 * d:] *= 0.1
+        self.P0 = nn.Parameter(P0)
+        self.gate_bias = nn.Parameter(torch.tensor([0.0, 4.0]).repeat(n_heads, 1))  # eta, alpha
+        self.M0 = nn.Parameter(torch.randn(n_heads, d, d) / d**0.5)
+        self.norm = RMSNorm(d)
+        self.gate = nn.Linear(d_model, d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def init_state(self, batch: int, device, dtype) -> SelfModifyingState:
+        sdt = torch.promote_types(dtype, torch.float32)
+        b = lambda p: p.detach().to(device, sdt).unsqueeze(0).expand(batch, *p.shape).clone()  # noqa: E731
+        return SelfModifyingState(b(self.P0), b(self.M0),
+                                  torch.zeros(batch, 0, self.h, self.d, device=device, dtype=dtype),
+                                  torch.zeros(batch, 0, dtype=torch.bool, device=device))
+
+    def _project(self, x: Tensor, P: Tensor):
+        """x [B, C, H, d] through P [B, H, 3d+2, d] -> q, k, v [B, C, H, d], eta, alpha [B, C, H]."""
+        d = self.d
+        y = torch.einsum("bchi,bhoi->bcho", x, P.to(x.dtype))
+        q, k, v = (F.normalize(y[..., i * d:(i + 1) * d], dim=-1) for i in range(3))
+        g = y[..., 3 * d:] + self.gate_bias.to(x.dtype)
+        eta = self.eta_max * torch.sigmoid(g[..., 0])
+        alpha = torch.sigmoid(g[..., 1]).clamp(min=1e-4)
+        return q, k, v, eta, alpha
+
+    def forward(self, x: Tensor, state: SelfModifyingState) -> tuple[Tensor, SelfModifyingState]:
+        B, T, D = x.shape
+        xs = torch.cat([state.pending.to(x.dtype), x.view(B, T, self.h, self.d)], 1)
+        valid = torch.cat([state.pending_valid, state.pending_valid.new_ones(B, T)], 1)
+        Pn, L, C = state.pending.shape[1], xs.shape[1], self.proj_chunk
+        P = fast_weight(self.P0, state.proj, self.differentiable_writes)
+        parts = []
+        for s0 in range(0, L, C):
+            s1 = min(s0 + C, L)
+            q, k, v, eta, alpha = self._project(xs[:, s0:s1], P)
+            parts.append((q, k, v, eta, alpha))
+            if s1 - s0 == C:  # a complete chunk advances the projection memory
+                ok = valid[:, s0:s1, None]
+                P = self._write(P, k, v, torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0))
+        q, k, v, eta, alpha = (torch.cat(t, 1)[:, Pn:] for t in zip(*parts))
+        M = fast_weight(self.M0, state.memory, False)
+        o, M = ops.dgd_update(q, k, torch.zeros_like(v), alpha, eta, a=2 * k - v, initial_state=M,
+                              read="before", chunk_size=self.memory_chunk)
+        y = self.norm(o).reshape(B, T, D) * torch.sigmoid(self.gate(x))
+        full = (L // C) * C
+        return self.out(y), SelfModifyingState(P, M, xs[:, full:], valid[:, full:])
+
+    def _write(self, P: Tensor, k, v, eta, alpha) -> Tensor:
+        args = (k, k, torch.zeros(*k.shape[:3], P.shape[2], device=k.device, dtype=k.dtype), alpha, eta)
+        a = 2 * k - v
+        if not self.differentiable_writes:
+            args, a, P = tuple(t.detach() for t in args), a.detach(), P.detach()
+        _, P_new = ops.dgd_update(*args, a=a, initial_state=P, read="before", chunk_size=self.proj_chunk)
+        return P_new if self.differentiable_writes else fast_weight(self.P0, P_new, False)
