@@ -127,9 +127,9 @@ class CMSChain(nn.Module):
             surprise[lvl] = norm_t.mean()
             kw = dict(lr=self.lrs[lvl] if lr is None else lr, optimizer=self.optimizers[lvl],
                       beta=self.beta, alpha=self.dgd_alpha)
-            f = factor.to(d_down.dtype)
-            up, u_rep = ops.cms_update(st.up, capture.inputs[ku], d_up * f, **kw)
-            down, d_rep = ops.cms_update(st.down, capture.inputs[kd], d_down * f, **kw)
+            wdt = st.up.weight.dtype  # under autocast the activations may be in another dtype
+            up, u_rep = ops.cms_update(st.up, capture.inputs[ku].to(wdt), (d_up * factor).to(wdt), **kw)
+            down, d_rep = ops.cms_update(st.down, capture.inputs[kd].to(wdt), (d_down * factor).to(wdt), **kw)
             norms = (u_rep.update_norms.square() + d_rep.update_norms.square()).sqrt()
             log.add(layer, lvl, tuple(capture.position + i for i in u_rep.token_index), self.periods[lvl], norms)
             new.append(CMSLevelState(up, down))

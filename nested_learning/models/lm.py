@@ -83,11 +83,15 @@ class LanguageModel(nn.Module):
             capture.watch(("final",), h)
         return h, ModelState(layers, state.position + T)
 
-    def forward(self, tokens: Tensor, state: ModelState | None = None,
-                capture: TeachCapture | None = None) -> tuple[Tensor, ModelState]:
-        """tokens [B, T] -> logits [B, T, vocab] and the new fast state."""
+    def forward(self, tokens: Tensor, state: ModelState | None = None, capture: TeachCapture | None = None,
+                targets: Tensor | None = None, reduction: str = "mean") -> tuple[Tensor, ModelState]:
+        """tokens [B, T] -> logits [B, T, vocab] and the new fast state; with targets [B, T]
+        (IGNORE = -100 where none), the loss instead of the logits (computed inside forward,
+        so DDP and FSDP wrappers see every use of the weights)."""
         h, state = self.hidden(tokens, state, capture)
-        return F.linear(h, self.embed.weight), state
+        if targets is None:
+            return F.linear(h, self.embed.weight), state
+        return self.loss(h, targets, reduction)[0], state
 
     @staticmethod
     def next_token_targets(tokens: Tensor, next_token: Tensor | None = None, ignore_index: int = -100) -> Tensor:
@@ -102,13 +106,15 @@ class LanguageModel(nn.Module):
         return ops.linear_cross_entropy(h, self.embed.weight, targets, reduction=reduction)
 
     # ----- two-pass training ---------------------------------------------------------
-    def train_forward(self, tokens: Tensor, state: ModelState | None = None, next_token: Tensor | None = None):
+    def train_forward(self, tokens: Tensor, state: ModelState | None = None, next_token: Tensor | None = None,
+                      targets: Tensor | None = None, module: nn.Module | None = None):
         """First pass: returns (mean loss, capture, new state). Call loss.backward() (the outer
-        gradients and, through hooks, the teach signals), then apply_updates(state, capture)."""
+        gradients and, through hooks, the teach signals), then apply_updates(state, capture).
+        targets default to the next tokens (next_token [B] for the last position); `module` is
+        a DDP/FSDP wrapper of this model to call instead of the model itself."""
         capture = TeachCapture()
-        h, new_state = self.hidden(tokens, state, capture)
-        targets = self.next_token_targets(tokens, next_token)
-        loss, _ = self.loss(h, targets)
+        targets = self.next_token_targets(tokens, next_token) if targets is None else targets
+        loss, new_state = (self if module is None else module)(tokens, state, capture, targets=targets)
         capture.scale = float((targets != -100).sum().clamp(min=1))  # mean -> summed loss
         return loss, capture, new_state
 
@@ -132,8 +138,8 @@ class LanguageModel(nn.Module):
 
     # ----- test-time memorisation ----------------------------------------------------
     def memorize(self, tokens: Tensor, state: ModelState | None = None, steps: int = 1, lr: float | None = None,
-                 surprise_threshold: float = 0.0, levels=None, next_token: Tensor | None = None
-                 ) -> tuple[ModelState, UpdateReport]:
+                 surprise_threshold: float = 0.0, levels=None, next_token: Tensor | None = None,
+                 targets: Tensor | None = None) -> tuple[ModelState, UpdateReport]:
         """Update the fast state from the teach signal of `tokens` (never the slow weights).
 
         Each step re-reads `tokens` from the same starting state with the CMS weights updated
@@ -148,12 +154,12 @@ class LanguageModel(nn.Module):
             raise ValueError(f"surprise_threshold must be >= 0, got {surprise_threshold}")
         state = self.init_state(tokens.shape[0]) if state is None else state
         report, start = UpdateReport(), state
-        targets = self.next_token_targets(tokens, next_token)
+        targets = self.next_token_targets(tokens, next_token) if targets is None else targets
         for _ in range(steps):
             capture = TeachCapture()
             with torch.enable_grad():
-                h, after = self.hidden(tokens, start, capture)
-                loss, _ = self.loss(h, targets, reduction="sum")
+                # through forward(), so wrappers' hooks (FSDP unsharding) run as in training
+                loss, after = self(tokens, start, capture, targets=targets, reduction="sum")
                 report.loss.append(float(loss.detach()))
                 if not any(k[0] == "cms" for k in capture.tensors):
                     return after.detach(), report

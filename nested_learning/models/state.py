@@ -57,7 +57,8 @@ class ModelState:
 def reset_rows(state: ModelState, fresh: ModelState, mask: Tensor) -> ModelState:
     """Rows of `state` where mask [B] is True take the fresh value; tensors whose shape differs
     from the fresh one (KV caches, unfinished chunks) are zeroed on those rows instead, and the
-    KV cache's `start` moves to the current position so old keys are never attended again."""
+    KV cache's `start` moves to the current position so old keys are never attended again
+    (and keys older than every sequence's start are dropped)."""
 
     def pick(old: Tensor, new: Tensor) -> Tensor:
         m = mask.view(-1, *([1] * (old.dim() - 1)))
@@ -70,4 +71,8 @@ def reset_rows(state: ModelState, fresh: ModelState, mask: Tensor) -> ModelState
         cache = layer.get("attn")
         if cache is not None:
             cache.start = torch.where(mask, torch.full_like(cache.start, state.position), cache.start)
+            # drop keys no sequence may attend to any more, so the cache stays bounded
+            keep = state.position - int(cache.start.min())
+            if keep < cache.k.shape[1]:
+                cache.k, cache.v = cache.k[:, cache.k.shape[1] - keep:], cache.v[:, cache.v.shape[1] - keep:]
     return out

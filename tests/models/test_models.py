@@ -104,3 +104,14 @@ def test_parameter_counts_are_exact_and_tied():
     by_hand = sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
     assert m.num_parameters() == by_hand
     assert m.embed.weight.numel() == 64 * 32  # counted once: the head is the embedding
+
+
+def test_reset_of_every_row_empties_the_kv_cache():
+    m = tiny("transformer")
+    _, st = m(torch.randint(0, 64, (2, 9)))
+    assert st.layers[0]["attn"].k.shape[1] == 9
+    st = m.reset_state(st, torch.tensor([True, True]))
+    assert st.layers[0]["attn"].k.shape[1] == 0
+    _, st = m(torch.randint(0, 64, (2, 4)), st)
+    st = m.reset_state(st, torch.tensor([True, False]))
+    assert st.layers[0]["attn"].k.shape[1] == 4  # row 1 still reads its 4 keys

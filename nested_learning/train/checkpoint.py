@@ -1,0 +1,216 @@
+"""Checkpoints as safetensors, written atomically: model, optimizer, fast state (per rank),
+RNG states and data position. A checkpoint is a directory step_XXXXXXXX/ that appears only
+once complete (written under a temporary name, then renamed); `latest` names the newest."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..models.state import ModelState
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupted, or made for another model or run layout."""
+
+
+# ----------------------------------------------------------------------- nested leaves
+def _leaves(obj, out: list) -> None:
+    import dataclasses
+
+    if isinstance(obj, Tensor) or obj is None or isinstance(obj, (bool, int, float, str)):
+        out.append(obj)
+    elif dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            if f.init:
+                _leaves(getattr(obj, f.name), out)
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            _leaves(x, out)
+    elif isinstance(obj, dict):
+        for k in obj:
+            _leaves(obj[k], out)
+    else:
+        raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+
+
+def _rebuild(template, it):
+    import dataclasses
+
+    if isinstance(template, Tensor) or template is None or isinstance(template, (bool, int, float, str)):
+        return next(it)
+    if dataclasses.is_dataclass(template):
+        return dataclasses.replace(template, **{f.name: _rebuild(getattr(template, f.name), it)
+                                                for f in dataclasses.fields(template) if f.init})
+    if isinstance(template, (list, tuple)):
+        return type(template)(_rebuild(x, it) for x in template)
+    return {k: _rebuild(v, it) for k, v in template.items()}
+
+
+def flatten(obj) -> tuple[dict[str, Tensor], list]:
+    leaves: list = []
+    _leaves(obj, leaves)
+    tensors = {f"t{i}": t.detach().contiguous().cpu() for i, t in enumerate(leaves) if isinstance(t, Tensor)}
+    skeleton = [("T" if isinstance(t, Tensor) else t) for t in leaves]
+    return tensors, skeleton
+
+
+def unflatten(template, tensors: dict[str, Tensor], skeleton: list, device) -> object:
+    leaves: list = []
+    _leaves(template, leaves)
+    if len(leaves) != len(skeleton) or any((x == "T") != isinstance(t, Tensor) for x, t in zip(skeleton, leaves)):
+        raise CheckpointError("the saved fast state does not match this model's state layout")
+    vals = [tensors[f"t{i}"].to(device) if s == "T" else s for i, s in enumerate(skeleton)]
+    return _rebuild(template, iter(vals))
+
+
+# ----------------------------------------------------------------------- files
+def _save_tensors(tensors: dict[str, Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, path)
+
+
+def _load_tensors(path: str) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return load_file(path)
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
+        raise CheckpointError(f"checkpoint file is corrupted or unreadable: {path} ({err})") from err
+
+
+def _write_json(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint file missing: {path}") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint file is corrupted: {path} ({err})") from err
+
+
+def rng_state() -> tuple[dict[str, Tensor], dict]:
+    t = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            t[f"cuda{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return t, {"python": [py[0], list(py[1]), py[2]],
+               "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def set_rng_state(t: dict[str, Tensor], meta: dict) -> None:
+    torch.set_rng_state(t["torch"])
+    if torch.cuda.is_available():
+        states = [t[k] for k in sorted(k for k in t if k.startswith("cuda"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+
+
+def _optimizer_flat(sd: dict) -> tuple[dict[str, Tensor], dict]:
+    tensors, meta = {}, {}
+    for name, osd in sd.items():
+        state = {}
+        for pid, st in osd["state"].items():
+            state[str(pid)] = {}
+            for k, v in st.items():
+                if isinstance(v, Tensor):
+                    tensors[f"{name}.{pid}.{k}"] = v.detach().contiguous().cpu()
+                    state[str(pid)][k] = "T"
+                else:
+                    state[str(pid)][k] = v
+        meta[name] = {"state": state, "param_groups": osd["param_groups"]}
+    return tensors, meta
+
+
+def _optimizer_unflat(tensors: dict[str, Tensor], meta: dict) -> dict:
+    out = {}
+    for name, m in meta.items():
+        state = {}
+        for pid, st in m["state"].items():
+            state[int(pid)] = {k: (tensors[f"{name}.{pid}.{k}"] if v == "T" else v) for k, v in st.items()}
+        out[name] = {"state": state, "param_groups": m["param_groups"]}
+    return out
+
+
+# ----------------------------------------------------------------------- save / load
+def checkpoint_dir(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
+
+
+def save(out_dir: str, step: int, run_meta: dict, model_sd: dict | None, optim_sd: dict | None,
+         fast_states: list[ModelState], data_pos: dict, rank: int = 0, barrier=lambda: None) -> str:
+    """Every rank writes its fast state, RNG and data position; rank 0 the model, optimizer and
+    meta.json (written last), then renames the directory into place."""
+    final = checkpoint_dir(out_dir, step)
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    fast_t, skeleton = flatten(fast_states)
+    rng_t, rng_meta = rng_state()
+    _save_tensors(fast_t, os.path.join(tmp, f"fast_rank{rank}.safetensors"))
+    _save_tensors(rng_t, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
+    _write_json({"skeleton": skeleton, "rng": rng_meta, "data": data_pos}, os.path.join(tmp, f"rank{rank}.json"))
+    if rank == 0:
+        _save_tensors({k: v.detach().contiguous().cpu() for k, v in model_sd.items()},
+                      os.path.join(tmp, "model.safetensors"))
+        opt_t, opt_meta = _optimizer_flat(optim_sd)
+        _save_tensors(opt_t, os.path.join(tmp, "optim.safetensors"))
+        _write_json(opt_meta, os.path.join(tmp, "optim.json"))
+    barrier()
+    if rank == 0:
+        _write_json({**run_meta, "step": step}, os.path.join(tmp, "meta.json"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_json({"latest": os.path.basename(final)}, os.path.join(out_dir, "checkpoints", "latest.json"))
+    barrier()
+    return final
+
+
+def latest(out_dir: str) -> str | None:
+    path = os.path.join(out_dir, "checkpoints", "latest.json")
+    if not os.path.exists(path):
+        return None
+    return os.path.join(out_dir, "checkpoints", _read_json(path)["latest"])
+
+
+def load(path: str, run_meta: dict, rank: int = 0) -> dict:
+    """Read a checkpoint, checking it was made for the same model, config and layout."""
+    meta = _read_json(os.path.join(path, "meta.json"))
+    diffs = {k: (meta.get(k), v) for k, v in run_meta.items() if meta.get(k) != v}
+    if diffs:
+        detail = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+        raise CheckpointError(f"checkpoint {path} was made for another model or run layout: {detail}")
+    mine = _read_json(os.path.join(path, f"rank{rank}.json"))
+    return {
+        "step": meta["step"],
+        "model": _load_tensors(os.path.join(path, "model.safetensors")),
+        "optim": _optimizer_unflat(_load_tensors(os.path.join(path, "optim.safetensors")),
+                                   _read_json(os.path.join(path, "optim.json"))),
+        "fast": (_load_tensors(os.path.join(path, f"fast_rank{rank}.safetensors")), mine["skeleton"]),
+        "rng": (_load_tensors(os.path.join(path, f"rng_rank{rank}.safetensors")), mine["rng"]),
+        "data": mine["data"],
+    }

@@ -1,0 +1,25 @@
+import json
+import os
+import subprocess
+import sys
+
+from tests.train.conftest import read_metrics
+
+
+def test_two_process_cpu_ddp_ranks_end_with_identical_slow_weights(make_cfg, tmp_path):
+    cfg = make_cfg("ddp", train={"steps": 4, "eval_every": 2, "save_every": 2})
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        worker, str(path)], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = cfg["train"]["out_dir"]
+    w = [json.load(open(os.path.join(out, f"worker{i}.json"))) for i in range(2)]
+    assert w[0]["checksum"] == w[1]["checksum"]  # identical slow weights, bit for bit
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and "val_loss" in recs[1]
+    assert recs[0]["tokens_per_s"] > 0
+    ck = os.path.join(out, "checkpoints", "step_00000004")
+    assert {f"fast_rank{i}.safetensors" for i in range(2)} <= set(os.listdir(ck))  # rank-local fast state

@@ -1,0 +1,22 @@
+"""Train a HOPE, Titans or Transformer language model.
+
+    python train.py                                    # smoke HOPE on the offline default corpus
+    python train.py model=titans train.steps=500 train.out_dir=runs/t
+    torchrun --standalone --nproc_per_node=2 train.py model=transformer optim=mixed_muon_adamw
+"""
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nested_learning.train.loop import run
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    summary = run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    if summary["val_loss"]:
+        print("validation loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in summary["val_loss"]))
+
+
+if __name__ == "__main__":
+    main()
