@@ -125,6 +125,9 @@ def _run(cfg: dict, info) -> dict:
     n_params = model.num_parameters()
     say(f"model: {cfg['model']['name']} size={cfg['size']['name']} | {n_params:,} parameters | "
         f"world {info.world} on {info.device}")
+    if t.get("fsdp") and (t.get("save_every") or t.get("resume", True) and checkpoint.latest(out)):
+        raise NotImplementedError("checkpointing an FSDP run (sharded model and optimizer state) is not "
+                                  "implemented yet: set train.save_every=0 and train.resume=false with train.fsdp=true")
     model.to(info.device)
     wrapped = distributed.wrap(model, info, bool(t.get("fsdp")))
     opt = build_optimizer(model, o)

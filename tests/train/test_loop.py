@@ -116,3 +116,9 @@ def test_compile_switch_runs_compiled_and_matches_eager(make_cfg):
     assert not any("torch.compile failed" in str(x.message) for x in w)
     for a, b in zip(losses(eager["train"]["out_dir"]), losses(comp["train"]["out_dir"])):
         assert abs(a - b) < 1e-4
+
+
+def test_fsdp_checkpointing_is_refused_clearly(make_cfg):
+    cfg = make_cfg(train={"fsdp": True})
+    with pytest.raises(NotImplementedError, match="checkpointing an FSDP run"):
+        run(cfg)
