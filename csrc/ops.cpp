@@ -11,6 +11,8 @@
 #include <omp.h>
 #endif
 
+#include "cpu/dgd.h"
+
 #ifdef NL_WITH_CUDA
 #include "cuda/runtime_info.h"
 #endif
@@ -44,6 +46,15 @@ std::string build_info() {
 
 TORCH_LIBRARY(nested_learning_C, m) {
   m.def("build_info() -> str", &nested_learning::build_info);
+  m.def("dgd_fwd(Tensor q, Tensor k, Tensor w, Tensor alpha, Tensor eta, Tensor a, Tensor? h0, bool read_after, "
+        "int chunk) -> (Tensor, Tensor, Tensor)");
+  m.def("dgd_bwd(Tensor dout, Tensor dstate, Tensor q, Tensor k, Tensor w, Tensor alpha, Tensor eta, Tensor a, "
+        "Tensor checkpoints, bool read_after, int chunk) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(nested_learning_C, CPU, m) {
+  m.impl("dgd_fwd", &nested_learning::dgd_fwd_cpu);
+  m.impl("dgd_bwd", &nested_learning::dgd_bwd_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -29,6 +29,47 @@ _op = define_op(
 )
 
 
+def _cpu_args(q, k, w, alpha, eta, a):
+    """Contiguous tensors in one compute dtype (float32, or float64 for float64 inputs)."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    a = k if a is None else a
+    return [x.to(cdt).contiguous() for x in (q, k, w, alpha, eta, a)]
+
+
+def _cpu_forward(q, k, w, alpha, eta, a, initial_state, read, chunk_size):
+    args = _cpu_args(q, k, w, alpha, eta, a)
+    h0 = None if initial_state is None else initial_state.to(args[0].dtype).contiguous()
+    o, state, _ = torch.ops.nested_learning_C.dgd_fwd(*args, h0, read == "after", chunk_size)
+    return o.to(q.dtype), state
+
+
+def _cpu_backward(grads, inputs, read, chunk_size):
+    q, k, w, alpha, eta, a, h0 = inputs
+    args = _cpu_args(q, k, w, alpha, eta, a)
+    cdt = args[0].dtype
+    h0c = None if h0 is None else h0.to(cdt).contiguous()
+    o, state, ckpt = torch.ops.nested_learning_C.dgd_fwd(*args, h0c, read == "after", chunk_size)  # recompute
+    do, dstate = (torch.zeros_like(x) if g is None else g.to(cdt).contiguous() for g, x in zip(grads, (o, state)))
+    dq, dk, dw, dal, det, da, dh0 = torch.ops.nested_learning_C.dgd_bwd(
+        do, dstate, *args, ckpt, read == "after", chunk_size)
+    if a is None:  # the erase direction was k itself
+        dk, da = dk + da, None
+    out = [dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype), dal.to(alpha.dtype), det.to(eta.dtype)]
+    out.append(q.new_empty(0) if a is None else da.to(a.dtype))
+    out.append(q.new_empty(0) if h0 is None else dh0.to(h0.dtype))
+    return out
+
+
+def _cpu_unavailable():
+    from .._extension import EXTENSION_ERROR, extension_available
+
+    return None if extension_available() else f"the extension nested_learning._C is not loaded ({EXTENSION_ERROR})"
+
+
+_backend.register(OP, _backend.Backend("cpu", forward=_cpu_forward, backward=_cpu_backward, devices=("cpu",),
+                                       unavailable=_cpu_unavailable))
+
+
 def dgd_update(
     q: Tensor,
     k: Tensor,

@@ -97,12 +97,13 @@ def test_memorisation_raises_the_right_answer_and_keeps_slow_weights(trained_hop
     slow = {k: v.clone() for k, v in m.state_dict().items()}
     _, st = m(ctx)
     base = p_answer(m, query, val, st)
-    st_mem, report = m.memorize(ctx, steps=5, lr=0.3, next_token=query[:, 0])
+    st_mem, report = m.memorize(ctx, steps=1, lr=1.0, next_token=query[:, 0])
     mem = p_answer(m, query, val, st_mem)
     assert report.updates_applied > 0 and all(s > 0 for s in report.surprise)
-    # measured: mean P(answer) 0.040 -> 0.051, higher for 29 of the 32 facts
+    # measured (cpu dgd backend): mean P(answer) 0.0403 -> 0.0503 (x1.25), higher for 32 of 32
+    # facts. Several steps at this lr overshoot (the context loss rises): see the note in lm.py.
     assert mem.mean() > 1.15 * base.mean(), (base.mean().item(), mem.mean().item())
-    assert (mem > base).float().mean() >= 0.8
+    assert (mem > base).float().mean() >= 0.9
     for k, v in m.state_dict().items():
         assert torch.equal(v, slow[k]), k  # slow weights bit-identical
     assert all(p.grad is None for p in m.parameters())
@@ -110,7 +111,7 @@ def test_memorisation_raises_the_right_answer_and_keeps_slow_weights(trained_hop
 
 def test_memorize_steps_descend_the_context_loss_at_a_small_lr(trained_hope):
     ctx, query, _ = needle_batch(32, torch.Generator().manual_seed(123))
-    _, report = trained_hope.memorize(ctx, steps=4, lr=0.03, next_token=query[:, 0])
+    _, report = trained_hope.memorize(ctx, steps=4, lr=0.01, next_token=query[:, 0])  # 0.03 overshoots
     assert all(b < a for a, b in zip(report.loss, report.loss[1:])), report.loss
 
 

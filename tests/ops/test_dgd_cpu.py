@@ -1,0 +1,66 @@
+"""The C++ `cpu` backend of dgd_update against the float64 reference: outputs, final state
+and every input gradient."""
+
+import pytest
+import torch
+
+from nested_learning import ops
+from tests.helpers import dgd_inputs, rel_err
+
+pytestmark = pytest.mark.skipif("cpu" not in ops.available_backends("dgd_update", "cpu"),
+                                reason="nested_learning._C is not built")
+
+NAMES = ["q", "k", "w", "alpha", "eta", "a", "initial_state"]
+
+
+def run(x, backend, read, chunk, dtype):
+    leaves = {n: (v.to(dtype).detach().requires_grad_() if v is not None else None) for n, v in x.items()}
+    o, s = ops.dgd_update(**leaves, read=read, chunk_size=chunk, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
+    ws = torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.dtype)
+    ((o * wo).sum() + (s * ws).sum()).backward()
+    return o, s, {n: v.grad for n, v in leaves.items() if v is not None}
+
+
+CASES = [(shape, read, chunk, dtype, tol)
+         for shape in [(1, 1, 1, 48, 48), (1, 63, 1, 64, 64), (2, 100, 2, 100, 48)]
+         for read in ("after", "before") for chunk in (16, 32, 64)
+         for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5))]
+CASES += [((1, 1000, 1, 48, 64), read, 64, torch.float32, 1e-5) for read in ("after", "before")]
+
+
+@pytest.mark.parametrize("shape,read,chunk,dtype,tol", CASES)
+def test_cpu_backend_matches_reference(shape, read, chunk, dtype, tol):
+    x = dgd_inputs(*shape)
+    o_ref, s_ref, g_ref = run(x, "reference", read, chunk, torch.float64)
+    o, s, g = run(x, "cpu", read, chunk, dtype)
+    assert ops.last_backend("dgd_update") == "cpu"
+    assert o.dtype == dtype and rel_err(o, o_ref) < tol and rel_err(s, s_ref) < tol
+    for n in g_ref:
+        assert rel_err(g[n], g_ref[n]) < tol, n
+
+
+@pytest.mark.parametrize("erase,state", [(False, False), (True, False), (False, True)])
+def test_cpu_backend_optional_inputs(erase, state):
+    x = dgd_inputs(2, 21, 2, 6, 5, erase=erase, state=state)
+    o_ref, s_ref, g_ref = run(x, "reference", "before", 8, torch.float64)
+    o, s, g = run(x, "cpu", "before", 8, torch.float64)
+    assert rel_err(o, o_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
+    assert set(g) == set(g_ref) and all(rel_err(g[n], g_ref[n]) < 1e-12 for n in g)
+
+
+def test_cpu_backend_gradcheck():
+    x = dgd_inputs(1, 6, 2, 3, 2)
+    args = [x[n].detach().requires_grad_() for n in NAMES]
+    f = lambda *a: ops.dgd_update(*a[:5], a=a[5], initial_state=a[6], read="after", chunk_size=4, backend="cpu")  # noqa: E731
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_cpu_backend_is_chosen_automatically_and_bf16_inputs_work():
+    x = dgd_inputs(1, 30, 2, 16, 16, state=False)
+    xb = {n: (v.bfloat16() if v is not None else None) for n, v in x.items()}
+    o, s = ops.dgd_update(**xb)
+    assert ops.last_backend("dgd_update") == "cpu" and o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    o_ref, _ = ops.dgd_update(**{n: (v.double() if v is not None else None) for n, v in xb.items()}, backend="reference")
+    assert rel_err(o, o_ref) < 1e-2
