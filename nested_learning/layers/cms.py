@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .common import RMSNorm, fast_weight
+from .common import RMSNorm, dense, fast_weight
 from .teach import TeachCapture
 
 INNER_OPTIMIZERS = ("gd", "momentum", "dgd")
@@ -88,7 +88,7 @@ class CMSChain(nn.Module):
     def init_state(self, batch: int, device, dtype) -> list[CMSLevelState]:
         out = []
         for up, down, period, opt in zip(self.up, self.down, self.periods, self.optimizers):
-            mk = lambda w: ops.CMSState.create(w.detach().to(device, dtype), period, batch, opt)  # noqa: E731
+            mk = lambda w: ops.CMSState.create(dense(w).to(device, dtype), period, batch, opt)  # noqa: E731
             out.append(CMSLevelState(mk(up), mk(down)))
         return out
 

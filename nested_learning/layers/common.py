@@ -63,6 +63,12 @@ class CausalDepthwiseConv(nn.Module):
         return y.transpose(1, 2), full[:, full.shape[1] - (self.kernel - 1):]
 
 
+def dense(p: Tensor) -> Tensor:
+    """A parameter's full value, detached (gathers an FSDP2-sharded DTensor: collective)."""
+    p = p.detach()
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
 def fast_weight(slow: Tensor, fast: Tensor, differentiable: bool) -> Tensor:
     """The weight a read uses: the fast state's value, with the outer gradient flowing to the
     slow parameter it started from (stop-gradient writes), or through the writes too."""

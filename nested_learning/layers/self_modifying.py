@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .common import RMSNorm, fast_weight
+from .common import RMSNorm, dense, fast_weight
 
 
 @dataclass
@@ -64,7 +64,7 @@ class SelfModifyingTitans(nn.Module):
 
     def init_state(self, batch: int, device, dtype) -> SelfModifyingState:
         sdt = torch.promote_types(dtype, torch.float32)
-        b = lambda p: p.detach().to(device, sdt).unsqueeze(0).expand(batch, *p.shape).clone()  # noqa: E731
+        b = lambda p: dense(p).to(device, sdt).unsqueeze(0).expand(batch, *p.shape).clone()  # noqa: E731
         return SelfModifyingState(b(self.P0), b(self.M0),
                                   torch.zeros(batch, 0, self.h, self.d, device=device, dtype=dtype),
                                   torch.zeros(batch, 0, dtype=torch.bool, device=device))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .common import CausalDepthwiseConv, RMSNorm, fast_weight
+from .common import CausalDepthwiseConv, RMSNorm, dense, fast_weight
 
 
 @dataclass
@@ -65,7 +65,7 @@ class TitansMemory(nn.Module):
     def init_state(self, batch: int, device, dtype) -> TitansState:
         mem = []
         for p in self._slow_memory():
-            w = p.detach().to(device=device, dtype=torch.promote_types(dtype, torch.float32))
+            w = dense(p).to(device=device, dtype=torch.promote_types(dtype, torch.float32))
             mem.append(w.unsqueeze(0).expand(batch, *p.shape).clone())
         mem += [torch.zeros_like(m) for m in mem]  # momenta
         z = lambda *s: torch.zeros(batch, 0, *s, device=device, dtype=dtype)  # noqa: E731

@@ -48,10 +48,12 @@ class LanguageModel(nn.Module):
         device, dtype = device or p.device, dtype or p.dtype
         return ModelState([b.init_state(batch_size, device, dtype) for b in self.blocks], 0)
 
-    def reset_state(self, state: ModelState, mask: Tensor | None = None) -> ModelState:
-        """Fresh state for the sequences where mask [B] is True (all when None)."""
+    def reset_state(self, state: ModelState, mask: Tensor | None = None,
+                    fresh: ModelState | None = None) -> ModelState:
+        """Fresh state for the sequences where mask [B] is True (all when None). `fresh`: a
+        ready init_state(B) (FSDP: building one gathers parameters, so every rank must)."""
         batch = self._batch_of(state)
-        fresh = self.init_state(batch)
+        fresh = self.init_state(batch) if fresh is None else fresh
         if mask is None:
             fresh.position = state.position
             return fresh

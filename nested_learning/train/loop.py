@@ -75,10 +75,12 @@ def evaluate(model, docs, cfg, info, pad_id) -> float:
     state = model.init_state(t["batch_size"])
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     cms = _has_cms(model)
+    fsdp = bool(t.get("fsdp")) and info.world > 1
     for _ in range(t["eval_batches"]):
         tok, tgt, reset = (x.to(info.device) for x in streams.next())
+        fresh = model.init_state(t["batch_size"]) if fsdp else None  # collective under FSDP
         if reset.any():
-            state = model.reset_state(state, reset)
+            state = model.reset_state(state, reset, fresh)
         if cms:
             state, rep = model.memorize(tok, state, targets=tgt)
             loss_sum = rep.loss[0]
@@ -158,6 +160,7 @@ def _run(cfg: dict, info) -> dict:
     if t.get("compile"):
         fwd = torch.compile(wrapped)
     ddp = hasattr(wrapped, "no_sync")
+    fsdp = bool(t.get("fsdp")) and info.world > 1
     summary = {"parameters": n_params, "val_loss": [], "tokens_per_s": []}
     try:
         from tqdm import tqdm
@@ -174,8 +177,9 @@ def _run(cfg: dict, info) -> dict:
         for k in range(accum):
             sl = slice(k * micro, (k + 1) * micro)
             st = states[k]
+            fresh = model.init_state(micro) if fsdp else None  # collective under FSDP: every rank
             if reset[sl].any():
-                st = model.reset_state(st, reset[sl])
+                st = model.reset_state(st, reset[sl], fresh)
             sync = wrapped.no_sync() if (ddp and k < accum - 1) else contextlib.nullcontext()
             with sync:
                 with autocast():
