@@ -6,8 +6,8 @@ import sys
 from tests.train.conftest import read_metrics
 
 
-def test_two_process_cpu_ddp_ranks_end_with_identical_slow_weights(make_cfg, tmp_path):
-    cfg = make_cfg("ddp", train={"steps": 4, "eval_every": 2, "save_every": 2})
+def torchrun_two_workers(cfg, tmp_path) -> list[dict]:
+    """Train `cfg` with 2 CPU processes (gloo); returns each rank's checksum and final loss."""
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
@@ -16,7 +16,13 @@ def test_two_process_cpu_ddp_ranks_end_with_identical_slow_weights(make_cfg, tmp
                         worker, str(path)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     out = cfg["train"]["out_dir"]
-    w = [json.load(open(os.path.join(out, f"worker{i}.json"))) for i in range(2)]
+    return [json.load(open(os.path.join(out, f"worker{i}.json"))) for i in range(2)]
+
+
+def test_two_process_cpu_ddp_ranks_end_with_identical_slow_weights(make_cfg, tmp_path):
+    cfg = make_cfg("ddp", train={"steps": 4, "eval_every": 2, "save_every": 2})
+    w = torchrun_two_workers(cfg, tmp_path)
+    out = cfg["train"]["out_dir"]
     assert w[0]["checksum"] == w[1]["checksum"]  # identical slow weights, bit for bit
     recs = read_metrics(out)
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and "val_loss" in recs[1]
@@ -27,15 +33,8 @@ def test_two_process_cpu_ddp_ranks_end_with_identical_slow_weights(make_cfg, tmp
 
 def test_two_process_cpu_fsdp2_trains_and_evaluates(make_cfg, tmp_path):
     cfg = make_cfg("fsdp", train={"steps": 3, "eval_every": 3, "save_every": 0, "resume": False, "fsdp": True})
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(cfg))
-    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        worker, str(path)], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-4000:]
+    w = torchrun_two_workers(cfg, tmp_path)
     out = cfg["train"]["out_dir"]
-    w = [json.load(open(os.path.join(out, f"worker{i}.json"))) for i in range(2)]
     assert w[0]["final_loss"] == w[1]["final_loss"]  # the logged loss is averaged over ranks
     recs = read_metrics(out)
     assert [r["step"] for r in recs] == [1, 2, 3] and "val_loss" in recs[-1]
