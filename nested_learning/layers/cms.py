@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..ops._checks import positive_int
 from .common import RMSNorm, dense, fast_weight
 from .teach import TeachCapture
 
@@ -45,9 +46,6 @@ class UpdateLog:
             out += [UpdateEvent(layer, level, i, chunk, n) for i, n in zip(index, mean)]
         return out
 
-    def __len__(self) -> int:
-        return sum(len(r[2]) for r in self.records)
-
 
 @dataclass
 class CMSLevelState:
@@ -64,9 +62,8 @@ class CMSChain(nn.Module):
         periods = tuple(periods)
         if not periods:
             raise ValueError("periods must name at least one level")
-        for p in periods:
-            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-                raise ValueError(f"periods must be positive ints, got {p!r} in {periods}")
+        for i, p in enumerate(periods):
+            positive_int(f"periods[{i}]", p)
         n = len(periods)
         self.optimizers = (optimizer,) * n if isinstance(optimizer, str) else tuple(optimizer)
         self.lrs = (float(lr),) * n if isinstance(lr, (int, float)) else tuple(map(float, lr))

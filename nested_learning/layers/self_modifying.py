@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..ops._checks import positive_int
 from .common import RMSNorm, dense, fast_weight
 
 
@@ -44,9 +45,8 @@ class SelfModifyingTitans(nn.Module):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-        for name, c in (("proj_chunk", proj_chunk), ("memory_chunk", memory_chunk)):
-            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-                raise ValueError(f"{name} must be a positive int, got {c!r}")
+        positive_int("proj_chunk", proj_chunk)
+        positive_int("memory_chunk", memory_chunk)
         if not 0 < eta_max <= 1:
             raise ValueError(f"eta_max must lie in (0, 1], got {eta_max}")
         self.h, self.d = n_heads, d_model // n_heads

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..ops._checks import positive_int
 from .common import CausalDepthwiseConv, RMSNorm, dense, fast_weight
 
 
@@ -38,8 +39,7 @@ class TitansMemory(nn.Module):
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         if memory not in ("linear", "mlp"):
             raise ValueError(f"memory must be 'linear' or 'mlp', got {memory!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        positive_int("chunk_size", chunk_size)
         self.h, self.d, self.kind, self.chunk = n_heads, d_model // n_heads, memory, chunk_size
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.conv = CausalDepthwiseConv(3 * d_model, conv_kernel)

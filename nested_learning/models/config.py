@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..ops._checks import positive_int
+
 
 def _pos_int(cfg, name):
-    v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{type(cfg).__name__}.{name} must be a positive int, got {v!r}")
+    positive_int(f"{type(cfg).__name__}.{name}", getattr(cfg, name))
 
 
 @dataclass
@@ -84,9 +84,8 @@ class HOPEConfig(ModelConfig):
         self.cms_periods = tuple(self.cms_periods)
         if not self.cms_periods:
             raise ValueError("HOPEConfig.cms_periods must name at least one level")
-        for p in self.cms_periods:
-            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-                raise ValueError(f"HOPEConfig.cms_periods: every period must be a positive int, got {p!r}")
+        for i, p in enumerate(self.cms_periods):
+            positive_int(f"HOPEConfig.cms_periods[{i}]", p)
         opts = (self.cms_optimizer,) if isinstance(self.cms_optimizer, str) else tuple(self.cms_optimizer)
         for o in opts:
             if o not in ("gd", "momentum", "dgd"):

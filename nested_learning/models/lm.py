@@ -14,6 +14,7 @@ from .. import ops
 from ..layers.cms import UpdateEvent, UpdateLog
 from ..layers.common import RMSNorm
 from ..layers.teach import TeachCapture
+from ..ops._checks import positive_int
 from .state import ModelState, reset_rows
 
 
@@ -155,8 +156,7 @@ class LanguageModel(nn.Module):
         at a large lr raises the answer's probability for every fact; several steps at that lr
         overshoot (the summed-token GD step on the CMS weights is ill-conditioned: most tokens
         share one input direction), so prefer steps=1, or a small lr with several steps."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        positive_int("steps", steps)
         if surprise_threshold < 0:
             raise ValueError(f"surprise_threshold must be >= 0, got {surprise_threshold}")
         state = self.init_state(tokens.shape[0]) if state is None else state

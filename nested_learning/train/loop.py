@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..models import build_model
+from ..ops._checks import positive_int
 from . import checkpoint, distributed
 from .data import IGNORE, SPECIALS, DocumentStreams, prepare_corpus
 from .metrics import MetricsLog
@@ -48,9 +49,7 @@ def _chunk_sizes(model) -> dict[str, int]:
 def validate(cfg: dict) -> None:
     t = cfg["train"]
     for k in ("steps", "batch_size", "seq_len", "grad_accum"):
-        v = t.get(k)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"train.{k} must be a positive int, got {v!r}")
+        positive_int(f"train.{k}", t.get(k))
     for k in ("eval_every", "save_every", "eval_batches", "warmup"):
         v = t.get(k, 0) if k != "warmup" else cfg["optim"].get("warmup", 0)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
