@@ -11,32 +11,28 @@ import torch
 from torch import Tensor
 
 
+def map_structure(fn: Callable, *trees: Any) -> Any:
+    """fn over corresponding leaves of trees of one structure (nested dataclasses, lists,
+    tuples, dicts; every other value is a leaf), rebuilt in that structure."""
+    a = trees[0]
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return dataclasses.replace(a, **{f.name: map_structure(fn, *(getattr(t, f.name) for t in trees))
+                                         for f in dataclasses.fields(a) if f.init})
+    if isinstance(a, (list, tuple)):
+        return type(a)(map_structure(fn, *xs) for xs in zip(*trees))
+    if isinstance(a, dict):
+        return {k: map_structure(fn, *(t[k] for t in trees)) for k in a}
+    return fn(*trees)
+
+
 def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply fn to every tensor inside nested dataclasses, lists, tuples and dicts."""
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn)
-                                           for f in dataclasses.fields(obj) if f.init})
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(map_tensors(x, fn) for x in obj)
-    if isinstance(obj, dict):
-        return {k: map_tensors(v, fn) for k, v in obj.items()}
-    return obj
+    """Apply fn to every tensor of a state."""
+    return map_structure(lambda x: fn(x) if isinstance(x, Tensor) else x, obj)
 
 
 def zip_tensors(a: Any, b: Any, fn: Callable[[Tensor, Tensor], Tensor]) -> Any:
     """fn over pairs of corresponding tensors of two states of the same structure."""
-    if isinstance(a, Tensor):
-        return fn(a, b)
-    if dataclasses.is_dataclass(a) and not isinstance(a, type):
-        return dataclasses.replace(a, **{f.name: zip_tensors(getattr(a, f.name), getattr(b, f.name), fn)
-                                         for f in dataclasses.fields(a) if f.init})
-    if isinstance(a, (list, tuple)):
-        return type(a)(zip_tensors(x, y, fn) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return {k: zip_tensors(a[k], b[k], fn) for k in a}
-    return a
+    return map_structure(lambda x, y: fn(x, y) if isinstance(x, Tensor) else x, a, b)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models.state import ModelState
+from ..models.state import ModelState, map_structure
 
 
 class CheckpointError(RuntimeError):
@@ -21,53 +21,33 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------------------- nested leaves
-def _leaves(obj, out: list) -> None:
-    import dataclasses
+def _leaves(obj) -> list:
+    out: list = []
 
-    if isinstance(obj, Tensor) or obj is None or isinstance(obj, (bool, int, float, str)):
-        out.append(obj)
-    elif dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            if f.init:
-                _leaves(getattr(obj, f.name), out)
-    elif isinstance(obj, (list, tuple)):
-        for x in obj:
-            _leaves(x, out)
-    elif isinstance(obj, dict):
-        for k in obj:
-            _leaves(obj[k], out)
-    else:
-        raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+    def take(x):
+        if not (isinstance(x, Tensor) or x is None or isinstance(x, (bool, int, float))):
+            raise TypeError(f"cannot checkpoint a {type(x).__name__}")
+        out.append(x)
+        return x
 
-
-def _rebuild(template, it):
-    import dataclasses
-
-    if isinstance(template, Tensor) or template is None or isinstance(template, (bool, int, float, str)):
-        return next(it)
-    if dataclasses.is_dataclass(template):
-        return dataclasses.replace(template, **{f.name: _rebuild(getattr(template, f.name), it)
-                                                for f in dataclasses.fields(template) if f.init})
-    if isinstance(template, (list, tuple)):
-        return type(template)(_rebuild(x, it) for x in template)
-    return {k: _rebuild(v, it) for k, v in template.items()}
+    map_structure(take, obj)
+    return out
 
 
 def flatten(obj) -> tuple[dict[str, Tensor], list]:
-    leaves: list = []
-    _leaves(obj, leaves)
+    leaves = _leaves(obj)
     tensors = {f"t{i}": t.detach().contiguous().cpu() for i, t in enumerate(leaves) if isinstance(t, Tensor)}
     skeleton = [("T" if isinstance(t, Tensor) else t) for t in leaves]
     return tensors, skeleton
 
 
 def unflatten(template, tensors: dict[str, Tensor], skeleton: list, device) -> object:
-    leaves: list = []
-    _leaves(template, leaves)
+    leaves = _leaves(template)
     if len(leaves) != len(skeleton) or any((x == "T") != isinstance(t, Tensor) for x, t in zip(skeleton, leaves)):
         raise CheckpointError("the saved fast state does not match this model's state layout")
     vals = [tensors[f"t{i}"].to(device) if s == "T" else s for i, s in enumerate(skeleton)]
-    return _rebuild(template, iter(vals))
+    it = iter(vals)
+    return map_structure(lambda _: next(it), template)
 
 
 # ----------------------------------------------------------------------- files
