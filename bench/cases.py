@@ -24,6 +24,10 @@ class Case:
     backward: bool
     make: Callable[[torch.device, torch.dtype], Callable[[str], list[torch.Tensor]]]
     extra: dict = field(default_factory=dict)
+    # peer packages timed on the same shapes: name -> (available?, make(dev, dtype) -> run()),
+    # run() returning the outputs that correspond to the first outputs of `make`'s run
+    peers: dict = field(default_factory=dict)
+    mode: str = ""  # "fwd", "fwd+bwd", or a description such as "token by token"
 
     @property
     def shape_str(self) -> str:
@@ -46,22 +50,68 @@ def _leaf(x, dtype, grad):
     return x.to(dtype).detach().requires_grad_(grad)
 
 
+def _dgd_base(B, T, H, d):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(q=r(B, T, H, d), k=F.normalize(r(B, T, H, d), dim=-1), w=r(B, T, H, d),
+                alpha=0.9 + 0.1 * torch.rand(B, T, H, generator=g),
+                eta=torch.rand(B, T, H, generator=g), initial_state=r(B, H, d, d))
+
+
+def _dgd_leaves(B, T, H, d, dev, dtype, grad):
+    gate = lambda n: n in ("alpha", "eta", "initial_state")  # noqa: E731
+    return {n: _leaf(v.to(dev), torch.float32 if gate(n) and dtype != torch.float64 else dtype, grad)
+            for n, v in _dgd_base(B, T, H, d).items()}
+
+
+def _fla_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fla") is not None
+
+
 def dgd_case(B, T, H, d, chunk=64, backward=True):
+    """a = k and read="after": the gated delta rule's setting, so fla can be timed beside it."""
     def make(dev, dtype):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-        base = dict(q=r(B, T, H, d), k=F.normalize(r(B, T, H, d), dim=-1), w=r(B, T, H, d),
-                    alpha=0.9 + 0.1 * torch.rand(B, T, H, generator=g),
-                    eta=torch.rand(B, T, H, generator=g), initial_state=r(B, H, d, d))
-        gate = lambda n: n in ("alpha", "eta", "initial_state")  # noqa: E731
-        x = {n: _leaf(v.to(dev), torch.float32 if gate(n) and dtype != torch.float64 else dtype, backward)
-             for n, v in base.items()}
+        x = _dgd_leaves(B, T, H, d, dev, dtype, backward)
 
         def run(backend):
-            o, s = ops.dgd_update(**x, read="before", chunk_size=chunk, backend=backend)
+            o, s = ops.dgd_update(**x, read="after", chunk_size=chunk, backend=backend)
             return _grads([o, s], list(x.values()), backward)
         return run
-    return Case("dgd_update", dict(B=B, T=T, H=H, d=d, chunk=chunk), B * T, backward, make)
+
+    def make_fla(dev, dtype):
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        x = _dgd_leaves(B, T, H, d, dev, dtype, backward)
+        beta = (x["eta"] / x["alpha"]).detach().requires_grad_(backward)
+        v = (x["w"] / beta[..., None].to(dtype)).detach().requires_grad_(backward)
+        g = x["alpha"].log().detach().requires_grad_(backward)
+        h0 = x["initial_state"].transpose(-1, -2).contiguous().detach().requires_grad_(backward)
+
+        def run():
+            o, s = chunk_gated_delta_rule(x["q"], x["k"], v, g=g, beta=beta, scale=1.0, initial_state=h0,
+                                          output_final_state=True)
+            return _grads([o, s.transpose(-1, -2)], [x["q"], x["k"], v, g, beta, h0], backward)[:2]
+        return run
+    return Case("dgd_update", dict(B=B, T=T, H=H, d=d, chunk=chunk), B * T, backward, make,
+                peers={"fla.chunk_gated_delta_rule": (_fla_available, make_fla)})
+
+
+def dgd_stream_case(B, steps, H, d):
+    """Generation: `steps` calls of one token each, the state carried from call to call."""
+    def make(dev, dtype):
+        x = _dgd_leaves(B, steps, H, d, dev, dtype, False)
+
+        def run(backend):
+            S, outs = x["initial_state"], []
+            for t in range(steps):
+                xt = {n: x[n][:, t:t + 1] for n in ("q", "k", "w", "alpha", "eta")}
+                o, S = ops.dgd_update(**xt, initial_state=S, backend=backend)
+                outs.append(o)
+            return [torch.cat(outs, 1), S]
+        return run
+    return Case("dgd_update", dict(B=B, steps=steps, H=H, d=d), B * steps, False, make, mode="token by token")
 
 
 def _titan_base(B, T, H, d, g):
@@ -140,6 +190,7 @@ def cases(quick: bool, device: str) -> list[Case]:
     if device == "cuda":
         return [
             dgd_case(8, 4096, 16, 64),
+            dgd_stream_case(8, 128, 16, 64),
             titan_case(8, 4096, 16, 64),
             titan_mlp_case(4, 2048, 8, 64, 256),
             cms_case(8, 4096, 1024, 4096, 16),
@@ -147,6 +198,7 @@ def cases(quick: bool, device: str) -> list[Case]:
         ]
     return [
         dgd_case(2, 2048, 4, 64),
+        dgd_stream_case(2, 64, 4, 64),
         titan_case(2, 2048, 4, 64),
         titan_mlp_case(2, 1024, 4, 64, 128),
         cms_case(4, 1024, 256, 1024, 16),

@@ -89,6 +89,15 @@ def versions() -> dict:
     return out
 
 
+def _report(rows: list, row: dict, case, name: str) -> None:
+    rows.append(row)
+    mode = case.mode or ("fwd+bwd" if case.backward else "fwd")
+    row["mode"] = mode
+    sp = f"{row['speedup_vs_reference']:.2f}x" if row["speedup_vs_reference"] else "-"
+    print(f"{case.op:22} {name:10} {case.shape_str + ' ' + mode:46} {row['median_ms']:10.2f} "
+          f"{row['tokens_per_s']:12.0f} {sp:>8} {row['rel_err_vs_fp64_reference']:9.1e}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -123,8 +132,10 @@ def main(argv=None) -> int:
         ref_out = case.make(dev, torch.float64)("reference")
         run = case.make(dev, dtype)
         ref_ms = None
+        # Triton on CPU tensors is its interpreter: a correctness tool, timed only when asked for
         backends = [b for b in reversed(ops.available_backends(case.op, dev.type))
-                    if args.backends is None or b in args.backends]
+                    if (b in args.backends if args.backends is not None
+                        else not (b == "triton" and dev.type == "cpu"))]
         for backend in backends:  # reference first: the others report a speedup over it
             out = run(backend)
             ran = ops.last_backend(case.op)
@@ -135,11 +146,19 @@ def main(argv=None) -> int:
                    "median_ms": ms, "tokens_per_s": case.tokens / (ms / 1e3),
                    "speedup_vs_reference": (ref_ms / ms) if ref_ms else None,
                    "rel_err_vs_fp64_reference": rel_err(out, ref_out)}
-            rows.append(row)
-            mode = "fwd+bwd" if case.backward else "fwd"
-            sp = f"{row['speedup_vs_reference']:.2f}x" if ref_ms else "-"
-            print(f"{case.op:22} {ran:10} {case.shape_str + ' ' + mode:46} {ms:10.2f} "
-                  f"{row['tokens_per_s']:12.0f} {sp:>8} {row['rel_err_vs_fp64_reference']:9.1e}", flush=True)
+            _report(rows, row, case, ran)
+        for peer, (available, make_peer) in case.peers.items():
+            if not available():
+                print(f"{case.op:22} {peer:10} not installed: not timed", flush=True)
+                continue
+            prun = make_peer(dev, dtype)
+            out = prun()
+            ms = median_ms(prun, dev, warmup=1, repeat=repeat)
+            row = {"op": case.op, "backend": peer, "shape": case.shape, "backward": case.backward,
+                   "median_ms": ms, "tokens_per_s": case.tokens / (ms / 1e3),
+                   "speedup_vs_reference": (ref_ms / ms) if ref_ms else None,
+                   "rel_err_vs_fp64_reference": rel_err(out, ref_out[:len(out)]), "peer": True}
+            _report(rows, row, case, peer)
     if args.ops is None or any(o.startswith("step") for o in args.ops):
         for sc in step_cases(args.quick, args.device):
             model, step = sc.make(dev)

@@ -32,14 +32,18 @@ class Backend:
 
     devices: device types it is chosen for automatically. forced_devices: device types it can
     run on when forced by name (e.g. Triton on CPU tensors through TRITON_INTERPRET=1).
-    unavailable: returns None when usable, else the reason it is not."""
+    unavailable(device_type): returns None when usable on such tensors, else the reason it is
+    not. suits(**hints): whether automatic selection should prefer it for these inputs (hints
+    are op-specific, e.g. the number of tokens); a backend that does not suit is still chosen
+    when no other compiled backend can run the inputs."""
 
     name: str
     forward: Callable
     backward: Callable
     devices: tuple[str, ...]
     forced_devices: tuple[str, ...] = ()
-    unavailable: Callable[[], str | None] = lambda: None
+    unavailable: Callable[[str], str | None] = lambda device_type: None
+    suits: Callable[..., bool] = lambda **hints: True
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
@@ -63,7 +67,7 @@ def available_backends(op: str, device_type: str = "cpu") -> tuple[str, ...]:
     for name in registered_backends(op):
         b = _REGISTRY[op][name]
         if name == "reference" or (
-            device_type in b.devices + b.forced_devices and b.unavailable() is None
+            device_type in b.devices + b.forced_devices and b.unavailable(device_type) is None
         ):
             out.append(name)
     return tuple(out)
@@ -88,18 +92,17 @@ def forced_backend() -> str | None:
     return env or None
 
 
-def resolve(op: str, device_type: str, backend: str | None) -> str:
-    """Name of the backend that will run `op` on `device_type` tensors."""
+def resolve(op: str, device_type: str, backend: str | None, **hints) -> str:
+    """Name of the backend that will run `op` on `device_type` tensors (hints: see Backend)."""
     requested = backend if backend is not None else forced_backend()
     table = _REGISTRY[op]
     if requested is None:
-        for name in BACKEND_ORDER:
-            b = table.get(name)
-            if b is not None and (
-                name == "reference" or (device_type in b.devices and b.unavailable() is None)
-            ):
+        usable = [name for name in BACKEND_ORDER if name in table and name != "reference"
+                  and device_type in table[name].devices and table[name].unavailable(device_type) is None]
+        for name in usable:
+            if table[name].suits(**hints):
                 return name
-        raise AssertionError("the reference backend is always registered")
+        return usable[0] if usable else "reference"
     if requested not in BACKEND_ORDER:
         raise ValueError(f"backend must be one of {BACKEND_ORDER} or None, got {requested!r}")
     b = table.get(requested)
@@ -114,7 +117,7 @@ def resolve(op: str, device_type: str, backend: str | None) -> str:
                 f"{op}: backend {requested!r} cannot run {device_type} tensors "
                 f"(it runs on {b.devices + b.forced_devices})"
             )
-        reason = b.unavailable()
+        reason = b.unavailable(device_type)
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {reason}")
     return requested

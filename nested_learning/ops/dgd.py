@@ -29,6 +29,9 @@ _op = define_op(
 )
 
 
+_CPU_CKPT = 16  # tokens between the C++ backward's state checkpoints
+
+
 def _cpu_args(q, k, w, alpha, eta, a):
     """Contiguous tensors in one compute dtype (float32, or float64 for float64 inputs)."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -39,7 +42,8 @@ def _cpu_args(q, k, w, alpha, eta, a):
 def _cpu_forward(q, k, w, alpha, eta, a, initial_state, read, chunk_size):
     args = _cpu_args(q, k, w, alpha, eta, a)
     h0 = None if initial_state is None else initial_state.to(args[0].dtype).contiguous()
-    o, state, _ = torch.ops.nested_learning_C.dgd_fwd(*args, h0, read == "after", chunk_size)
+    # the result does not depend on the checkpoint interval: one checkpoint when none is kept
+    o, state, _ = torch.ops.nested_learning_C.dgd_fwd(*args, h0, read == "after", max(q.shape[1], 1))
     return o.to(q.dtype), state
 
 
@@ -48,10 +52,11 @@ def _cpu_backward(grads, inputs, read, chunk_size):
     args = _cpu_args(q, k, w, alpha, eta, a)
     cdt = args[0].dtype
     h0c = None if h0 is None else h0.to(cdt).contiguous()
-    o, state, ckpt = torch.ops.nested_learning_C.dgd_fwd(*args, h0c, read == "after", chunk_size)  # recompute
+    # recompute, keeping the state every _CPU_CKPT tokens (the backward's working set stays in cache)
+    o, state, ckpt = torch.ops.nested_learning_C.dgd_fwd(*args, h0c, read == "after", _CPU_CKPT)
     do, dstate = (torch.zeros_like(x) if g is None else g.to(cdt).contiguous() for g, x in zip(grads, (o, state)))
     dq, dk, dw, dal, det, da, dh0 = torch.ops.nested_learning_C.dgd_bwd(
-        do, dstate, *args, ckpt, read == "after", chunk_size)
+        do, dstate, *args, ckpt, read == "after", _CPU_CKPT)
     if a is None:  # the erase direction was k itself
         dk, da = dk + da, None
     out = [dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype), dal.to(alpha.dtype), det.to(eta.dtype)]
@@ -60,7 +65,7 @@ def _cpu_backward(grads, inputs, read, chunk_size):
     return out
 
 
-def _cpu_unavailable():
+def _cpu_unavailable(device_type):
     from .._extension import EXTENSION_ERROR, extension_available
 
     return None if extension_available() else f"the extension nested_learning._C is not loaded ({EXTENSION_ERROR})"
@@ -68,6 +73,85 @@ def _cpu_unavailable():
 
 _backend.register(OP, _backend.Backend("cpu", forward=_cpu_forward, backward=_cpu_backward, devices=("cpu",),
                                        unavailable=_cpu_unavailable))
+
+
+def _triton_args(q, k, w, alpha, eta, a, initial_state):
+    a = k if a is None else a
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    return [x.contiguous() for x in (q, k, w, alpha, eta, a)] + [h0]
+
+
+def _triton_forward(q, k, w, alpha, eta, a, initial_state, read, chunk_size):
+    from nested_learning.kernels.dgd import dgd_fwd
+
+    o, state = dgd_fwd(*_triton_args(q, k, w, alpha, eta, a, initial_state), chunk_size, read == "after")
+    return o.to(q.dtype), state.to(torch.promote_types(q.dtype, torch.float32))
+
+
+def _triton_backward(grads, inputs, read, chunk_size):
+    from nested_learning.kernels.dgd import dgd_bwd
+
+    q, k, w, alpha, eta, a, h0 = inputs
+    do, dstate = grads
+    do = torch.zeros_like(w, dtype=q.dtype) if do is None else do.contiguous()
+    dstate = None if dstate is None else dstate.float().contiguous()
+    dq, dk, dw, dal, det, da, dh0 = dgd_bwd(do, dstate, *_triton_args(q, k, w, alpha, eta, a, h0), chunk_size,
+                                            read == "after")
+    if a is None:
+        dk, da = dk + da, None
+    out = [dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype), dal.to(alpha.dtype), det.to(eta.dtype)]
+    out.append(q.new_empty(0) if a is None else da.to(a.dtype))
+    out.append(q.new_empty(0) if h0 is None else dh0.to(h0.dtype))
+    return out
+
+
+def _triton_unavailable(device_type):
+    from nested_learning.kernels import triton_unavailable_reason
+
+    return triton_unavailable_reason(device_type)
+
+
+STREAM_TOKENS = 64  # up to this many tokens per call, the fused per-token CUDA kernel is preferred
+
+_backend.register(OP, _backend.Backend("triton", forward=_triton_forward, backward=_triton_backward,
+                                       devices=("cuda",), forced_devices=("cpu",), unavailable=_triton_unavailable,
+                                       suits=lambda tokens=STREAM_TOKENS + 1: tokens > STREAM_TOKENS))
+
+
+def _cuda_forward(q, k, w, alpha, eta, a, initial_state, read, chunk_size):
+    """The fused per-token kernel (csrc/cuda/dgd_recurrent.cu): state in registers, one pass."""
+    cdt = q.dtype if q.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    a = k if a is None else a
+    x = [t.to(cdt).contiguous() for t in (q, k, w, a)]
+    gates = [g.float().contiguous() for g in (alpha, eta)]
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    o, state = torch.ops.nested_learning_C.dgd_recurrent_fwd(*x, *gates, h0, read == "after")
+    return o.to(q.dtype), state.to(torch.promote_types(q.dtype, torch.float32))
+
+
+def _cuda_backward(grads, inputs, read, chunk_size):
+    """The streaming kernel has no backward of its own: the chunk-parallel Triton backward
+    (recomputing the forward) where Triton runs, else the reference's."""
+    name = "triton" if _triton_unavailable("cuda") is None else "reference"
+    return _backend.get(OP, name).backward(grads, inputs, read, chunk_size)
+
+
+def _cuda_unavailable(device_type):
+    reason = _cpu_unavailable(device_type)
+    if reason is not None:
+        return reason
+    try:
+        built = torch._C._dispatch_has_kernel_for_dispatch_key("nested_learning_C::dgd_recurrent_fwd", "CUDA")
+    except RuntimeError:  # an extension built before the op existed
+        built = False
+    if not built:
+        return "nested_learning._C was built without CUDA kernels (see nested_learning.build_info())"
+    return None
+
+
+_backend.register(OP, _backend.Backend("cuda", forward=_cuda_forward, backward=_cuda_backward, devices=("cuda",),
+                                       unavailable=_cuda_unavailable,
+                                       suits=lambda tokens=0: tokens <= STREAM_TOKENS))
 
 
 def dgd_update(
@@ -114,6 +198,6 @@ def dgd_update(
     _checks.positive_int("chunk_size", chunk_size)
     _checks.in_range("alpha", alpha, 0.0, 1.0, lo_open=True)
     _checks.nonnegative("eta", eta)
-    name = _backend.resolve(OP, dev.type, backend)
+    name = _backend.resolve(OP, dev.type, backend, tokens=T)
     o, state = _op(q, k, w, alpha, eta, a, initial_state, read, chunk_size, name)
     return o, (state if output_final_state else None)
