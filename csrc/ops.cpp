@@ -7,9 +7,7 @@
 #include <sstream>
 #include <string>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <ATen/Parallel.h>
 
 #include "cpu/dgd.h"
 
@@ -17,24 +15,26 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cuda_runtime_api.h>  // CUDART_VERSION (compile time only)
+
 #include "cuda/dgd_recurrent.h"
-#include "cuda/runtime_info.h"
 #endif
 
 namespace nested_learning {
 
-// How this binary was built, as "key=value" pairs separated by ';'. Python parses it into
-// nested_learning.build_info(); bench/run.py records it beside every measurement.
+// How this binary was built, as "key=value" pairs separated by ';'. Compile-time facts only (no
+// CUDA or OpenMP runtime calls: the CUDA runtime's version is torch.version.cuda's business).
+// Python parses it into nested_learning.build_info(); bench/run.py records it beside every measurement.
 std::string build_info() {
   std::ostringstream s;
   s << "torch=" << TORCH_VERSION_MAJOR << "." << TORCH_VERSION_MINOR << "." << TORCH_VERSION_PATCH;
 #ifdef _OPENMP
-  s << ";openmp=" << _OPENMP << ";omp_max_threads=" << omp_get_max_threads();
+  s << ";openmp=" << _OPENMP << ";threads=" << at::get_num_threads();
 #else
   s << ";openmp=none";
 #endif
 #ifdef NL_WITH_CUDA
-  s << ";cuda=1;cuda_runtime=" << nl_cuda_runtime_version() << ";cuda_devices=" << nl_cuda_device_count();
+  s << ";cuda=1;cuda_compiled=" << CUDART_VERSION;
 #else
   s << ";cuda=0";
 #endif

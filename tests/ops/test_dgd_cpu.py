@@ -17,8 +17,8 @@ def run(x, backend, read, chunk, dtype):
     leaves = {n: (v.to(dtype).detach().requires_grad_() if v is not None else None) for n, v in x.items()}
     o, s = ops.dgd_update(**leaves, read=read, chunk_size=chunk, backend=backend)
     g = torch.Generator().manual_seed(1)
-    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
-    ws = torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.dtype)
+    wo = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)
+    ws = torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.device, s.dtype)
     ((o * wo).sum() + (s * ws).sum()).backward()
     return o, s, {n: v.grad for n, v in leaves.items() if v is not None}
 
