@@ -15,7 +15,8 @@ The backward runs dS <- exp(G_C) dS' + dO^T diag(exp(G)) Q - dU^T Wm in reverse
 products; [dA~ | dW] = Ainv^T [-dU S | dU], dM = -(dW U0^T + dA~ Wm^T) on the strict lower
 triangle, and the gate gradients return to log alpha through reverse cumsums.
 
-Forward:  dgd_prep_fwd_kernel   G, Ainv = (I + M)^-1 (forward substitution), Wm, U0
+Forward:  dgd_diag_inv_fwd_kernel  inverses of the 16-row diagonal blocks of I + M (substitution)
+          dgd_prep_fwd_kernel   G, Ainv = (I + M)^-1 (block merge by matmuls), Wm, U0
           dgd_state_fwd_kernel  chunk-start states h, U = U0 - Wm S^T, final state
           dgd_output_fwd_kernel o = exp(G) Q S^T + (D o Q K^T) U
 Backward: dgd_du_bwd_kernel     dU from the outputs: (D o Q K^T)^T dO
@@ -107,11 +108,31 @@ def _unit_lower_inverse(M, BT: tl.constexpr):
 
 # ----------------------------------------------------------------------------- forward
 
+SUB = 16  # rows of the diagonal blocks of (I + M) inverted by forward substitution
+
+
+@triton.jit
+def dgd_diag_inv_fwd_kernel(k_ptr, a_ptr, alpha_ptr, eta_ptr, ainv_ptr, T, H, DK: tl.constexpr, BT: tl.constexpr,
+                            BK: tl.constexpr, SB: tl.constexpr, PREC: tl.constexpr):
+    """(I + M_jj)^-1 of each SB-row diagonal block of each chunk, written in its place in Ainv.
+    Small blocks keep the sequential substitution cheap; the chunk-level merge is matmuls."""
+    i, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t0 = i * SB
+    r = tl.arange(0, SB)
+    la = tl.log(_load_gate(alpha_ptr, b, h, t0, T, H, SB, 1.0))
+    G = tl.cumsum(la, 0)  # block-relative: M uses differences of G only
+    eta = _load_gate(eta_ptr, b, h, t0, T, H, SB, 0.0)
+    K = _load_tok(k_ptr, b, h, t0, T, H, DK, SB, BK)
+    A = _load_tok(a_ptr, b, h, t0, T, H, DK, SB, BK)
+    M = eta[:, None] * _decay(G - la, G, r[:, None] > r[None, :]) * tl.dot(A, tl.trans(K), input_precision=PREC)
+    _store_bh(ainv_ptr, _unit_lower_inverse(M, SB), bh, t0, T, BT, SB, SB, t0 % BT)
+
 
 @triton.jit
 def dgd_prep_fwd_kernel(k_ptr, a_ptr, w_ptr, alpha_ptr, eta_ptr, g_ptr, ainv_ptr, wm_ptr, u0_ptr, T, H,
                         DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                        BV: tl.constexpr, PREC: tl.constexpr):
+                        BV: tl.constexpr, SB: tl.constexpr, PREC: tl.constexpr):
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     t0 = n * BT
@@ -126,7 +147,16 @@ def dgd_prep_fwd_kernel(k_ptr, a_ptr, w_ptr, alpha_ptr, eta_ptr, g_ptr, ainv_ptr
     W = _load_tok(w_ptr, b, h, t0, T, H, DV, BT, BV)  # [BT, BV]
     AK = tl.dot(A, tl.trans(K), input_precision=PREC)  # [BT, BT]
     M = eta[:, None] * _decay(Gp, G, r[:, None] > r[None, :]) * AK
-    Ai = _unit_lower_inverse(M, BT)
+    # (I + M)^-1 = (I + E)^-1 Dinv with Dinv the inverted diagonal blocks (dgd_diag_inv_fwd_kernel)
+    # and E = Dinv N, N the strictly block-lower part of M: E is nilpotent, E^(BT/SB) = 0 exactly
+    rb = r // SB
+    t = t0 + r
+    Dinv = tl.load(ainv_ptr + (bh * T + t[:, None]) * BT + r[None, :],
+                   mask=(t[:, None] < T) & (rb[:, None] == rb[None, :]), other=0.0)
+    E = tl.dot(Dinv, tl.where(rb[:, None] > rb[None, :], M, 0.0), input_precision=PREC)
+    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    Sinv = eye - tl.dot(E, eye - tl.dot(E, eye - E, input_precision=PREC), input_precision=PREC)  # up to E^3
+    Ai = tl.dot(Sinv, Dinv, input_precision=PREC)
     _store_bh(ainv_ptr, Ai, bh, t0, T, BT, BT, BT, 0)
     At = (eta * tl.exp(Gp))[:, None] * A
     _store_bh(wm_ptr, tl.dot(Ai, At, input_precision=PREC), bh, t0, T, DK, BT, BK, 0)
@@ -366,7 +396,10 @@ def _forward_stages(q, k, w, alpha, eta, a, h0, chunk_size, after):
     Wm = torch.empty(B * H, T, DK, **f32)
     U0 = torch.empty(B * H, T, DV, **f32)
     prec = _precision(q)
-    dgd_prep_fwd_kernel[(NT, B * H)](k, a, w, alpha, eta, G, Ai, Wm, U0, T, H, DK, DV, BT, BK, BV, prec,
+    if BT // SUB > 4:
+        raise AssertionError("the block merge of dgd_prep_fwd_kernel handles up to 4 diagonal blocks")
+    dgd_diag_inv_fwd_kernel[(triton.cdiv(T, SUB), B * H)](k, a, alpha, eta, Ai, T, H, DK, BT, BK, SUB, prec)
+    dgd_prep_fwd_kernel[(NT, B * H)](k, a, w, alpha, eta, G, Ai, Wm, U0, T, H, DK, DV, BT, BK, BV, SUB, prec,
                                      num_warps=4)
     hs = torch.empty(B * H, NT, DV, DK, **f32)
     U = torch.empty(B * H, T, DV, **f32)
