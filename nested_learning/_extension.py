@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-import torch  # noqa: F401  (loads libtorch before the extension links against it)
+import torch  # (also loads libtorch before the extension links against it)
 
 try:
     from . import _C  # type: ignore[attr-defined]
@@ -30,5 +30,7 @@ def build_info() -> dict[str, str]:
     """How the extension was built (torch, OpenMP, CUDA, compiler), or why it is missing."""
     if _C is None:
         return {"extension": "missing", "error": str(EXTENSION_ERROR)}
-    info = dict(kv.split("=", 1) for kv in _C.build_info().split(";"))
-    return {"extension": "loaded", **info}
+    # through the dispatcher, not a pybind11 function: calling the latter segfaulted on the GPU
+    # machine (torch 2.11+cu130, Python 3.12) while the dispatcher ops ran fine
+    info = dict(kv.split("=", 1) for kv in torch.ops.nested_learning_C.build_info().split(";"))
+    return {"extension": "loaded", **info, "threads": str(torch.get_num_threads())}

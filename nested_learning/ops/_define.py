@@ -32,8 +32,12 @@ def define_op(
     n_out: int,
     fake: Callable,
     reference: Callable,
+    save_outputs: bool = False,
 ) -> Callable:
-    """Returns the forward op, callable as op(*tensors, *statics, backend)."""
+    """Returns the forward op, callable as op(*tensors, *statics, backend).
+
+    save_outputs: the forward's outputs are saved too and reach the backends' backward
+    appended to `inputs` (for backwards that reuse them instead of recomputing)."""
     n_tensors = len(tensor_args.split(","))
     outs = ", ".join(["Tensor"] * n_out)
     statics = f"{static_args}, " if static_args else ""
@@ -54,7 +58,7 @@ def define_op(
 
     def backward_fake(grads, inputs, *rest):
         ref = next(x for x in inputs if x is not None)
-        return [x.new_empty(x.shape) if x is not None else ref.new_empty(0) for x in inputs]
+        return [x.new_empty(x.shape) if x is not None else ref.new_empty(0) for x in inputs[:n_tensors]]
 
     _LIB.impl(name, forward_impl, "CompositeExplicitAutograd")
     _LIB.impl(f"{name}_backward", backward_impl, "CompositeExplicitAutograd")
@@ -62,20 +66,20 @@ def define_op(
     torch.library.register_fake(f"nested_learning::{name}_backward", backward_fake, lib=_LIB)
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.save_for_backward(*inputs[:n_tensors], *(output if save_outputs else ()))
         ctx.statics = inputs[n_tensors:]
 
     def backward(ctx, *grads):
         saved = list(ctx.saved_tensors)
         got = bwd(list(grads), saved, *ctx.statics)
-        return (*none_if_empty(got, saved), *([None] * len(ctx.statics)))
+        return (*none_if_empty(got, saved[:n_tensors]), *([None] * len(ctx.statics)))
 
     torch.library.register_autograd(
         f"nested_learning::{name}", backward, setup_context=setup_context, lib=_LIB
     )
 
     def reference_backward(grads, inputs, *statics):
-        return reference_vjp(lambda *xs: reference(*xs, *statics), inputs, grads)
+        return reference_vjp(lambda *xs: reference(*xs, *statics), inputs[:n_tensors], grads)
 
     _backend.register(
         name,

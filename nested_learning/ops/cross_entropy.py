@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..reference.cross_entropy import REDUCTIONS, linear_cross_entropy_reference
@@ -21,7 +22,87 @@ _op = define_op(
     n_out=2,
     fake=_fake,
     reference=linear_cross_entropy_reference,
+    save_outputs=True,  # the fused backward reuses delta: dL/dh_t = dL/dloss_t * delta_t
 )
+
+# Fused backend: the [tokens, vocab] logits are never held whole. Tokens are processed in
+# blocks of about CHUNK_ELEMENTS logits; per block the logits are one matrix product, turned
+# into softmax - onehot in place, and multiplied back (delta; in the backward, the weight
+# gradient). Work: two [N, V, D] products forward, two backward (the loss gradient w.r.t. h is
+# delta scaled per token), the same as logits-materialising autograd.
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 logits per block
+
+
+def _rows(V: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(V, 1))
+
+
+def _prepare(h, weight, targets, ignore_index):
+    cdt = torch.promote_types(h.dtype, torch.float32)
+    hf = h.reshape(-1, h.shape[-1]).to(cdt)
+    y = targets.reshape(-1)
+    valid = y != ignore_index
+    return hf, weight.to(cdt), torch.where(valid, y, torch.zeros_like(y)), valid
+
+
+def _softmax_minus_onehot_(logits: Tensor, lse: Tensor, y: Tensor, scale: Tensor) -> Tensor:
+    """In place: scale_t * (softmax(logits_t) - onehot(y_t)); rows with scale 0 become 0."""
+    logits.sub_(lse[:, None]).exp_()
+    logits.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
+    return logits.mul_(scale[:, None])
+
+
+def _fused_forward(h, weight, targets, ignore_index, reduction):
+    hf, wf, y, valid = _prepare(h, weight, targets, ignore_index)
+    N, V = hf.shape[0], wf.shape[0]
+    loss_tok = hf.new_empty(N)
+    delta = hf.new_empty(hf.shape)
+    rows = _rows(V)
+    buf = hf.new_empty(min(rows, max(N, 1)), V)
+    vf = valid.to(hf.dtype)
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        logits = torch.mm(hf[s:e], wf.T, out=buf[: e - s])
+        lse = logits.logsumexp(1)
+        loss_tok[s:e] = (lse - logits.gather(1, y[s:e, None]).squeeze(1)) * vf[s:e]
+        torch.mm(_softmax_minus_onehot_(logits, lse, y[s:e], vf[s:e]), wf, out=delta[s:e])
+    if reduction == "none":
+        loss = loss_tok.reshape(targets.shape)
+    elif reduction == "sum":
+        loss = loss_tok.sum()
+    else:
+        loss = loss_tok.sum() / valid.sum().clamp(min=1)
+    return loss.to(h.dtype), delta.reshape(h.shape).to(h.dtype)
+
+
+def _fused_backward(grads, inputs, ignore_index, reduction):
+    h, weight, targets, _loss, delta = inputs
+    gl = grads[0]
+    hf, wf, y, valid = _prepare(h, weight, targets, ignore_index)
+    N, V = hf.shape[0], wf.shape[0]
+    if gl is None:
+        return [torch.zeros_like(h), torch.zeros_like(weight), h.new_empty(0)]
+    gl = gl.to(hf.dtype)
+    if reduction == "none":
+        scale = gl.reshape(-1) * valid
+    elif reduction == "sum":
+        scale = gl * valid.to(hf.dtype)
+    else:
+        scale = gl * valid.to(hf.dtype) / valid.sum().clamp(min=1)
+    dh = (delta.reshape(-1, delta.shape[-1]).to(hf.dtype) * scale[:, None]).reshape(h.shape)
+    dW = torch.zeros_like(wf)
+    rows = _rows(V)
+    buf = hf.new_empty(min(rows, max(N, 1)), V)
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        logits = torch.mm(hf[s:e], wf.T, out=buf[: e - s])
+        P = _softmax_minus_onehot_(logits, logits.logsumexp(1), y[s:e], scale[s:e])
+        dW.addmm_(P.T, hf[s:e])
+    return [dh.to(h.dtype), dW.to(weight.dtype), h.new_empty(0)]
+
+
+_backend.register("linear_cross_entropy", _backend.Backend(
+    "cpu", forward=_fused_forward, backward=_fused_backward, devices=("cpu",)))
 
 
 def linear_cross_entropy(
