@@ -215,10 +215,11 @@ class StepCase:
     size: str
     batch: int
     seq: int
+    updates: bool = True  # False: the same step without teach capture and CMS update pass
 
     @property
     def op(self) -> str:
-        return f"step:{self.model}"
+        return f"step:{self.model}" + ("" if self.updates else "-noupdates")
 
     @property
     def shape_str(self) -> str:
@@ -233,11 +234,15 @@ class StepCase:
         tok = torch.randint(0, m.config.vocab_size, (self.batch, self.seq), device=dev)
 
         def step():
-            loss, cap, st = m.train_forward(tok)
+            if self.updates:
+                loss, cap, st = m.train_forward(tok)
+            else:
+                loss, st = m(tok, targets=m.next_token_targets(tok))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            m.apply_updates(st, cap)
+            if self.updates:
+                m.apply_updates(st, cap)
             return loss
         return m, step
 
@@ -246,4 +251,6 @@ def step_cases(quick: bool, device: str) -> list[StepCase]:
     if quick:
         return [StepCase(n, "tiny", 2, 64) for n in ("transformer", "titans", "hope")]
     B, T = (16, 1024) if device == "cuda" else (4, 256)
-    return [StepCase(n, "smoke", B, T) for n in ("transformer", "titans", "hope")]
+    # HOPE twice: with its in-context updates (teach capture + CMS update pass) and without
+    return ([StepCase(n, "smoke", B, T) for n in ("transformer", "titans", "hope")]
+            + [StepCase("hope", "smoke", B, T, updates=False)])

@@ -8,6 +8,7 @@
 #include <string>
 
 
+#include "cpu/cms.h"
 #include "cpu/dgd.h"
 
 #ifdef NL_WITH_CUDA
@@ -108,6 +109,8 @@ TORCH_LIBRARY(nested_learning_C, m) {
         "int chunk) -> (Tensor, Tensor, Tensor)");
   m.def("dgd_bwd(Tensor dout, Tensor dstate, Tensor q, Tensor k, Tensor w, Tensor alpha, Tensor eta, Tensor a, "
         "Tensor checkpoints, bool read_after, int chunk) -> Tensor[]");
+  m.def("cms_apply(Tensor(a!) weight, Tensor(b!)? momentum, Tensor x, Tensor delta, int period, float lr, "
+        "int optimizer, float beta, float alpha) -> Tensor");
   m.def("dgd_recurrent_fwd(Tensor q, Tensor k, Tensor w, Tensor a, Tensor alpha, Tensor eta, Tensor? h0, "
         "bool read_after) -> (Tensor, Tensor)");
 }
@@ -115,6 +118,7 @@ TORCH_LIBRARY(nested_learning_C, m) {
 TORCH_LIBRARY_IMPL(nested_learning_C, CPU, m) {
   m.impl("dgd_fwd", &nested_learning::dgd_fwd_cpu);
   m.impl("dgd_bwd", &nested_learning::dgd_bwd_cpu);
+  m.impl("cms_apply", &nested_learning::cms_apply_cpu);
 }
 
 #ifdef NL_WITH_CUDA

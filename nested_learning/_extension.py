@@ -26,6 +26,11 @@ def extension_available() -> bool:
     return _C is not None
 
 
+def extension_unavailable(device_type: str | None = None) -> str | None:
+    """None when the compiled backends can be used, else why not (a Backend.unavailable)."""
+    return None if _C is not None else f"the extension nested_learning._C is not loaded ({EXTENSION_ERROR})"
+
+
 def build_info() -> dict[str, str]:
     """How the extension was built (torch, OpenMP, CUDA, compiler), or why it is missing."""
     if _C is None:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..reference.cms import OPTIMIZERS, cms_update_reference
+from .._extension import extension_unavailable
 from . import _backend, _checks
 from ._define import define_op
 
@@ -86,6 +87,51 @@ _op = define_op(
     fake=_fake,
     reference=_reference,
 )
+
+
+_OPT_ID = {"gd": 0, "momentum": 1, "dgd": 2}
+
+
+def _cpu_forward(weight, x, delta, buffer_x, buffer_delta, momentum, filled, lr, optimizer, beta, alpha):
+    """Every complete chunk without Python work per chunk: gd in closed form (one batched
+    matrix product for the whole call; the per-chunk norms from C x C Gram matrices), momentum
+    and dgd (sequential by nature) in the C++ kernel `cms_apply`, row by row in place."""
+    C = buffer_x.shape[1]
+    cdt = torch.promote_types(weight.dtype, torch.float32)
+    xs = torch.cat([buffer_x[:, :filled], x], 1).to(cdt)
+    ds = torch.cat([buffer_delta[:, :filled], delta], 1).to(cdt)
+    B, L = xs.shape[:2]
+    n = L // C
+    N = n * C
+    W = weight.to(cdt).clone(memory_format=torch.contiguous_format)
+    m = momentum.to(cdt).clone(memory_format=torch.contiguous_format) if momentum is not None else None
+    if n == 0:
+        norms = W.new_zeros(B, 0)
+    elif optimizer == "gd":
+        X, D = xs[:, :N], ds[:, :N]
+        W.baddbmm_(D.transpose(1, 2), X, alpha=-lr)
+        Xc, Dc = X.reshape(B, n, C, -1), D.reshape(B, n, C, -1)
+        gram = (Xc @ Xc.transpose(-1, -2)) * (Dc @ Dc.transpose(-1, -2))  # <G_c, G_c> termwise
+        norms = lr * gram.sum((-1, -2)).clamp(min=0).sqrt()
+    else:
+        norms = torch.ops.nested_learning_C.cms_apply(W, m, xs[:, :N].contiguous(), ds[:, :N].contiguous(), C,
+                                                      float(lr), _OPT_ID[optimizer], float(beta), float(alpha))
+    rest = L - N
+    bx = torch.zeros_like(buffer_x)
+    bd = torch.zeros_like(buffer_delta)
+    bx[:, :rest] = xs[:, N:]
+    bd[:, :rest] = ds[:, N:]
+    mom = m.to(momentum.dtype) if m is not None else weight.new_empty(0)
+    return W.to(weight.dtype), mom, bx, bd, norms.to(weight.dtype)
+
+
+def _cpu_backward(grads, inputs, *statics):
+    """Writes are differentiated only on request (differentiable_writes): the reference's."""
+    return _backend.get("cms_update", "reference").backward(grads, inputs, *statics)
+
+
+_backend.register("cms_update", _backend.Backend("cpu", forward=_cpu_forward, backward=_cpu_backward,
+                                                 devices=("cpu",), unavailable=extension_unavailable))
 
 
 def cms_update(

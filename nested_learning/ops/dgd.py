@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..reference.dgd import dgd_update_reference
+from .._extension import extension_unavailable
 from . import _backend, _checks
 from ._define import define_op
 
@@ -65,14 +66,8 @@ def _cpu_backward(grads, inputs, read, chunk_size):
     return out
 
 
-def _cpu_unavailable(device_type):
-    from .._extension import EXTENSION_ERROR, extension_available
-
-    return None if extension_available() else f"the extension nested_learning._C is not loaded ({EXTENSION_ERROR})"
-
-
 _backend.register(OP, _backend.Backend("cpu", forward=_cpu_forward, backward=_cpu_backward, devices=("cpu",),
-                                       unavailable=_cpu_unavailable))
+                                       unavailable=extension_unavailable))
 
 
 def _triton_args(q, k, w, alpha, eta, a, initial_state):
@@ -137,7 +132,7 @@ def _cuda_backward(grads, inputs, read, chunk_size):
 
 
 def _cuda_unavailable(device_type):
-    reason = _cpu_unavailable(device_type)
+    reason = extension_unavailable(device_type)
     if reason is not None:
         return reason
     try:

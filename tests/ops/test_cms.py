@@ -38,17 +38,34 @@ def cms_loop(W, xs, ds, period, lr, optimizer, beta=0.9, alpha=1.0):
     return W, (torch.stack(norms, 1) if norms else torch.zeros(B, 0, dtype=W.dtype)), idx
 
 
+BACKENDS = ops.available_backends("cms_update", "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer", ["gd", "momentum", "dgd"])
 @pytest.mark.parametrize("period", [1, 4, 16, 64])
-def test_matches_token_loop(optimizer, period):
+def test_matches_token_loop(optimizer, period, backend):
     xs, ds, W0 = stream()
     st = ops.CMSState.create(W0, period, batch_size=2, optimizer=optimizer)
-    st, up = ops.cms_update(st, xs, ds, lr=0.05, optimizer=optimizer, alpha=0.9)
+    st, up = ops.cms_update(st, xs, ds, lr=0.05, optimizer=optimizer, alpha=0.9, backend=backend)
+    assert ops.last_backend("cms_update") == backend
     W, norms, idx = cms_loop(W0, xs, ds, period, 0.05, optimizer, alpha=0.9)
     assert rel_err(st.weight, W) < 1e-12
     assert up.update_norms.shape == norms.shape and rel_err(up.update_norms, norms) < 1e-12
     assert list(up.token_index) == idx
     assert st.updates == 50 // period and st.filled == 50 % period
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", ["gd", "momentum", "dgd"])
+@pytest.mark.parametrize("period", [1, 5, 64])
+def test_float32_backends_match_float64_loop(optimizer, period, backend):
+    xs, ds, W0 = stream(B=3, T=131, Din=40, Dout=24)
+    st = ops.CMSState.create(W0.float(), period, batch_size=3, optimizer=optimizer)
+    st, up = ops.cms_update(st, xs.float(), ds.float(), lr=0.01, optimizer=optimizer, alpha=0.95, backend=backend)
+    W, norms, _ = cms_loop(W0, xs, ds, period, 0.01, optimizer, alpha=0.95)
+    assert st.weight.dtype == torch.float32 and rel_err(st.weight, W) < 1e-5
+    assert rel_err(up.update_norms, norms) < 1e-5
 
 
 @pytest.mark.parametrize("optimizer", ["gd", "momentum", "dgd"])
