@@ -1,6 +1,7 @@
 """Peak memory and time of the tied-head cross-entropy with its teach signal, fused vs
-logits-materialising, each measured in a fresh process (peak resident memory above the
-process's state after building the inputs; forward + backward).
+logits-materialising, each measured in a fresh process: the peak resident memory of one
+forward + backward above the resident memory before it (Linux: the peak is reset through
+/proc/self/clear_refs, then read as VmHWM).
 
     python bench/ce_memory.py [--tokens 8192 --dim 512 --vocab 32768 --repeat 3 --json PATH]
 """
@@ -14,7 +15,7 @@ import subprocess
 import sys
 
 _CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from nested_learning import ops
 N, D, V, backend, repeat = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 g = torch.Generator().manual_seed(0)
@@ -36,9 +37,15 @@ def step():
     loss.backward()
     return loss, delta
 
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))  # kB
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak resident set size (VmHWM) to the current one
+base = status("VmRSS")
 step()
-peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+peak = (status("VmHWM") - base) / 1024
 times = []
 for _ in range(repeat):
     t = time.perf_counter()

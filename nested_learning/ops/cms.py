@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..reference.cms import OPTIMIZERS, cms_update_reference
 from .._extension import extension_unavailable
+from ..reference.cms import OPTIMIZERS, cms_update_reference
 from . import _backend, _checks
 from ._define import define_op
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference.dgd import dgd_update_reference
 from .._extension import extension_unavailable
+from ..reference.dgd import dgd_update_reference
 from . import _backend, _checks
 from ._define import define_op
 

@@ -8,6 +8,7 @@ from torch import Tensor
 from ..reference.titan import ACTIVATIONS, titan_linear_reference, titan_mlp_reference
 from . import _backend, _checks
 from ._define import define_op
+from ._titan_scan import scan_coefficients, scan_coefficients_backward
 
 GATES = "Tensor theta, Tensor eta, Tensor alpha"
 
@@ -33,6 +34,49 @@ _linear = define_op(
     fake=_linear_fake,
     reference=_linear_reference,
 )
+
+
+def _linear_triton_forward(q, k, v, theta, eta, alpha, M0, S0, chunk_size):
+    from nested_learning.kernels.titan import titan_fwd
+
+    coef = [c.float().contiguous() for c in scan_coefficients(eta, alpha, chunk_size)]
+    init = [None, None] if M0 is None else [x.float().contiguous() for x in (M0, S0)]
+    o, M, S, _ = titan_fwd(q.contiguous(), k.contiguous(), v.contiguous(), theta.contiguous(), coef, *init,
+                           chunk_size)
+    sdt = torch.promote_types(q.dtype, torch.float32)
+    return o, M.to(sdt), S.to(sdt)
+
+
+def _linear_triton_backward(grads, inputs, chunk_size):
+    from nested_learning.kernels.titan import titan_bwd, titan_fwd
+
+    q, k, v, theta, eta, alpha, M0, S0 = inputs
+    do, dM, dS = grads
+    x = [t.contiguous() for t in (q, k, v, theta)]
+    coef = [c.float().contiguous() for c in scan_coefficients(eta, alpha, chunk_size)]
+    init = [None, None] if M0 is None else [t.float().contiguous() for t in (M0, S0)]
+    *_, ckpt = titan_fwd(*x, coef, *init, chunk_size)  # recompute the chunk-start checkpoints
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    shape = (q.shape[0], q.shape[2], v.shape[-1], q.shape[-1])
+    dfin = [None, None] if dM is None and dS is None else [
+        torch.zeros(shape, device=q.device) if g is None else g.float().contiguous() for g in (dM, dS)]
+    dq, dk, dv, dth, dcoef, (dM0, dS0) = titan_bwd(do, *dfin, *x, coef, ckpt, chunk_size)
+    deta, dalpha = scan_coefficients_backward(eta, alpha, chunk_size, dcoef)
+    out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dth.to(theta.dtype),
+           deta.to(eta.dtype), dalpha.to(alpha.dtype)]
+    out += [q.new_empty(0), q.new_empty(0)] if M0 is None else [dM0.to(M0.dtype), dS0.to(S0.dtype)]
+    return out
+
+
+def _triton_unavailable(device_type):
+    from nested_learning.kernels import triton_unavailable_reason
+
+    return triton_unavailable_reason(device_type)
+
+
+_backend.register("titan_update", _backend.Backend(
+    "triton", forward=_linear_triton_forward, backward=_linear_triton_backward, devices=("cuda",),
+    forced_devices=("cpu",), unavailable=_triton_unavailable))
 
 
 def _mlp_fake(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation):

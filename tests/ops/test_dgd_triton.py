@@ -7,12 +7,11 @@ import importlib.util
 
 import pytest
 import torch
+from nested_learning.kernels import triton_unavailable_reason  # noqa: E402
 
 from nested_learning import ops
 from tests.helpers import dgd_inputs, rel_err
 from tests.ops.test_dgd_cpu import run
-
-from nested_learning.kernels import triton_unavailable_reason  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 interpreted = pytest.mark.skipif(triton_unavailable_reason("cpu") is not None,
