@@ -10,6 +10,7 @@
 
 #include "cpu/cms.h"
 #include "cpu/dgd.h"
+#include "cpu/titan.h"
 
 #ifdef NL_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -111,6 +112,11 @@ TORCH_LIBRARY(nested_learning_C, m) {
         "Tensor checkpoints, bool read_after, int chunk) -> Tensor[]");
   m.def("cms_apply(Tensor(a!) weight, Tensor(b!)? momentum, Tensor x, Tensor delta, int period, float lr, "
         "int optimizer, float beta, float alpha) -> Tensor");
+  m.def("titan_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor abar, Tensor rho, Tensor ebar, "
+        "Tensor c_par, Tensor c_mom, Tensor? M0, Tensor? S0, int chunk, bool keep_checkpoints) -> Tensor[]");
+  m.def("titan_bwd(Tensor dout, Tensor? dMt, Tensor? dSt, Tensor q, Tensor k, Tensor v, Tensor theta, "
+        "Tensor abar, Tensor rho, Tensor ebar, Tensor c_par, Tensor c_mom, Tensor Mck, Tensor Sck, int chunk) "
+        "-> Tensor[]");
   m.def("dgd_recurrent_fwd(Tensor q, Tensor k, Tensor w, Tensor a, Tensor alpha, Tensor eta, Tensor? h0, "
         "bool read_after) -> (Tensor, Tensor)");
 }
@@ -119,6 +125,8 @@ TORCH_LIBRARY_IMPL(nested_learning_C, CPU, m) {
   m.impl("dgd_fwd", &nested_learning::dgd_fwd_cpu);
   m.impl("dgd_bwd", &nested_learning::dgd_bwd_cpu);
   m.impl("cms_apply", &nested_learning::cms_apply_cpu);
+  m.impl("titan_fwd", &nested_learning::titan_fwd_cpu);
+  m.impl("titan_bwd", &nested_learning::titan_bwd_cpu);
 }
 
 #ifdef NL_WITH_CUDA

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._extension import extension_unavailable
 from ..reference.titan import ACTIVATIONS, titan_linear_reference, titan_mlp_reference
 from . import _backend, _checks
 from ._define import define_op
@@ -77,6 +78,45 @@ def _triton_unavailable(device_type):
 _backend.register("titan_update", _backend.Backend(
     "triton", forward=_linear_triton_forward, backward=_linear_triton_backward, devices=("cuda",),
     forced_devices=("cpu",), unavailable=_triton_unavailable))
+
+
+def _cpu_cast(x, cdt):
+    return [t.to(cdt).contiguous() for t in x]
+
+
+def _linear_cpu_forward(q, k, v, theta, eta, alpha, M0, S0, chunk_size):
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    coef = _cpu_cast(scan_coefficients(eta, alpha, chunk_size), cdt)
+    init = [None, None] if M0 is None else _cpu_cast((M0, S0), cdt)
+    o, M, S = torch.ops.nested_learning_C.titan_fwd(*_cpu_cast((q, k, v, theta), cdt), *coef, *init, chunk_size,
+                                                    False)
+    return o.to(q.dtype), M, S
+
+
+def _linear_cpu_backward(grads, inputs, chunk_size):
+    q, k, v, theta, eta, alpha, M0, S0 = inputs
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    x = _cpu_cast((q, k, v, theta), cdt)
+    coef = _cpu_cast(scan_coefficients(eta, alpha, chunk_size), cdt)
+    init = [None, None] if M0 is None else _cpu_cast((M0, S0), cdt)
+    *_, Mck, Sck = torch.ops.nested_learning_C.titan_fwd(*x, *coef, *init, chunk_size, True)  # recompute
+    do, dM, dS = grads
+    do = torch.zeros_like(x[2]) if do is None else do.to(cdt).contiguous()
+    shape = (q.shape[0], q.shape[2], v.shape[-1], q.shape[-1])
+    dfin = [None, None] if dM is None and dS is None else [
+        torch.zeros(shape, dtype=cdt) if g is None else g.to(cdt).contiguous() for g in (dM, dS)]
+    dq, dk, dv, dth, *dcoef, dM0, dS0 = torch.ops.nested_learning_C.titan_bwd(do, *dfin, *x, *coef, Mck, Sck,
+                                                                               chunk_size)
+    deta, dalpha = scan_coefficients_backward(eta, alpha, chunk_size, dcoef)
+    out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dth.to(theta.dtype), deta.to(eta.dtype),
+           dalpha.to(alpha.dtype)]
+    out += [q.new_empty(0), q.new_empty(0)] if M0 is None else [dM0.to(M0.dtype), dS0.to(S0.dtype)]
+    return out
+
+
+_backend.register("titan_update", _backend.Backend(
+    "cpu", forward=_linear_cpu_forward, backward=_linear_cpu_backward, devices=("cpu",),
+    unavailable=extension_unavailable))
 
 
 def _mlp_fake(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation):

@@ -1,7 +1,8 @@
-"""The Triton backend of titan_update (kernels/titan.py, linear memory) against the float64
-reference: outputs, final (M, S) and the gradients of q, k, v, theta, eta, alpha and the
-initial state; chunk sizes 1, 4, 16, 64 with T not a multiple of the chunk; streamed in
-segments == whole. CPU through Triton's interpreter; the `gpu` tests compile the kernels."""
+"""The fast backends of titan_update (linear memory) against the float64 reference: the Triton
+kernels (kernels/titan.py; on the CPU through Triton's interpreter, compiled in the `gpu`
+tests) and the C++ `cpu` backend (csrc/cpu/titan.cpp). Outputs, final (M, S) and the
+gradients of q, k, v, theta, eta, alpha and the initial state; chunk sizes 1, 4, 16, 64 with
+T not a multiple of the chunk; streamed in segments == whole."""
 
 import importlib.util
 
@@ -12,9 +13,12 @@ from nested_learning.kernels import triton_unavailable_reason
 from nested_learning import ops
 from tests.helpers import rel_err, titan_inputs
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-interpreted = pytest.mark.skipif(triton_unavailable_reason("cpu") is not None,
+interpreted = pytest.mark.skipif(importlib.util.find_spec("triton") is None
+                                 or triton_unavailable_reason("cpu") is not None,
                                  reason=str(triton_unavailable_reason("cpu")))
+compiled = pytest.mark.skipif("cpu" not in ops.available_backends("titan_update", "cpu"),
+                              reason="nested_learning._C is not built")
+BACKENDS = [pytest.param("triton", marks=interpreted), pytest.param("cpu", marks=compiled)]
 GATES = ("theta", "eta", "alpha")
 
 
@@ -33,14 +37,14 @@ def run(x, backend, chunk, dtype, device="cpu"):
     return o, M, S, grads
 
 
-@interpreted
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape,chunk", [((1, 1, 1, 4, 4), 1), ((2, 37, 3, 5, 7), 4), ((1, 70, 1, 48, 16), 16),
                                          ((1, 100, 2, 64, 64), 64), ((1, 45, 1, 100, 80), 16)])
-def test_triton_linear_matches_reference(shape, chunk):
+def test_linear_backend_matches_reference(shape, chunk, backend):
     x = titan_inputs(*shape)
     ref = run(x, "reference", chunk, torch.float64)
-    got = run(x, "triton", chunk, torch.float32)
-    assert ops.last_backend("titan_update") == "triton"
+    got = run(x, backend, chunk, torch.float32)
+    assert ops.last_backend("titan_update") == backend
     for a, b in zip(got[:3], ref[:3]):
         assert a.dtype == torch.float32 and rel_err(a, b) < 1e-5
     assert set(got[3]) == set(ref[3])
@@ -48,19 +52,32 @@ def test_triton_linear_matches_reference(shape, chunk):
         assert rel_err(got[3][n], ref[3][n]) < 1e-5, n
 
 
-@interpreted
-def test_triton_linear_without_initial_state_and_streamed_equals_whole():
+@compiled
+def test_cpu_backend_float64_and_chosen_automatically():
+    x = titan_inputs(2, 41, 2, 12, 9)
+    ref = run(x, "reference", 8, torch.float64)
+    got = run(x, "cpu", 8, torch.float64)
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(got[:3], ref[:3]))
+    assert all(rel_err(got[3][n], ref[3][n]) < 1e-12 for n in ref[3])
+    before = {n: v.clone() for n, v in x.items() if n != "initial_state"}
+    ops.titan_update(**x, chunk_size=8)
+    assert ops.last_backend("titan_update") == "cpu"
+    assert all(torch.equal(x[n], before[n]) for n in before)  # inputs are never written
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_without_initial_state_and_streamed_equals_whole(backend):
     x = titan_inputs(1, 50, 2, 16, 16, state=False)
     ref = run(x, "reference", 16, torch.float64)
-    got = run(x, "triton", 16, torch.float32)
+    got = run(x, backend, 16, torch.float32)
     assert all(rel_err(a, b) < 1e-5 for a, b in zip(got[:3], ref[:3]))
     assert all(rel_err(got[3][n], ref[3][n]) < 1e-5 for n in ref[3])
     xf = {n: v.float() for n, v in x.items() if v is not None}
-    o_whole, st_whole = ops.titan_update(**xf, chunk_size=16, backend="triton")
+    o_whole, st_whole = ops.titan_update(**xf, chunk_size=16, backend=backend)
     st, outs = None, []
     for t0, t1 in ((0, 16), (16, 48), (48, 50)):  # segment boundaries on chunk boundaries
         seg = {n: v[:, t0:t1] for n, v in xf.items()}
-        o, st = ops.titan_update(**seg, initial_state=st, chunk_size=16, backend="triton")
+        o, st = ops.titan_update(**seg, initial_state=st, chunk_size=16, backend=backend)
         outs.append(o)
     assert rel_err(torch.cat(outs, 1), o_whole) < 1e-5
     assert rel_err(st[0], st_whole[0]) < 1e-5 and rel_err(st[1], st_whole[1]) < 1e-5
