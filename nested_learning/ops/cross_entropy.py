@@ -30,7 +30,7 @@ _op = define_op(
 # into softmax - onehot in place, and multiplied back (delta; in the backward, the weight
 # gradient). Work: two [N, V, D] products forward, two backward (the loss gradient w.r.t. h is
 # delta scaled per token), the same as logits-materialising autograd.
-CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 logits per block
+CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 logits per block
 
 
 def _rows(V: int) -> int:
