@@ -20,22 +20,14 @@ import importlib.util
 import json
 import os
 import sys
-import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from nested_learning import ops
-from nested_learning.layers.titans import TitansMemory
+import torch  # noqa: E402
+from run import median_ms  # noqa: E402
 
-
-def median_ms(fn, repeat: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return sorted(ts)[len(ts) // 2]
+from nested_learning import ops  # noqa: E402
+from nested_learning.layers.titans import TitansMemory  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -75,7 +67,7 @@ def main(argv=None) -> int:
     for name, fn in (("nested_learning.TitansMemory", run_ours),
                      (f"NeuralMemory(batch_size={args.chunk})", lambda: run_peer(peer_exact)),
                      ("NeuralMemory(batch_size=None)", lambda: run_peer(peer_parallel))):
-        rows[name] = median_ms(fn, args.repeat)
+        rows[name] = median_ms(fn, torch.device("cpu"), warmup=1, repeat=args.repeat)
         extra = f" (titan_update backend: {ops.last_backend('titan_update')})" if "nested" in name else ""
         print(f"{name:32} {rows[name]:10.1f} ms fwd+bwd{extra}", flush=True)
     ours = rows["nested_learning.TitansMemory"]

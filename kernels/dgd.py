@@ -89,6 +89,18 @@ def _state_ptrs(ptr, idx, v0, DV: tl.constexpr, DK: tl.constexpr, BV: tl.constex
 
 
 @triton.jit
+def _load_state(ptr, idx, v0, DV: tl.constexpr, DK: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                PRESENT: tl.constexpr):
+    """The [BV, BK] float32 tile of state `idx`, or zeros when the state is absent."""
+    p, m = _state_ptrs(ptr, idx, v0, DV, DK, BV, BK)
+    if PRESENT:
+        x = tl.load(p, mask=m, other=0.0).to(tl.float32)
+    else:
+        x = tl.zeros([BV, BK], dtype=tl.float32)
+    return x
+
+
+@triton.jit
 def _decay(rows, G, mask):
     """exp(rows[t] - G[s]) where mask, else 0 (masked before the exp)."""
     return tl.exp(tl.where(mask, rows[:, None] - G[None, :], float("-inf")))
@@ -171,11 +183,7 @@ def dgd_state_fwd_kernel(k_ptr, g_ptr, wm_ptr, u0_ptr, h0_ptr, h_ptr, u_ptr, ht_
     b, h = bh // H, bh % H
     v0 = iv * BV
     r = tl.arange(0, BT)
-    p0, m0 = _state_ptrs(h0_ptr, bh, v0, DV, DK, BV, BK)
-    if HAS_H0:
-        S = tl.load(p0, mask=m0, other=0.0).to(tl.float32)  # [BV, BK]
-    else:
-        S = tl.zeros([BV, BK], dtype=tl.float32)
+    S = _load_state(h0_ptr, bh, v0, DV, DK, BV, BK, HAS_H0)  # [BV, BK]
     for n in range(NT):
         t0 = n * BT
         ph, mh = _state_ptrs(h_ptr, bh * NT + n, v0, DV, DK, BV, BK)
@@ -251,11 +259,7 @@ def dgd_state_bwd_kernel(q_ptr, k_ptr, alpha_ptr, g_ptr, wm_ptr, do_ptr, duo_ptr
     b, h = bh // H, bh % H
     v0 = iv * BV
     r = tl.arange(0, BT)
-    pt, mt = _state_ptrs(dht_ptr, bh, v0, DV, DK, BV, BK)
-    if HAS_DHT:
-        dS = tl.load(pt, mask=mt, other=0.0).to(tl.float32)  # [BV, BK]
-    else:
-        dS = tl.zeros([BV, BK], dtype=tl.float32)
+    dS = _load_state(dht_ptr, bh, v0, DV, DK, BV, BK, HAS_DHT)  # [BV, BK]
     for i in range(NT):
         n = NT - 1 - i
         t0 = n * BT

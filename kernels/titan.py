@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dgd import _pow2, _state_ptrs
+from .dgd import _load_state, _pow2, _state_ptrs
 
 
 @triton.jit
@@ -69,14 +69,8 @@ def titan_fwd_kernel(q_ptr, k_ptr, v_ptr, theta_ptr, cpar_ptr, cmom_ptr, abar_pt
     iv, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     v0 = iv * BV
-    p0, m0 = _state_ptrs(m0_ptr, bh, v0, DV, DK, BV, BK)
-    p1, _ = _state_ptrs(s0_ptr, bh, v0, DV, DK, BV, BK)
-    if HAS_INIT:
-        M = tl.load(p0, mask=m0, other=0.0).to(tl.float32)  # [BV, BK]
-        S = tl.load(p1, mask=m0, other=0.0).to(tl.float32)
-    else:
-        M = tl.zeros([BV, BK], dtype=tl.float32)
-        S = tl.zeros([BV, BK], dtype=tl.float32)
+    M = _load_state(m0_ptr, bh, v0, DV, DK, BV, BK, HAS_INIT)  # [BV, BK]
+    S = _load_state(s0_ptr, bh, v0, DV, DK, BV, BK, HAS_INIT)
     for n in range(NT):
         t0 = n * CH
         te = tl.minimum(t0 + CH, T)
@@ -118,14 +112,8 @@ def titan_bwd_kernel(q_ptr, k_ptr, v_ptr, theta_ptr, cpar_ptr, cmom_ptr, abar_pt
     iv, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     v0 = iv * BV
-    pm, mm = _state_ptrs(dmt_ptr, bh, v0, DV, DK, BV, BK)
-    ps, _ = _state_ptrs(dst_ptr, bh, v0, DV, DK, BV, BK)
-    if HAS_DFINAL:
-        dM = tl.load(pm, mask=mm, other=0.0).to(tl.float32)
-        dS = tl.load(ps, mask=mm, other=0.0).to(tl.float32)
-    else:
-        dM = tl.zeros([BV, BK], dtype=tl.float32)
-        dS = tl.zeros([BV, BK], dtype=tl.float32)
+    dM = _load_state(dmt_ptr, bh, v0, DV, DK, BV, BK, HAS_DFINAL)
+    dS = _load_state(dst_ptr, bh, v0, DV, DK, BV, BK, HAS_DFINAL)
     r = tl.arange(0, BT)
     part_tok = iv * B * T * H  # offset of this tile's [B, T, H] slice
     part_bh = iv * B * H * T
@@ -133,10 +121,8 @@ def titan_bwd_kernel(q_ptr, k_ptr, v_ptr, theta_ptr, cpar_ptr, cmom_ptr, abar_pt
         n = NT - 1 - i
         t0 = n * CH
         te = tl.minimum(t0 + CH, T)
-        pm, mm = _state_ptrs(mck_ptr, bh * NT + n, v0, DV, DK, BV, BK)
-        ps, _ = _state_ptrs(sck_ptr, bh * NT + n, v0, DV, DK, BV, BK)
-        M = tl.load(pm, mask=mm, other=0.0)
-        S = tl.load(ps, mask=mm, other=0.0)
+        M = _load_state(mck_ptr, bh * NT + n, v0, DV, DK, BV, BK, True)
+        S = _load_state(sck_ptr, bh * NT + n, v0, DV, DK, BV, BK, True)
         Q = _ld(q_ptr, b, h, t0, te, T, H, DK, BT, BK, 0)
         K = _ld(k_ptr, b, h, t0, te, T, H, DK, BT, BK, 0)
         V = _ld(v_ptr, b, h, t0, te, T, H, DV, BT, BV, v0)

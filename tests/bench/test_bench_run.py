@@ -18,7 +18,7 @@ def test_quick_benchmark_table_and_json(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert {row["op"] for row in data["rows"]} == set(ops.OPS) | {"step:hope", "step:titans", "step:transformer"}
+    assert {row["op"] for row in data["rows"]} >= set(ops.OPS) | {"step:hope", "step:titans", "step:transformer"}
     for row in data["rows"]:
         if row["op"].startswith("step:"):
             assert row["median_ms"] > 0 and row["parameters"] > 0

@@ -1,0 +1,36 @@
+"""The profiling and comparison scripts of bench/ run end to end on tiny shapes."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def script(name, *args, timeout=600):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name), *args], capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_profile_step_reports_updates_on_and_off():
+    out = script("profile_step.py", "--size", "tiny", "--batch", "1", "--seq", "64", "--repeat", "1", "--rows", "3")
+    assert "step with in-context updates" in out and "ratio" in out and "Self CPU time total" in out
+
+
+def test_peer_titans_runs_or_says_it_is_missing(tmp_path):
+    out = script("peer_titans.py", "--seq", "64", "--heads", "2", "--head-dim", "16", "--repeat", "1",
+                 "--json", str(tmp_path / "p.json"))
+    if "not installed" in out:
+        return
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert all(ms > 0 for ms in data["median_ms"].values()) and len(data["peer_time_over_ours"]) == 2
+
+
+def test_ce_memory_json(tmp_path):
+    script("ce_memory.py", "--tokens", "256", "--dim", "32", "--vocab", "1024", "--repeat", "1",
+           "--json", str(tmp_path / "c.json"))
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["naive", "cpu"] and all(r["median_ms"] > 0 for r in rows)
