@@ -101,6 +101,15 @@ def _load_state(ptr, idx, v0, DV: tl.constexpr, DK: tl.constexpr, BV: tl.constex
 
 
 @triton.jit
+def _chunk_G(g_ptr, bh, t0, T, BT: tl.constexpr):
+    """G (in-chunk cumulative log alpha, stored by the prep kernel) of the chunk at t0, zeros
+    past T, and G at the chunk's last token."""
+    t = t0 + tl.arange(0, BT)
+    G = tl.load(g_ptr + bh * T + t, mask=t < T, other=0.0)
+    return G, tl.load(g_ptr + bh * T + tl.minimum(t0 + BT, T) - 1)
+
+
+@triton.jit
 def _decay(rows, G, mask):
     """exp(rows[t] - G[s]) where mask, else 0 (masked before the exp)."""
     return tl.exp(tl.where(mask, rows[:, None] - G[None, :], float("-inf")))
@@ -192,8 +201,7 @@ def dgd_state_fwd_kernel(k_ptr, g_ptr, wm_ptr, u0_ptr, h0_ptr, h_ptr, u_ptr, ht_
         U = _load_bh(u0_ptr, bh, t0, T, DV, BT, BV, v0) - tl.dot(Wm, tl.trans(S), input_precision=PREC)
         _store_bh(u_ptr, U, bh, t0, T, DV, BT, BV, v0)
         K = _load_tok(k_ptr, b, h, t0, T, H, DK, BT, BK)
-        G = tl.load(g_ptr + bh * T + t0 + r, mask=t0 + r < T, other=0.0)
-        GC = tl.load(g_ptr + bh * T + tl.minimum(t0 + BT, T) - 1)
+        G, GC = _chunk_G(g_ptr, bh, t0, T, BT)
         tail = tl.where(t0 + r < T, tl.exp(GC - G), 0.0)
         S = tl.exp(GC) * S + tl.dot(tl.trans(tail[:, None] * U), K, input_precision=PREC)
     pt, mt = _state_ptrs(ht_ptr, bh, v0, DV, DK, BV, BK)
@@ -208,7 +216,7 @@ def dgd_output_fwd_kernel(q_ptr, k_ptr, alpha_ptr, g_ptr, h_ptr, u_ptr, o_ptr, T
     b, h = bh // H, bh % H
     t0 = n * BT
     r = tl.arange(0, BT)
-    G = tl.load(g_ptr + bh * T + t0 + r, mask=t0 + r < T, other=0.0)
+    G, _ = _chunk_G(g_ptr, bh, t0, T, BT)
     Gp = G - tl.log(_load_gate(alpha_ptr, b, h, t0, T, H, BT, 1.0))
     Q = _load_tok(q_ptr, b, h, t0, T, H, DK, BT, BK)
     K = _load_tok(k_ptr, b, h, t0, T, H, DK, BT, BK)
@@ -237,7 +245,7 @@ def dgd_du_bwd_kernel(q_ptr, k_ptr, alpha_ptr, g_ptr, do_ptr, duo_ptr, T, H,
     b, h = bh // H, bh % H
     t0 = n * BT
     r = tl.arange(0, BT)
-    G = tl.load(g_ptr + bh * T + t0 + r, mask=t0 + r < T, other=0.0)
+    G, _ = _chunk_G(g_ptr, bh, t0, T, BT)
     if AFTER:
         D = _decay(G, G, r[:, None] >= r[None, :])
     else:
@@ -265,8 +273,7 @@ def dgd_state_bwd_kernel(q_ptr, k_ptr, alpha_ptr, g_ptr, wm_ptr, do_ptr, duo_ptr
         t0 = n * BT
         ph, mh = _state_ptrs(dh_ptr, bh * NT + n, v0, DV, DK, BV, BK)
         tl.store(ph, dS, mask=mh)
-        G = tl.load(g_ptr + bh * T + t0 + r, mask=t0 + r < T, other=0.0)
-        GC = tl.load(g_ptr + bh * T + tl.minimum(t0 + BT, T) - 1)
+        G, GC = _chunk_G(g_ptr, bh, t0, T, BT)
         if AFTER:
             eq = tl.exp(G)
         else:
@@ -300,9 +307,8 @@ def dgd_grad_bwd_kernel(q_ptr, k_ptr, a_ptr, alpha_ptr, eta_ptr, g_ptr, ainv_ptr
     valid = t0 + r < T
     alpha = _load_gate(alpha_ptr, b, h, t0, T, H, BT, 1.0)
     eta = _load_gate(eta_ptr, b, h, t0, T, H, BT, 0.0)
-    G = tl.load(g_ptr + bh * T + t0 + r, mask=valid, other=0.0)
+    G, GC = _chunk_G(g_ptr, bh, t0, T, BT)
     Gp = G - tl.log(alpha)
-    GC = tl.load(g_ptr + bh * T + tl.minimum(t0 + BT, T) - 1)
     strict = r[:, None] > r[None, :]
     Edec = _decay(Gp, G, strict)
     eGp = tl.exp(Gp)
