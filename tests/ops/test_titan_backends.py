@@ -95,3 +95,17 @@ def test_triton_linear_on_gpu_matches_reference(dtype, tol, gate_tol):
         assert rel_err(a.cpu(), b) < tol
     for n in ref[3]:
         assert rel_err(got[3][n].cpu(), ref[3][n]) < (gate_tol if n in GATES else 2 * tol), n
+
+
+@interpreted
+def test_triton_linear_bf16_inputs_upcast_in_kernel():
+    x = titan_inputs(1, 40, 2, 32, 32)
+    xb = {n: (v.to(torch.bfloat16).double() if n != "initial_state" else tuple(s.to(torch.bfloat16).double()
+                                                                           for s in v)) for n, v in x.items()}
+    ref = run(xb, "reference", 16, torch.float64)
+    got = run(xb, "triton", 16, torch.bfloat16)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    for a, b in zip(got[:3], ref[:3]):
+        assert rel_err(a, b) < 1e-2
+    for n in ref[3]:
+        assert rel_err(got[3][n], ref[3][n]) < 2e-2, n
