@@ -123,6 +123,13 @@ def resolve(op: str, device_type: str, backend: str | None, **hints) -> str:
     return requested
 
 
+def triton_unavailable(device_type: str) -> str | None:
+    """Backend.unavailable of the Triton backends (imports the kernels package lazily)."""
+    from nested_learning.kernels import triton_unavailable_reason
+
+    return triton_unavailable_reason(device_type)
+
+
 def get(op: str, name: str) -> Backend:
     return _REGISTRY[op][name]
 

@@ -33,8 +33,14 @@ _op = define_op(
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 logits per block
 
 
-def _rows(V: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(V, 1))
+def _logit_blocks(hf: Tensor, wf: Tensor):
+    """Yields (start, end, logits [end - start, V]) over blocks of tokens; one buffer reused."""
+    N, V = hf.shape[0], wf.shape[0]
+    rows = max(1, CHUNK_ELEMENTS // max(V, 1))
+    buf = hf.new_empty(min(rows, max(N, 1)), V)
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        yield s, e, torch.mm(hf[s:e], wf.T, out=buf[: e - s])
 
 
 def _prepare(h, weight, targets, ignore_index):
@@ -54,15 +60,10 @@ def _softmax_minus_onehot_(logits: Tensor, lse: Tensor, y: Tensor, scale: Tensor
 
 def _fused_forward(h, weight, targets, ignore_index, reduction):
     hf, wf, y, valid = _prepare(h, weight, targets, ignore_index)
-    N, V = hf.shape[0], wf.shape[0]
-    loss_tok = hf.new_empty(N)
+    loss_tok = hf.new_empty(hf.shape[0])
     delta = hf.new_empty(hf.shape)
-    rows = _rows(V)
-    buf = hf.new_empty(min(rows, max(N, 1)), V)
     vf = valid.to(hf.dtype)
-    for s in range(0, N, rows):
-        e = min(N, s + rows)
-        logits = torch.mm(hf[s:e], wf.T, out=buf[: e - s])
+    for s, e, logits in _logit_blocks(hf, wf):
         lse = logits.logsumexp(1)
         loss_tok[s:e] = (lse - logits.gather(1, y[s:e, None]).squeeze(1)) * vf[s:e]
         torch.mm(_softmax_minus_onehot_(logits, lse, y[s:e], vf[s:e]), wf, out=delta[s:e])
@@ -78,10 +79,9 @@ def _fused_forward(h, weight, targets, ignore_index, reduction):
 def _fused_backward(grads, inputs, ignore_index, reduction):
     h, weight, targets, _loss, delta = inputs
     gl = grads[0]
-    hf, wf, y, valid = _prepare(h, weight, targets, ignore_index)
-    N, V = hf.shape[0], wf.shape[0]
     if gl is None:
         return [torch.zeros_like(h), torch.zeros_like(weight), h.new_empty(0)]
+    hf, wf, y, valid = _prepare(h, weight, targets, ignore_index)
     gl = gl.to(hf.dtype)
     if reduction == "none":
         scale = gl.reshape(-1) * valid
@@ -91,11 +91,7 @@ def _fused_backward(grads, inputs, ignore_index, reduction):
         scale = gl * valid.to(hf.dtype) / valid.sum().clamp(min=1)
     dh = (delta.reshape(-1, delta.shape[-1]).to(hf.dtype) * scale[:, None]).reshape(h.shape)
     dW = torch.zeros_like(wf)
-    rows = _rows(V)
-    buf = hf.new_empty(min(rows, max(N, 1)), V)
-    for s in range(0, N, rows):
-        e = min(N, s + rows)
-        logits = torch.mm(hf[s:e], wf.T, out=buf[: e - s])
+    for s, e, logits in _logit_blocks(hf, wf):
         P = _softmax_minus_onehot_(logits, logits.logsumexp(1), y[s:e], scale[s:e])
         dW.addmm_(P.T, hf[s:e])
     return [dh.to(h.dtype), dW.to(weight.dtype), h.new_empty(0)]

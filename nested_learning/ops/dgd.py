@@ -33,6 +33,18 @@ _op = define_op(
 _CPU_CKPT = 16  # tokens between the C++ backward's state checkpoints
 
 
+def _grads_out(inputs, dq, dk, dw, dal, det, da, dh0):
+    """The backend-convention gradient list, in the inputs' dtypes; when the erase direction
+    was k itself (a is None) its gradient is added to k's."""
+    q, k, w, alpha, eta, a, h0 = inputs
+    if a is None:
+        dk = dk + da
+    out = [dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype), dal.to(alpha.dtype), det.to(eta.dtype)]
+    out.append(q.new_empty(0) if a is None else da.to(a.dtype))
+    out.append(q.new_empty(0) if h0 is None else dh0.to(h0.dtype))
+    return out
+
+
 def _cpu_args(q, k, w, alpha, eta, a):
     """Contiguous tensors in one compute dtype (float32, or float64 for float64 inputs)."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -56,14 +68,8 @@ def _cpu_backward(grads, inputs, read, chunk_size):
     # recompute, keeping the state every _CPU_CKPT tokens (the backward's working set stays in cache)
     o, state, ckpt = torch.ops.nested_learning_C.dgd_fwd(*args, h0c, read == "after", _CPU_CKPT)
     do, dstate = (torch.zeros_like(x) if g is None else g.to(cdt).contiguous() for g, x in zip(grads, (o, state)))
-    dq, dk, dw, dal, det, da, dh0 = torch.ops.nested_learning_C.dgd_bwd(
-        do, dstate, *args, ckpt, read == "after", _CPU_CKPT)
-    if a is None:  # the erase direction was k itself
-        dk, da = dk + da, None
-    out = [dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype), dal.to(alpha.dtype), det.to(eta.dtype)]
-    out.append(q.new_empty(0) if a is None else da.to(a.dtype))
-    out.append(q.new_empty(0) if h0 is None else dh0.to(h0.dtype))
-    return out
+    return _grads_out(inputs, *torch.ops.nested_learning_C.dgd_bwd(
+        do, dstate, *args, ckpt, read == "after", _CPU_CKPT))
 
 
 _backend.register(OP, _backend.Backend("cpu", forward=_cpu_forward, backward=_cpu_backward, devices=("cpu",),
@@ -90,26 +96,14 @@ def _triton_backward(grads, inputs, read, chunk_size):
     do, dstate = grads
     do = torch.zeros_like(w, dtype=q.dtype) if do is None else do.contiguous()
     dstate = None if dstate is None else dstate.float().contiguous()
-    dq, dk, dw, dal, det, da, dh0 = dgd_bwd(do, dstate, *_triton_args(q, k, w, alpha, eta, a, h0), chunk_size,
-                                            read == "after")
-    if a is None:
-        dk, da = dk + da, None
-    out = [dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype), dal.to(alpha.dtype), det.to(eta.dtype)]
-    out.append(q.new_empty(0) if a is None else da.to(a.dtype))
-    out.append(q.new_empty(0) if h0 is None else dh0.to(h0.dtype))
-    return out
-
-
-def _triton_unavailable(device_type):
-    from nested_learning.kernels import triton_unavailable_reason
-
-    return triton_unavailable_reason(device_type)
+    return _grads_out(inputs, *dgd_bwd(do, dstate, *_triton_args(q, k, w, alpha, eta, a, h0), chunk_size,
+                                       read == "after"))
 
 
 STREAM_TOKENS = 64  # up to this many tokens per call, the fused per-token CUDA kernel is preferred
 
 _backend.register(OP, _backend.Backend("triton", forward=_triton_forward, backward=_triton_backward,
-                                       devices=("cuda",), forced_devices=("cpu",), unavailable=_triton_unavailable,
+                                       devices=("cuda",), forced_devices=("cpu",), unavailable=_backend.triton_unavailable,
                                        suits=lambda tokens=STREAM_TOKENS + 1: tokens > STREAM_TOKENS))
 
 
@@ -127,7 +121,7 @@ def _cuda_forward(q, k, w, alpha, eta, a, initial_state, read, chunk_size):
 def _cuda_backward(grads, inputs, read, chunk_size):
     """The streaming kernel has no backward of its own: the chunk-parallel Triton backward
     (recomputing the forward) where Triton runs, else the reference's."""
-    name = "triton" if _triton_unavailable("cuda") is None else "reference"
+    name = "triton" if _backend.triton_unavailable("cuda") is None else "reference"
     return _backend.get(OP, name).backward(grads, inputs, read, chunk_size)
 
 

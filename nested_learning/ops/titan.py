@@ -37,6 +37,27 @@ _linear = define_op(
 )
 
 
+def _final_state_grads(dM, dS, q, v, dtype):
+    """dM, dS of the final state for the kernels: None when neither reached it, else both
+    (zeros for the missing one)."""
+    if dM is None and dS is None:
+        return [None, None]
+    shape = (q.shape[0], q.shape[2], v.shape[-1], q.shape[-1])
+    return [torch.zeros(shape, dtype=dtype, device=q.device) if g is None else g.to(dtype).contiguous()
+            for g in (dM, dS)]
+
+
+def _linear_grads_out(inputs, chunk_size, dq, dk, dv, dth, dcoef, dM0, dS0):
+    """The backend-convention gradient list: the gate gradients from the scan coefficients'
+    gradients, everything in the inputs' dtypes, empty tensors for an absent initial state."""
+    q, k, v, theta, eta, alpha, M0, S0 = inputs
+    deta, dalpha = scan_coefficients_backward(eta, alpha, chunk_size, dcoef)
+    out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dth.to(theta.dtype), deta.to(eta.dtype),
+           dalpha.to(alpha.dtype)]
+    out += [q.new_empty(0), q.new_empty(0)] if M0 is None else [dM0.to(M0.dtype), dS0.to(S0.dtype)]
+    return out
+
+
 def _linear_triton_forward(q, k, v, theta, eta, alpha, M0, S0, chunk_size):
     from nested_learning.kernels.titan import titan_fwd
 
@@ -58,26 +79,14 @@ def _linear_triton_backward(grads, inputs, chunk_size):
     init = [None, None] if M0 is None else [t.float().contiguous() for t in (M0, S0)]
     *_, ckpt = titan_fwd(*x, coef, *init, chunk_size)  # recompute the chunk-start checkpoints
     do = torch.zeros_like(v) if do is None else do.contiguous()
-    shape = (q.shape[0], q.shape[2], v.shape[-1], q.shape[-1])
-    dfin = [None, None] if dM is None and dS is None else [
-        torch.zeros(shape, device=q.device) if g is None else g.float().contiguous() for g in (dM, dS)]
-    dq, dk, dv, dth, dcoef, (dM0, dS0) = titan_bwd(do, *dfin, *x, coef, ckpt, chunk_size)
-    deta, dalpha = scan_coefficients_backward(eta, alpha, chunk_size, dcoef)
-    out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dth.to(theta.dtype),
-           deta.to(eta.dtype), dalpha.to(alpha.dtype)]
-    out += [q.new_empty(0), q.new_empty(0)] if M0 is None else [dM0.to(M0.dtype), dS0.to(S0.dtype)]
-    return out
-
-
-def _triton_unavailable(device_type):
-    from nested_learning.kernels import triton_unavailable_reason
-
-    return triton_unavailable_reason(device_type)
+    dq, dk, dv, dth, dcoef, (dM0, dS0) = titan_bwd(do, *_final_state_grads(dM, dS, q, v, torch.float32), *x, coef,
+                                                   ckpt, chunk_size)
+    return _linear_grads_out(inputs, chunk_size, dq, dk, dv, dth, dcoef, dM0, dS0)
 
 
 _backend.register("titan_update", _backend.Backend(
     "triton", forward=_linear_triton_forward, backward=_linear_triton_backward, devices=("cuda",),
-    forced_devices=("cpu",), unavailable=_triton_unavailable))
+    forced_devices=("cpu",), unavailable=_backend.triton_unavailable))
 
 
 def _cpu_cast(x, cdt):
@@ -102,16 +111,9 @@ def _linear_cpu_backward(grads, inputs, chunk_size):
     *_, Mck, Sck = torch.ops.nested_learning_C.titan_fwd(*x, *coef, *init, chunk_size, True)  # recompute
     do, dM, dS = grads
     do = torch.zeros_like(x[2]) if do is None else do.to(cdt).contiguous()
-    shape = (q.shape[0], q.shape[2], v.shape[-1], q.shape[-1])
-    dfin = [None, None] if dM is None and dS is None else [
-        torch.zeros(shape, dtype=cdt) if g is None else g.to(cdt).contiguous() for g in (dM, dS)]
-    dq, dk, dv, dth, *dcoef, dM0, dS0 = torch.ops.nested_learning_C.titan_bwd(do, *dfin, *x, *coef, Mck, Sck,
-                                                                               chunk_size)
-    deta, dalpha = scan_coefficients_backward(eta, alpha, chunk_size, dcoef)
-    out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dth.to(theta.dtype), deta.to(eta.dtype),
-           dalpha.to(alpha.dtype)]
-    out += [q.new_empty(0), q.new_empty(0)] if M0 is None else [dM0.to(M0.dtype), dS0.to(S0.dtype)]
-    return out
+    dq, dk, dv, dth, *dcoef, dM0, dS0 = torch.ops.nested_learning_C.titan_bwd(
+        do, *_final_state_grads(dM, dS, q, v, cdt), *x, *coef, Mck, Sck, chunk_size)
+    return _linear_grads_out(inputs, chunk_size, dq, dk, dv, dth, dcoef, dM0, dS0)
 
 
 _backend.register("titan_update", _backend.Backend(
