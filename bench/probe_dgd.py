@@ -1,6 +1,8 @@
 """GPU probe of the Triton DGD kernels: per-kernel times at B=8, T=4096, H=16, d=64 (bf16),
-the whole forward / forward+backward, fla's chunk_gated_delta_rule forward when installed, and
-a float32 parity check against the float64 reference. Needs no compiled extension:
+the whole forward / forward+backward, fla's chunk_gated_delta_rule forward when installed, a
+float32 parity check against the float64 reference, and (when the extension was built with its
+CUDA kernels) the fused per-token kernel against the chunk kernels on 1 and 8 tokens, raw and
+through ops.dgd_update. Needs no compiled extension for the rest:
 
     PYTHONPATH=. TRITON_INTERPRET=0 python bench/probe_dgd.py
 """
@@ -64,3 +66,21 @@ ge = torch.rand(2, 333, 3, generator=g, dtype=torch.float64)
 ref_o, ref_s = dgd_update_reference(*x, ga, ge, a, None, "before", 64)
 got_o, got_s = K.dgd_fwd(*[y.float().cuda().contiguous() for y in (*x, ga, ge, a)], None, 64, False)
 print(f"fp32 parity: o {((got_o.double().cpu() - ref_o).norm() / ref_o.norm()).item():.1e} state {((got_s.double().cpu() - ref_s).norm() / ref_s.norm()).item():.1e}")
+
+# streaming: the fused per-token CUDA kernel vs the chunk kernels (raw, and through the op)
+if hasattr(torch.ops, "nested_learning_C") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "nested_learning_C::dgd_recurrent_fwd", "CUDA"):
+    from nested_learning import ops
+
+    for n in (1, 8):
+        xs = [t[:, :n].contiguous() for t in (q, k, w)]
+        gs = [t[:, :n].contiguous() for t in (al, et)]
+        cu = lambda: torch.ops.nested_learning_C.dgd_recurrent_fwd(xs[0], xs[1], xs[2], xs[1], gs[0], gs[1], h0, True)  # noqa: E731
+        tr = lambda: K.dgd_fwd(xs[0], xs[1], xs[2], gs[0], gs[1], xs[1], h0, 64, True)  # noqa: E731
+        print(f"{n} token(s), kernels alone: cuda {do_bench(cu):.4f} ms, triton {do_bench(tr):.4f} ms")
+    x1 = [t[:, :1].contiguous() for t in (q, k, w, al, et)]
+    for be in ("cuda", "triton"):
+        print(f"1 token through ops.dgd_update ({be}): "
+              f"{do_bench(lambda: ops.dgd_update(*x1, initial_state=h0, backend=be)):.4f} ms")
+else:
+    print("streaming: the extension's CUDA kernels are not built (scripts/gpu_check.sh builds them)")
