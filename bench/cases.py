@@ -23,7 +23,6 @@ class Case:
     tokens: int
     backward: bool
     make: Callable[[torch.device, torch.dtype], Callable[[str], list[torch.Tensor]]]
-    extra: dict = field(default_factory=dict)
     # peer packages timed on the same shapes: name -> (available?, make(dev, dtype) -> run()),
     # run() returning the outputs that correspond to the first outputs of `make`'s run
     peers: dict = field(default_factory=dict)
