@@ -1,17 +1,17 @@
-// Titans linear memory with momentum and forgetting (docs/MATH.md section 3) on the CPU:
-// the chunk loop of kernels/titan.py, batched over (batch, head) with ATen matrix products,
-// so that no Python runs per chunk and every product is one batched GEMM over all B*H
-// sequence-heads (the GEMMs are multi-threaded). Per chunk, all gradients at the chunk-start M:
+// Titans linear memory with momentum and forgetting (docs/MATH.md section 3) on the CPU, chunk
+// by chunk with all of a chunk's gradients at its chunk-start M, parallel over (batch, head):
 //
 //   o = Q M^T;  E = 2 (K M^T - V);  LT = theta o E
-//   [G_par | G_mom] = [c_par o LT | c_mom o LT]^T K        (one product)
-//   M' = abar M + rho S - G_par;  S' = ebar S - G_mom
+//   M' = abar M + rho S - (c_par o LT)^T K;  S' = ebar S - (c_mom o LT)^T K
 //
-// The scan coefficients (abar, rho, ebar per chunk; c_par, c_mom per token) are inputs
-// (nested_learning/ops/_titan_scan.py); the backward returns their gradients.
+// The loops are in titan_kernels.inc (one sequence-head per task, its state in cache, every
+// loop vectorised); the scan coefficients (abar, rho, ebar per chunk; c_par, c_mom per token)
+// are inputs (nested_learning/ops/_titan_scan.py) and the backward returns their gradients.
+// Forward saves the state at every chunk start; backward walks the chunks in reverse from them.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <tuple>
+#include <algorithm>
 #include <vector>
 
 #include "titan.h"
@@ -19,167 +19,130 @@
 namespace nested_learning {
 namespace {
 
-// [B, T, H, *] -> [N, B*H, C, *] contiguous (chunk-major: every chunk's slice is contiguous), T
-// padded to N*C with zeros; padded tokens have zero coefficients, so they change nothing.
-at::Tensor chunk_major(const at::Tensor& x, int64_t C, int64_t N) {
-  const int64_t B = x.size(0), T = x.size(1), H = x.size(2);
-  auto y = x.dim() == 4 ? x.permute({0, 2, 1, 3}).reshape({B * H, T, x.size(3)}) : x.permute({0, 2, 1}).reshape({B * H, T});
-  if (N * C != T) {
-    std::vector<int64_t> pad(2 * (y.dim() - 1), 0);
-    pad[y.dim() == 3 ? 3 : 1] = N * C - T;  // the T dimension's right side
-    y = at::constant_pad_nd(y, pad, 0);
-  }
-  y = y.dim() == 3 ? y.reshape({B * H, N, C, y.size(2)}).permute({1, 0, 2, 3}) : y.reshape({B * H, N, C}).permute({1, 0, 2});
-  return y.contiguous();
+struct Layout {  // see titan_kernels.inc
+  int64_t T, H, dk, dv, C, N;
+  int64_t tok(int64_t b, int64_t t, int64_t h) const { return (b * T + t) * H + h; }
+};
+
+namespace generic {
+#include "titan_kernels.inc"
+}  // namespace generic
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define NL_TITAN_AVX2_PATH 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "titan_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+bool titan_use_avx2() {
+#ifdef NL_TITAN_AVX2_PATH
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
 }
 
-// [B, H, T] coefficients -> [N, B*H, C] (same as chunk_major for a [B, T, H] tensor)
-at::Tensor chunk_major_bht(const at::Tensor& x, int64_t C, int64_t N) {
-  return chunk_major(x.permute({0, 2, 1}), C, N);
+at::Tensor contig(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "titan (cpu backend): ", name, " must be a CPU tensor");
+  return x.contiguous();
 }
 
-// [N, B*H, C, *] -> [B, T, H, *]
-at::Tensor token_major(const at::Tensor& x, int64_t B, int64_t H, int64_t T) {
-  const int64_t N = x.size(0), C = x.size(2);
-  if (x.dim() == 4)
-    return x.permute({1, 0, 2, 3}).reshape({B, H, N * C, x.size(3)}).narrow(2, 0, T).permute({0, 2, 1, 3}).contiguous();
-  return x.permute({1, 0, 2}).reshape({B, H, N * C}).narrow(2, 0, T).permute({0, 2, 1}).contiguous();
-}
-
-// [B, H, N] per-chunk scalars -> [N, B*H]
-at::Tensor per_chunk(const at::Tensor& x) { return x.reshape({-1, x.size(2)}).t().contiguous(); }
-
-// [N, B*H] -> N views [B*H, 1, 1]
-std::vector<at::Tensor> cols(const at::Tensor& x) { return x.view({x.size(0), -1, 1, 1}).unbind(0); }
-
-// c_par and c_mom side by side: [N, B*H, C, 2, 1] (one product scales LT by both)
-at::Tensor both_coefficients(const at::Tensor& c_par, const at::Tensor& c_mom, int64_t C, int64_t N) {
-  return at::stack({chunk_major_bht(c_par, C, N), chunk_major_bht(c_mom, C, N)}, -1).unsqueeze(-1);
+template <typename F>
+const F* ptr_or_null(const std::optional<at::Tensor>& x) {
+  return x.has_value() && x->defined() ? x->data_ptr<F>() : nullptr;
 }
 
 }  // namespace
 
-std::vector<at::Tensor> titan_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& theta, const at::Tensor& abar, const at::Tensor& rho,
-                                      const at::Tensor& ebar, const at::Tensor& c_par, const at::Tensor& c_mom,
-                                      const std::optional<at::Tensor>& M0, const std::optional<at::Tensor>& S0,
+std::vector<at::Tensor> titan_fwd_cpu(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                      const at::Tensor& theta_, const at::Tensor& abar_, const at::Tensor& rho_,
+                                      const at::Tensor& ebar_, const at::Tensor& c_par_, const at::Tensor& c_mom_,
+                                      const std::optional<at::Tensor>& M0_, const std::optional<at::Tensor>& S0_,
                                       int64_t chunk, bool keep_checkpoints) {
   TORCH_CHECK(chunk > 0, "titan (cpu backend): chunk must be positive");
+  auto q = contig(q_, "q"), k = contig(k_, "k"), v = contig(v_, "v"), theta = contig(theta_, "theta");
+  auto abar = contig(abar_, "abar"), rho = contig(rho_, "rho"), ebar = contig(ebar_, "ebar");
+  auto c_par = contig(c_par_, "c_par"), c_mom = contig(c_mom_, "c_mom");
+  std::optional<at::Tensor> M0, S0;
+  if (M0_.has_value() && M0_->defined()) {
+    M0 = contig(*M0_, "M0");
+    S0 = contig(*S0_, "S0");
+  }
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = v.size(3), BH = B * H;
-  const int64_t N = (T + chunk - 1) / chunk, C = chunk;
-  // per-chunk views made once (indexing inside the loop costs a dispatch each)
-  auto Q = chunk_major(q, C, N).unbind(0), K = chunk_major(k, C, N).unbind(0), V = chunk_major(v, C, N).unbind(0);
-  auto TH2 = (chunk_major(theta, C, N) * 2).unsqueeze(-1).unbind(0);  // 2 theta (never in place: may alias theta)
-  auto CC = both_coefficients(c_par, c_mom, C, N).unbind(0);
-  auto ab = cols(per_chunk(abar)), rh = cols(per_chunk(rho)), eb = cols(per_chunk(ebar));
-  const bool init = M0.has_value() && M0->defined();
-  // states: chunk starts 0..N-1 and the final state at N (checkpoints), or two alternating slots
-  const int64_t slots = keep_checkpoints ? N + 1 : 2;
-  auto Ms = at::empty({slots, BH, dv, dk}, q.options()), Ss = at::empty_like(Ms);
-  if (init) {
-    Ms[0].copy_(M0->reshape({BH, dv, dk}));
-    Ss[0].copy_(S0->reshape({BH, dv, dk}));
-  } else {
-    Ms[0].zero_();
-    Ss[0].zero_();
-  }
-  auto O = at::empty({N, BH, C, dv}, q.options());
-  auto Os = O.unbind(0), Mv = Ms.unbind(0), Sv = Ss.unbind(0);
-  auto LT = at::empty({BH, C, dv}, q.options()), Wt = at::empty({BH, C, 2 * dv}, q.options());
-  auto Wt4 = Wt.view({BH, C, 2, dv});
-  auto G = at::empty({BH, 2 * dv, dk}, q.options());
-  auto Gp = G.narrow(1, 0, dv), Gm = G.narrow(1, dv, dv);
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t i = keep_checkpoints ? n : n % 2, j = keep_checkpoints ? n + 1 : (n + 1) % 2;
-    auto &M = Mv[i], &S = Sv[i], &Mn = Mv[j], &Sn = Sv[j];
-    auto Mt = M.transpose(1, 2);
-    at::bmm_out(Os[n], Q[n], Mt);
-    at::bmm_out(LT, K[n], Mt);
-    LT.sub_(V[n]).mul_(TH2[n]);                       // theta * 2 (M k - v)
-    at::mul_out(Wt4, LT.unsqueeze(2), CC[n]);          // [c_par LT | c_mom LT]
-    at::bmm_out(G, Wt.transpose(1, 2), K[n]);          // [G_par ; G_mom]
-    at::mul_out(Mn, M, ab[n]).addcmul_(S, rh[n]).sub_(Gp);
-    at::mul_out(Sn, S, eb[n]).sub_(Gm);
-  }
-  const int64_t last = keep_checkpoints ? N : N % 2;
-  std::vector<at::Tensor> out{token_major(O, B, H, T), Ms[last].reshape({B, H, dv, dk}).clone(),
-                              Ss[last].reshape({B, H, dv, dk}).clone()};
+  const int64_t N = (T + chunk - 1) / chunk;
+  const Layout L{T, H, dk, dv, chunk, N};
+  auto o = at::empty({B, T, H, dv}, q.options());
+  auto M = at::empty({B, H, dv, dk}, q.options()), S = at::empty_like(M);
+  at::Tensor Mck, Sck;
   if (keep_checkpoints) {
-    out.push_back(Ms);
-    out.push_back(Ss);
+    Mck = at::empty({N + 1, BH, dv, dk}, q.options());
+    Sck = at::empty_like(Mck);
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "titan_fwd_cpu", [&] {
+    using F = scalar_t;
+    F* mck = keep_checkpoints ? Mck.data_ptr<F>() : nullptr;
+    F* sck = keep_checkpoints ? Sck.data_ptr<F>() : nullptr;
+    auto run = [&](auto impl) {
+      impl(q.data_ptr<F>(), k.data_ptr<F>(), v.data_ptr<F>(), theta.data_ptr<F>(), abar.data_ptr<F>(),
+           rho.data_ptr<F>(), ebar.data_ptr<F>(), c_par.data_ptr<F>(), c_mom.data_ptr<F>(), ptr_or_null<F>(M0),
+           ptr_or_null<F>(S0), L, B, o.data_ptr<F>(), M.data_ptr<F>(), S.data_ptr<F>(), mck, sck);
+    };
+#ifdef NL_TITAN_AVX2_PATH
+    if (titan_use_avx2()) return run(avx2::forward_impl<F>);
+#endif
+    run(generic::forward_impl<F>);
+  });
+  std::vector<at::Tensor> out{o, M, S};
+  if (keep_checkpoints) {
+    out.push_back(Mck);
+    out.push_back(Sck);
   }
   return out;
 }
 
-std::vector<at::Tensor> titan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& dMt,
-                                      const std::optional<at::Tensor>& dSt, const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v, const at::Tensor& theta, const at::Tensor& abar,
-                                      const at::Tensor& rho, const at::Tensor& ebar, const at::Tensor& c_par,
-                                      const at::Tensor& c_mom, const at::Tensor& Mck, const at::Tensor& Sck,
+std::vector<at::Tensor> titan_bwd_cpu(const at::Tensor& dout_, const std::optional<at::Tensor>& dMt_,
+                                      const std::optional<at::Tensor>& dSt_, const at::Tensor& q_, const at::Tensor& k_,
+                                      const at::Tensor& v_, const at::Tensor& theta_, const at::Tensor& abar_,
+                                      const at::Tensor& rho_, const at::Tensor& ebar_, const at::Tensor& c_par_,
+                                      const at::Tensor& c_mom_, const at::Tensor& Mck_, const at::Tensor& Sck_,
                                       int64_t chunk) {
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = v.size(3), BH = B * H;
-  const int64_t N = (T + chunk - 1) / chunk, C = chunk;
+  auto q = contig(q_, "q"), k = contig(k_, "k"), v = contig(v_, "v"), theta = contig(theta_, "theta");
+  auto abar = contig(abar_, "abar"), rho = contig(rho_, "rho"), ebar = contig(ebar_, "ebar");
+  auto c_par = contig(c_par_, "c_par"), c_mom = contig(c_mom_, "c_mom"), dout = contig(dout_, "dout");
+  auto Mck = contig(Mck_, "checkpoints"), Sck = contig(Sck_, "checkpoints");
+  std::optional<at::Tensor> dMt, dSt;
+  if (dMt_.has_value() && dMt_->defined()) {
+    dMt = contig(*dMt_, "dM");
+    dSt = contig(*dSt_, "dS");
+  }
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = v.size(3);
+  const int64_t N = (T + chunk - 1) / chunk;
   TORCH_CHECK(Mck.size(0) == N + 1 && Sck.size(0) == N + 1, "titan_bwd: checkpoints of another shape");
-  auto Q = chunk_major(q, C, N).unbind(0), K = chunk_major(k, C, N).unbind(0), V = chunk_major(v, C, N).unbind(0);
-  auto DO = chunk_major(dout, C, N).unbind(0);
-  auto TH = chunk_major(theta, C, N).unsqueeze(-1).unbind(0);
-  auto CC = both_coefficients(c_par, c_mom, C, N).unbind(0);
-  auto ab = cols(per_chunk(abar)), rh = cols(per_chunk(rho)), eb = cols(per_chunk(ebar));
-  auto Mv = Mck.unbind(0), Sv = Sck.unbind(0);
-  const bool has_d = dMt.has_value() && dMt->defined();
-  // dM and dS side by side: [BH, 2 dv, dk]
-  auto dMS = at::zeros({BH, 2 * dv, dk}, q.options()), dMSn = at::empty_like(dMS);
-  if (has_d) {
-    dMS.narrow(1, 0, dv).copy_(dMt->reshape({BH, dv, dk}));
-    dMS.narrow(1, dv, dv).copy_(dSt->reshape({BH, dv, dk}));
-  }
-  auto dQ = at::empty({N, BH, C, dk}, q.options()), dK = at::empty_like(dQ);
-  auto dV = at::empty({N, BH, C, dv}, q.options());
-  auto dTH = at::empty({N, BH, C}, q.options()), dCC = at::empty({N, BH, C, 2}, q.options());
-  auto dab = at::empty({N, BH}, q.options()), drh = at::empty_like(dab), deb = at::empty_like(dab);
-  auto dQs = dQ.unbind(0), dKs = dK.unbind(0), dVs = dV.unbind(0), dTHs = dTH.unbind(0), dCCs = dCC.unbind(0);
-  auto dabs = dab.unbind(0), drhs = drh.unbind(0), debs = deb.unbind(0);
-  auto E = at::empty({BH, C, dv}, q.options()), KdMS = at::empty({BH, C, 2 * dv}, q.options());
-  auto KdMS4 = KdMS.view({BH, C, 2, dv});
-  auto Wt = at::empty({BH, C, 2 * dv}, q.options()), dE = at::empty({BH, C, dv}, q.options());
-  auto Wt4 = Wt.view({BH, C, 2, dv});
-  const auto minus_two = at::scalar_tensor(-2.0, q.options());
-  for (int64_t n = N - 1; n >= 0; --n) {
-    auto &M = Mv[n], &S = Sv[n];
-    auto dM = dMS.narrow(1, 0, dv), dS = dMS.narrow(1, dv, dv);
-    at::bmm_out(E, K[n], M.transpose(1, 2));
-    E.sub_(V[n]).mul_(2);                                        // E = 2 (M k - v)
-    at::bmm_out(KdMS, K[n], dMS.transpose(1, 2));               // [K dM^T | K dS^T]
-    auto U = (KdMS4 * CC[n]).sum(2).neg_();                      // U = -(c_par K dM^T + c_mom K dS^T)
-    at::sum_out(dTHs[n], E * U, {-1});
-    at::mul_out(dE, U, TH[n]);
-    at::mul_out(dVs[n], dE, minus_two);
-    auto LT = E.mul_(TH[n]);                                     // E is not needed after this
-    at::mul_out(Wt4, LT.unsqueeze(2), CC[n]);                    // [c_par LT | c_mom LT]
-    at::bmm_out(dKs[n], Wt, dMS).neg_().add_(at::bmm(dE, M), 2);  // 2 dE M - [cp LT | cm LT] [dM ; dS]
-    at::bmm_out(dQs[n], DO[n], M);
-    at::sum_out(dCCs[n], LT.unsqueeze(2) * KdMS4, {-1}).neg_();  // [dc_par, dc_mom]
-    at::sum_out(dabs[n], dM * M, {1, 2});
-    at::sum_out(drhs[n], dM * S, {1, 2});
-    at::sum_out(debs[n], dS * S, {1, 2});
-    auto dMp = dMSn.narrow(1, 0, dv), dSp = dMSn.narrow(1, dv, dv);
-    at::mul_out(dMp, dM, ab[n]).add_(at::bmm(DO[n].transpose(1, 2), Q[n])).add_(at::bmm(dE.transpose(1, 2), K[n]), 2);
-    at::mul_out(dSp, dM, rh[n]).addcmul_(dS, eb[n]);
-    std::swap(dMS, dMSn);
-  }
-  auto dcp = dCC.select(-1, 0), dcm = dCC.select(-1, 1);
-  auto bht = [&](const at::Tensor& x) { return x.t().reshape({B, H, N}).contiguous(); };
-  return {token_major(dQ, B, H, T),
-          token_major(dK, B, H, T),
-          token_major(dV, B, H, T),
-          token_major(dTH, B, H, T),
-          bht(dab),
-          bht(drh),
-          bht(deb),
-          token_major(dcp, B, H, T).permute({0, 2, 1}).contiguous(),
-          token_major(dcm, B, H, T).permute({0, 2, 1}).contiguous(),
-          dMS.narrow(1, 0, dv).reshape({B, H, dv, dk}).clone(),
-          dMS.narrow(1, dv, dv).reshape({B, H, dv, dk}).clone()};
+  const Layout L{T, H, dk, dv, chunk, N};
+  auto dq = at::empty_like(q), dkk = at::empty_like(k), dvv = at::empty_like(v), dth = at::empty_like(theta);
+  auto dab = at::empty({B, H, N}, q.options()), drh = at::empty_like(dab), deb = at::empty_like(dab);
+  auto dcp = at::empty({B, H, T}, q.options()), dcm = at::empty_like(dcp);
+  auto dM0 = at::empty({B, H, dv, dk}, q.options()), dS0 = at::empty_like(dM0);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "titan_bwd_cpu", [&] {
+    using F = scalar_t;
+    auto run = [&](auto impl) {
+      impl(dout.data_ptr<F>(), ptr_or_null<F>(dMt), ptr_or_null<F>(dSt), q.data_ptr<F>(), k.data_ptr<F>(),
+           v.data_ptr<F>(), theta.data_ptr<F>(), abar.data_ptr<F>(), rho.data_ptr<F>(), ebar.data_ptr<F>(),
+           c_par.data_ptr<F>(), c_mom.data_ptr<F>(), Mck.data_ptr<F>(), Sck.data_ptr<F>(), L, B, dq.data_ptr<F>(),
+           dkk.data_ptr<F>(), dvv.data_ptr<F>(), dth.data_ptr<F>(), dab.data_ptr<F>(), drh.data_ptr<F>(),
+           deb.data_ptr<F>(), dcp.data_ptr<F>(), dcm.data_ptr<F>(), dM0.data_ptr<F>(), dS0.data_ptr<F>());
+    };
+#ifdef NL_TITAN_AVX2_PATH
+    if (titan_use_avx2()) return run(avx2::backward_impl<F>);
+#endif
+    run(generic::backward_impl<F>);
+  });
+  return {dq, dkk, dvv, dth, dab, drh, deb, dcp, dcm, dM0, dS0};
 }
 
 }  // namespace nested_learning

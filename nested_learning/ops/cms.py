@@ -92,46 +92,76 @@ _op = define_op(
 _OPT_ID = {"gd": 0, "momentum": 1, "dgd": 2}
 
 
-def _cpu_forward(weight, x, delta, buffer_x, buffer_delta, momentum, filled, lr, optimizer, beta, alpha):
-    """Every complete chunk without Python work per chunk: gd in closed form (one batched
-    matrix product for the whole call; the per-chunk norms from C x C Gram matrices), momentum
-    and dgd (sequential by nature) in the C++ kernel `cms_apply`, row by row in place."""
-    C = buffer_x.shape[1]
-    cdt = torch.promote_types(weight.dtype, torch.float32)
-    xs = torch.cat([buffer_x[:, :filled], x], 1).to(cdt)
-    ds = torch.cat([buffer_delta[:, :filled], delta], 1).to(cdt)
-    B, L = xs.shape[:2]
-    n = L // C
-    N = n * C
+def _chunked_forward(apply, upcast: bool):
+    """A backend forward from apply(weight, momentum, X [B, N, Din], D [B, N, Dout], C, lr,
+    optimizer, beta, alpha) -> (W, m, norms [B, n]), which applies the n = N / C >= 1 complete
+    chunks. The shared bookkeeping: buffered + new tokens (upcast to float32 or wider when
+    `upcast`), split at the last complete chunk, the rest kept in fresh buffers."""
+
+    def forward(weight, x, delta, buffer_x, buffer_delta, momentum, filled, lr, optimizer, beta, alpha):
+        C = buffer_x.shape[1]
+        cdt = torch.promote_types(weight.dtype, torch.float32) if upcast else weight.dtype
+        xs = torch.cat([buffer_x[:, :filled], x], 1).to(cdt)
+        ds = torch.cat([buffer_delta[:, :filled], delta], 1).to(cdt)
+        B, L = xs.shape[:2]
+        N = L // C * C
+        if N == 0:
+            m = momentum.clone() if momentum is not None else None
+            W, norms = weight.clone(), weight.new_zeros(B, 0)
+        else:
+            W, m, norms = apply(weight, momentum, xs[:, :N], ds[:, :N], C, lr, optimizer, beta, alpha)
+        bx = torch.zeros_like(buffer_x)
+        bd = torch.zeros_like(buffer_delta)
+        bx[:, :L - N] = xs[:, N:]
+        bd[:, :L - N] = ds[:, N:]
+        mom = m.to(momentum.dtype) if momentum is not None else weight.new_empty(0)
+        return W.to(weight.dtype), mom, bx, bd, norms.to(weight.dtype)
+
+    return forward
+
+
+def _cpu_apply(weight, momentum, X, D, C, lr, optimizer, beta, alpha):
+    """gd in closed form (one batched matrix product for the whole call; the per-chunk norms
+    from C x C Gram matrices), momentum and dgd (sequential by nature) in the C++ kernel
+    `cms_apply`, row by row in place."""
+    cdt = X.dtype
+    B, N = X.shape[:2]
+    n = N // C
     W = weight.to(cdt).clone(memory_format=torch.contiguous_format)
     m = momentum.to(cdt).clone(memory_format=torch.contiguous_format) if momentum is not None else None
-    if n == 0:
-        norms = W.new_zeros(B, 0)
-    elif optimizer == "gd":
-        X, D = xs[:, :N], ds[:, :N]
+    if optimizer == "gd":
         W.baddbmm_(D.transpose(1, 2), X, alpha=-lr)
         Xc, Dc = X.reshape(B, n, C, -1), D.reshape(B, n, C, -1)
         gram = (Xc @ Xc.transpose(-1, -2)) * (Dc @ Dc.transpose(-1, -2))  # <G_c, G_c> termwise
         norms = lr * gram.sum((-1, -2)).clamp(min=0).sqrt()
     else:
-        norms = torch.ops.nested_learning_C.cms_apply(W, m, xs[:, :N].contiguous(), ds[:, :N].contiguous(), C,
-                                                      float(lr), _OPT_ID[optimizer], float(beta), float(alpha))
-    rest = L - N
-    bx = torch.zeros_like(buffer_x)
-    bd = torch.zeros_like(buffer_delta)
-    bx[:, :rest] = xs[:, N:]
-    bd[:, :rest] = ds[:, N:]
-    mom = m.to(momentum.dtype) if m is not None else weight.new_empty(0)
-    return W.to(weight.dtype), mom, bx, bd, norms.to(weight.dtype)
+        norms = torch.ops.nested_learning_C.cms_apply(W, m, X.contiguous(), D.contiguous(), C, float(lr),
+                                                      _OPT_ID[optimizer], float(beta), float(alpha))
+    return W, m, norms
 
 
-def _cpu_backward(grads, inputs, *statics):
+def _reference_backward(grads, inputs, *statics):
     """Writes are differentiated only on request (differentiable_writes): the reference's."""
     return _backend.get("cms_update", "reference").backward(grads, inputs, *statics)
 
 
-_backend.register("cms_update", _backend.Backend("cpu", forward=_cpu_forward, backward=_cpu_backward,
-                                                 devices=("cpu",), unavailable=extension_unavailable))
+_backend.register("cms_update", _backend.Backend("cpu", forward=_chunked_forward(_cpu_apply, upcast=True),
+                                                 backward=_reference_backward, devices=("cpu",),
+                                                 unavailable=extension_unavailable))
+
+
+def _triton_apply(weight, momentum, X, D, C, lr, optimizer, beta, alpha):
+    """kernels/cms.py: tiles of W (and m) held on chip in float32 (float64 for float64) across all
+    the chunks; the tokens stay in their dtype (upcast in the kernel). dgd with Din > 512 streams
+    W through memory instead (two passes per chunk)."""
+    from nested_learning.kernels.cms import cms_apply
+
+    return cms_apply(weight, momentum, X, D, C, lr, optimizer, beta, alpha)
+
+
+_backend.register("cms_update", _backend.Backend(
+    "triton", forward=_chunked_forward(_triton_apply, upcast=False), backward=_reference_backward,
+    devices=("cuda",), forced_devices=("cpu",), unavailable=_backend.triton_unavailable))
 
 
 def cms_update(

@@ -101,6 +101,45 @@ _backend.register("linear_cross_entropy", _backend.Backend(
     "cpu", forward=_fused_forward, backward=_fused_backward, devices=("cpu",)))
 
 
+# Triton backend (kernels/cross_entropy.py): float32 kernels; empty inputs take the fused path.
+def _triton_forward(h, weight, targets, ignore_index, reduction):
+    if h.numel() == 0 or weight.numel() == 0:
+        return _fused_forward(h, weight, targets, ignore_index, reduction)
+    from nested_learning.kernels.cross_entropy import lce_fwd
+
+    y = targets.reshape(-1).contiguous()
+    loss_tok, delta = lce_fwd(h.reshape(-1, h.shape[-1]).contiguous(), weight.contiguous(), y, ignore_index)
+    if reduction == "none":
+        loss = loss_tok.reshape(targets.shape)
+    elif reduction == "sum":
+        loss = loss_tok.sum()
+    else:
+        loss = loss_tok.sum() / (y != ignore_index).sum().clamp(min=1)
+    return loss.to(h.dtype), delta.reshape(h.shape)
+
+
+def _triton_backward(grads, inputs, ignore_index, reduction):
+    h, weight, targets, _loss, delta = inputs
+    if grads[0] is None or h.numel() == 0 or weight.numel() == 0:
+        return _fused_backward(grads, inputs, ignore_index, reduction)
+    from nested_learning.kernels.cross_entropy import lce_dweight
+
+    y = targets.reshape(-1).contiguous()
+    valid = (y != ignore_index).float()
+    scale = grads[0].float().reshape(-1) * valid  # "none": per token; else one scalar
+    if reduction == "mean":
+        scale = scale / valid.sum().clamp(min=1)
+    dh = delta.reshape(-1, h.shape[-1]).float() * scale[:, None]
+    dW = lce_dweight(h.reshape(-1, h.shape[-1]).contiguous(), weight.contiguous(), y, scale.contiguous(),
+                     ignore_index)
+    return [dh.reshape(h.shape).to(h.dtype), dW, h.new_empty(0)]
+
+
+_backend.register("linear_cross_entropy", _backend.Backend(
+    "triton", forward=_triton_forward, backward=_triton_backward, devices=("cuda",),
+    forced_devices=("cpu",), unavailable=_backend.triton_unavailable))
+
+
 def linear_cross_entropy(
     h: Tensor,
     weight: Tensor,
