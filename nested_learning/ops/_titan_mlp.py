@@ -14,7 +14,9 @@ _titan_scan; the loop does the O(C d h) work with no per-token Python. The c_par
 pair of each parameter's update is one product (the two weighted left factors side by side).
 The backward walks the chunks in reverse from the saved chunk-start (W1, W2, S1, S2),
 recomputing Z, Hd, E, Bk; it needs act'' (the update depends on act'(Z)).
-Device-agnostic ATen: the `cpu` backend of titan_mlp_update runs it on CPU tensors.
+The products are ATen; the elementwise and state-recurrence work goes through TorchElementwise
+(the `cpu` backend of titan_mlp_update) or TritonElementwise (fused kernels: the `triton`
+backend, for CUDA tensors).
 """
 
 from __future__ import annotations
@@ -75,12 +77,54 @@ def _split_heads(x: Tensor, cdt) -> Tensor:
     return x.transpose(1, 2).to(cdt).contiguous()  # [B,T,H,...] -> [B,H,T,...]
 
 
+class TorchElementwise:
+    """The per-chunk elementwise and state-recurrence work in ATen (any device)."""
+
+    def __init__(self, activation: str):
+        self.f, self.f_dd = _ACT[activation]
+
+    def act(self, z: Tensor, second: bool = False):
+        """act(z), act'(z) and act''(z) (None unless `second`)."""
+        a, d, aux = self.f(z)
+        return a, d, (self.f_dd(z, aux) if second else None)
+
+    def step(self, P, S, G, abar, rho, ebar):
+        """P' = abar P + rho S - G[:m], S' = ebar S - G[m:] (G = [G_par; G_mom])."""
+        m = P.shape[-2]
+        P_new = torch.addcmul(G[..., :m, :].neg_().addcmul_(abar, P), rho, S)
+        return P_new, G[..., m:, :].neg_().addcmul_(ebar, S)
+
+    def step_backward(self, gPn, gSn, P, S, abar, rho, ebar):
+        """abar dP', rho dP' + ebar dS', and <dP', P>, <dP', S>, <dS', S> (the gradients of
+        abar, rho, ebar)."""
+        return (abar * gPn, torch.addcmul(rho * gPn, ebar, gSn), _dot(gPn, P), _dot(gPn, S), _dot(gSn, S))
+
+
+class TritonElementwise:
+    """The same, fused in Triton kernels (kernels/titan_mlp.py): one launch each."""
+
+    def __init__(self, activation: str):
+        from nested_learning.kernels import titan_mlp
+
+        self.k, self.activation = titan_mlp, activation
+
+    def act(self, z: Tensor, second: bool = False):
+        return self.k.act_derivatives(z, self.activation, second)
+
+    def step(self, P, S, G, abar, rho, ebar):
+        return self.k.state_step(P, S, G, abar, rho, ebar)
+
+    def step_backward(self, gPn, gSn, P, S, abar, rho, ebar):
+        gP, gS, *dots = self.k.state_step_backward(gPn, gSn, P, S, abar, rho, ebar)
+        return (gP, gS, *(d[..., None, None] for d in dots))
+
+
 class _Chunk:
     """One chunk's recomputable quantities at its chunk-start weights."""
 
-    def __init__(self, act, kc, vc, th, W1, W2):
+    def __init__(self, ew, kc, vc, th, W1, W2, second=False):
         self.z = kc @ _T(W2)
-        self.hd, self.dz, self.aux = act(self.z)
+        self.hd, self.dz, self.ddz = ew.act(self.z, second)
         self.e2 = 2 * (kc + self.hd @ _T(W1) - vc)
         self.ew = self.e2 @ W1
         self.bk = self.ew * self.dz
@@ -90,14 +134,6 @@ class _Chunk:
 
 def _weighted(L: Tensor, cp: Tensor, cm: Tensor) -> Tensor:
     return torch.cat([cp * L, cm * L], -1)  # [.., C, 2m]: the c_par and c_mom left factors
-
-
-def _step(P: Tensor, S: Tensor, Lw: Tensor, R: Tensor, abar, rho, ebar) -> tuple[Tensor, Tensor]:
-    """P' = abar P + rho S - G_par, S' = ebar S - G_mom with [G_par; G_mom] = Lw^T R."""
-    G = _T(Lw) @ R
-    m = P.shape[-2]
-    P_new = torch.addcmul(G[..., :m, :].neg_().addcmul_(abar, P), rho, S)
-    return P_new, G[..., m:, :].neg_().addcmul_(ebar, S)
 
 
 def _dot(x: Tensor, y: Tensor) -> Tensor:
@@ -112,12 +148,13 @@ def _addmm_t(acc: Tensor, pairs) -> Tensor:
     return acc.flatten(0, -3).baddbmm(_T(x).flatten(0, -3), y.flatten(0, -3)).view(acc.shape)
 
 
-def mlp_forward(q, k, v, theta, coef, W1, W2, S1, S2, chunk, activation, keep_checkpoints=False):
+def mlp_forward(q, k, v, theta, coef, W1, W2, S1, S2, chunk, ew, keep_checkpoints=False):
     """q, k, v [B,T,H,d]; theta [B,T,H]; coef = scan_coefficients(...) (abar, rho, ebar
     [B,H,N]; c_par, c_mom [B,H,T]). Returns o [B,T,H,d] (None when keeping checkpoints: the
-    backward's recomputation skips the reads), (W1, W2, S1, S2) at the end and, when asked, the list of the chunk-start states (W1, W2, S1, S2), one tuple per chunk."""
+    backward's recomputation skips the reads), (W1, W2, S1, S2) at the end and, when asked, the
+    list of the chunk-start states (W1, W2, S1, S2), one tuple per chunk. ew: TorchElementwise
+    or TritonElementwise."""
     cdt = torch.promote_types(q.dtype, torch.float32)
-    act = _ACT[activation][0]
     q_, k_, v_ = (_split_heads(x, cdt) for x in (q, k, v))
     th = theta.transpose(1, 2).to(cdt).unsqueeze(-1)  # [B,H,T,1]
     abar, rho, ebar = (c.to(cdt)[..., None, None] for c in coef[:3])  # [B,H,N,1,1]
@@ -132,22 +169,21 @@ def mlp_forward(q, k, v, theta, coef, W1, W2, S1, S2, chunk, activation, keep_ch
             ckpt.append(tuple(state))
         qc, kc = q_[:, :, sl], k_[:, :, sl]
         if ckpt is None:  # the backward's recomputation needs only the states
-            torch.add(qc, act(qc @ _T(W2))[0] @ _T(W1), out=o[:, :, sl])
-        ch = _Chunk(act, kc, v_[:, :, sl], th[:, :, sl], W1, W2)
+            torch.add(qc, ew.act(qc @ _T(W2))[0] @ _T(W1), out=o[:, :, sl])
+        ch = _Chunk(ew, kc, v_[:, :, sl], th[:, :, sl], W1, W2)
         a, r, e = abar[:, :, c], rho[:, :, c], ebar[:, :, c]
-        W1, S1 = _step(W1, S1, _weighted(ch.L1, cp[:, :, sl], cm[:, :, sl]), ch.hd, a, r, e)
-        W2, S2 = _step(W2, S2, _weighted(ch.L2, cp[:, :, sl], cm[:, :, sl]), kc, a, r, e)
+        W1, S1 = ew.step(W1, S1, _T(_weighted(ch.L1, cp[:, :, sl], cm[:, :, sl])) @ ch.hd, a, r, e)
+        W2, S2 = ew.step(W2, S2, _T(_weighted(ch.L2, cp[:, :, sl], cm[:, :, sl])) @ kc, a, r, e)
         state = [W1, W2, S1, S2]
     o = None if o is None else o.transpose(1, 2).to(q.dtype)
     return o, tuple(state), ckpt
 
 
-def mlp_backward(grads, q, k, v, theta, coef, ckpt, chunk, activation):
+def mlp_backward(grads, q, k, v, theta, coef, ckpt, chunk, ew):
     """grads = (do [B,T,H,d] or None, dW1, dW2, dS1, dS2 of the final state, each or None);
     ckpt from mlp_forward(keep_checkpoints=True). Returns dq, dk, dv, dtheta (as the inputs'
     layouts), the gradients of coef (same shapes) and of the initial (W1, W2, S1, S2)."""
     cdt = torch.promote_types(q.dtype, torch.float32)
-    act, act_dd = _ACT[activation]
     q_, k_, v_ = (_split_heads(x, cdt) for x in (q, k, v))
     th = theta.transpose(1, 2).to(cdt).unsqueeze(-1)
     abar, rho, ebar = (c.to(cdt)[..., None, None] for c in coef[:3])
@@ -165,12 +201,11 @@ def mlp_backward(grads, q, k, v, theta, coef, ckpt, chunk, activation):
         qc, kc, goc = q_[:, :, sl], k_[:, :, sl], do_[:, :, sl]
         thc, cpc, cmc = th[:, :, sl], cp[:, :, sl], cm[:, :, sl]
         a, r, e = abar[:, :, c], rho[:, :, c], ebar[:, :, c]
-        ch = _Chunk(act, kc, v_[:, :, sl], thc, W1, W2)
+        ch = _Chunk(ew, kc, v_[:, :, sl], thc, W1, W2, second=True)
         # the state recurrence and the scalars a, r, e
-        dabar[:, :, c] = _dot(gW1n, W1) + _dot(gW2n, W2)
-        drho[:, :, c] = _dot(gW1n, S1) + _dot(gW2n, S2)
-        debar[:, :, c] = _dot(gS1n, S1) + _dot(gS2n, S2)
-        gS1, gS2 = torch.addcmul(r * gW1n, e, gS1n), torch.addcmul(r * gW2n, e, gS2n)
+        gW1a, gS1, pp1, ps1, ss1 = ew.step_backward(gW1n, gS1n, W1, S1, a, r, e)
+        gW2a, gS2, pp2, ps2, ss2 = ew.step_backward(gW2n, gS2n, W2, S2, a, r, e)
+        dabar[:, :, c], drho[:, :, c], debar[:, :, c] = pp1 + pp2, ps1 + ps2, ss1 + ss2
         # the update products: G1 = L1w^T Hd, G2 = L2w^T K with dG = -(d new P ; d new S)
         gG1 = torch.cat([gW1n, gS1n], -2)  # -dG1 [B,H,2d,h]
         gG2 = torch.cat([gW2n, gS2n], -2)  # -dG2 [B,H,2h,d]
@@ -189,7 +224,7 @@ def mlp_backward(grads, q, k, v, theta, coef, ckpt, chunk, activation):
         # through Bk = (E W1) * act'(Z) and E = 2 (K + Hd W1^T - V)
         gbk = thc * gL2
         gew = gbk * ch.dz
-        gz = gbk * ch.ew * act_dd(ch.z, ch.aux)
+        gz = gbk * ch.ew * ch.ddz
         gE = 2 * (thc * gL1 + gew @ _T(W1))  # d/d(K + Hd W1^T - V)
         ghd = ghd + gE @ W1
         gkc = gkc + gE
@@ -197,11 +232,11 @@ def mlp_backward(grads, q, k, v, theta, coef, ckpt, chunk, activation):
         gz = gz + ghd * ch.dz
         gkc = gkc + gz @ W2
         # the read O = Q + act(Q W2^T) W1^T
-        aq, dzq, _ = act(qc @ _T(W2))
+        aq, dzq, _ = ew.act(qc @ _T(W2))
         gzq = (goc @ W1) * dzq
         dq[:, :, sl] = goc + gzq @ W2
-        gW1 = _addmm_t(a * gW1n, ((ch.e2, gew), (gE, ch.hd), (goc, aq)))
-        gW2 = _addmm_t(a * gW2n, ((gz, kc), (gzq, qc)))
+        gW1 = _addmm_t(gW1a, ((ch.e2, gew), (gE, ch.hd), (goc, aq)))
+        gW2 = _addmm_t(gW2a, ((gz, kc), (gzq, qc)))
         dk[:, :, sl] = gkc
         g = [gW1, gW2, gS1, gS2]
     back = lambda x: x.transpose(1, 2)  # noqa: E731  [B,H,T,...] -> [B,T,H,...]

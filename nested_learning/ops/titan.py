@@ -9,7 +9,7 @@ from .._extension import extension_unavailable
 from ..reference.titan import ACTIVATIONS, titan_linear_reference, titan_mlp_reference
 from . import _backend, _checks
 from ._define import define_op
-from ._titan_mlp import mlp_backward, mlp_forward
+from ._titan_mlp import TorchElementwise, TritonElementwise, mlp_backward, mlp_forward
 from ._titan_scan import scan_coefficients, scan_coefficients_backward
 
 GATES = "Tensor theta, Tensor eta, Tensor alpha"
@@ -143,24 +143,35 @@ _mlp = define_op(
 )
 
 
-def _mlp_chunked_forward(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation):
-    coef = scan_coefficients(eta, alpha, chunk_size)
-    o, state, _ = mlp_forward(q, k, v, theta, coef, W1, W2, S1, S2, chunk_size, activation)
-    return (o, *state)
+def _mlp_chunked(elementwise):
+    """forward, backward of titan_mlp_update's chunked backends (ops/_titan_mlp.py) with the
+    elementwise work in `elementwise` (TorchElementwise or TritonElementwise)."""
+
+    def forward(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation):
+        coef = scan_coefficients(eta, alpha, chunk_size)
+        o, state, _ = mlp_forward(q, k, v, theta, coef, W1, W2, S1, S2, chunk_size, elementwise(activation))
+        return (o, *state)
+
+    def backward(grads, inputs, chunk_size, activation):
+        q, k, v, theta, eta, alpha, *state = inputs
+        ew = elementwise(activation)
+        coef = scan_coefficients(eta, alpha, chunk_size)
+        *_, ckpt = mlp_forward(q, k, v, theta, coef, *state, chunk_size, ew, keep_checkpoints=True)
+        dq, dk, dv, dth, dcoef, dstate = mlp_backward(grads, q, k, v, theta, coef, ckpt, chunk_size, ew)
+        deta, dalpha = scan_coefficients_backward(eta, alpha, chunk_size, dcoef)
+        got = [dq, dk, dv, dth, deta, dalpha, *dstate]
+        return [g.to(x.dtype) for g, x in zip(got, inputs)]
+
+    return forward, backward
 
 
-def _mlp_chunked_backward(grads, inputs, chunk_size, activation):
-    q, k, v, theta, eta, alpha, *state = inputs
-    coef = scan_coefficients(eta, alpha, chunk_size)
-    *_, ckpt = mlp_forward(q, k, v, theta, coef, *state, chunk_size, activation, keep_checkpoints=True)
-    dq, dk, dv, dth, dcoef, dstate = mlp_backward(grads, q, k, v, theta, coef, ckpt, chunk_size, activation)
-    deta, dalpha = scan_coefficients_backward(eta, alpha, chunk_size, dcoef)
-    got = [dq, dk, dv, dth, deta, dalpha, *dstate]
-    return [g.to(x.dtype) for g, x in zip(got, inputs)]
-
-
+_mlp_cpu = _mlp_chunked(TorchElementwise)
 _backend.register("titan_mlp_update", _backend.Backend(
-    "cpu", forward=_mlp_chunked_forward, backward=_mlp_chunked_backward, devices=("cpu",)))
+    "cpu", forward=_mlp_cpu[0], backward=_mlp_cpu[1], devices=("cpu",)))
+_mlp_triton = _mlp_chunked(TritonElementwise)
+_backend.register("titan_mlp_update", _backend.Backend(
+    "triton", forward=_mlp_triton[0], backward=_mlp_triton[1], devices=("cuda",), forced_devices=("cpu",),
+    unavailable=_backend.triton_unavailable))
 
 
 def _check_common(q, k, v, theta, eta, alpha, chunk_size):
