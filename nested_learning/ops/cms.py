@@ -164,6 +164,16 @@ _backend.register("cms_update", _backend.Backend(
     devices=("cuda",), forced_devices=("cpu",), unavailable=_backend.triton_unavailable))
 
 
+def _buffered(state: CMSState, x: Tensor, delta: Tensor) -> CMSState:
+    """The state after tokens that complete no chunk: appended to the buffers (differentiably),
+    the weight and momentum the same tensors (no weight-sized copy per call)."""
+    f, T = state.filled, x.shape[1]
+    bx, bd = state.buffer_x.clone(), state.buffer_delta.clone()
+    bx[:, f:f + T] = x
+    bd[:, f:f + T] = delta
+    return replace(state, buffer_x=bx, buffer_delta=bd, filled=f + T)
+
+
 def cms_update(
     state: CMSState,
     x: Tensor,
@@ -199,12 +209,14 @@ def cms_update(
         raise ValueError(f"alpha must lie in (0, 1] for optimizer='dgd', got {alpha!r}")
     dev = _checks.same_device({"state.weight": state.weight, "x": x, "delta": delta})
     name = _backend.resolve("cms_update", dev.type, backend)
+    C = state.period
+    if state.filled + T < C:  # no chunk completes: only the buffer changes, the weights are kept
+        return _buffered(state, x, delta), CMSUpdate(state.weight.new_zeros(B, 0), ())
     mom = state.momentum if optimizer == "momentum" else None
     W, m, bx, bd, norms = _op(
         state.weight, x, delta, state.buffer_x, state.buffer_delta, mom, state.filled,
         float(lr), optimizer, float(beta), float(alpha), name,
     )
-    C = state.period
     n_up = norms.shape[1]
     first = C - state.filled - 1  # index in this call of the token completing the first chunk
     new = replace(

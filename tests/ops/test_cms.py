@@ -47,8 +47,10 @@ BACKENDS = ops.available_backends("cms_update", "cpu")
 def test_matches_token_loop(optimizer, period, backend):
     xs, ds, W0 = stream()
     st = ops.CMSState.create(W0, period, batch_size=2, optimizer=optimizer)
+    ops._backend._LAST.pop("cms_update", None)
     st, up = ops.cms_update(st, xs, ds, lr=0.05, optimizer=optimizer, alpha=0.9, backend=backend)
-    assert ops.last_backend("cms_update") == backend
+    # a call in which no chunk completes only fills the buffer: no backend runs
+    assert ops.last_backend("cms_update") == (backend if 50 >= period else None)
     W, norms, idx = cms_loop(W0, xs, ds, period, 0.05, optimizer, alpha=0.9)
     assert rel_err(st.weight, W) < 1e-12
     assert up.update_norms.shape == norms.shape and rel_err(up.update_norms, norms) < 1e-12
@@ -116,3 +118,22 @@ def test_no_update_before_a_chunk_fills():
     st, up = ops.cms_update(st0, xs, ds, lr=0.1)
     assert up.update_norms.shape == (2, 0) and up.token_index == ()
     assert torch.equal(st.weight, st0.weight) and st.filled == 3 and st.updates == 0
+
+
+def test_call_completing_no_chunk_keeps_the_weight_tensor_and_is_differentiable():
+    xall, dall, W0 = stream(B=2, T=16, Din=6, Dout=5)
+    xs, ds = xall[:, :7], dall[:, :7]
+    st = ops.CMSState.create(W0, 16, batch_size=2, optimizer="momentum")
+    x = xs.clone().requires_grad_()
+    new, up = ops.cms_update(st, x, ds, lr=0.1, optimizer="momentum")
+    assert new.weight is st.weight and new.momentum is st.momentum  # no weight-sized copy
+    assert up.update_norms.shape == (2, 0) and up.token_index == () and new.filled == 7
+    assert torch.equal(new.buffer_x[:, :7], xs) and torch.equal(new.buffer_delta[:, :7], ds)
+    assert not new.buffer_x[:, 7:].any()
+    new.buffer_x.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(xs))
+    # the next call completes the chunk exactly as one whole call would
+    whole, _ = ops.cms_update(st, xall, dall, lr=0.1, optimizer="momentum")
+    second, _ = ops.cms_update(new, xall[:, 7:], dall[:, 7:], lr=0.1, optimizer="momentum")
+    assert not torch.equal(whole.weight, st.weight)
+    assert rel_err(second.weight, whole.weight) < 1e-12 and second.filled == whole.filled == 0
