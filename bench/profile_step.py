@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     print(f"{args.model} {args.size} B={args.batch} T={args.seq} on {dev}: {m.num_parameters():,} parameters")
     print(f"step with in-context updates {on:.1f} ms, without {off:.1f} ms (ratio {on / off:.2f}); "
           f"update pass alone {upd:.1f} ms; {args.batch * args.seq / on * 1e3:.0f} tokens/s")
+    if dev.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
     with profile() as p:
         step_on()
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))

@@ -30,6 +30,10 @@ grep -E "nested_learning setup|error|Error" "$OUT/build.log" | head -20
 $PY -c "import nested_learning as nl; print(nl.build_info()); from nested_learning import ops; print(ops.available_backends('dgd_update', 'cuda'))" 2>&1 | tee -a "$OUT/build.log"
 echo "== GPU tests"
 $PY -m pytest -q -m gpu -p no:cacheprovider tests/ops 2>&1 | tee "$OUT/tests.log" | tail -30
+echo "== probes"
+$PY bench/probe_cms.py --json "$OUT/probe_cms.json" 2>&1 | tee "$OUT/probe_cms.log"
+$PY bench/profile_step.py --device cuda --size pilot --batch 4 --seq 1024 --repeat 3 --rows 15 2>&1 \
+  | tee "$OUT/profile_hope_pilot_cuda.txt" | head -4
 echo "== bench"
 OPS=("$@")
 [ ${#OPS[@]} -eq 0 ] && OPS=(dgd_update titan_update titan_mlp_update cms_update linear_cross_entropy step)
