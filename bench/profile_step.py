@@ -1,6 +1,7 @@
 """Profile one two-pass training step of a model on this machine: the median step time with
-the in-context updates on (teach-signal capture + CMS update pass) and off, the time of the
-update pass alone, and torch.profiler's table of the ops that dominate.
+the in-context updates on (teach-signal capture + CMS update pass) and off (timed in
+interleaved pairs, with the spread of the per-pair ratios), the time of the update pass
+alone, and torch.profiler's table of the ops that dominate.
 
     python bench/profile_step.py [--model hope --size smoke --batch 4 --seq 256 --rows 20]
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="smoke")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9, help="interleaved (on, off) pairs timed")
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -33,14 +35,21 @@ def main(argv=None) -> int:
     on_case = StepCase(args.model, args.size, args.batch, args.seq)
     m, step_on = on_case.make(dev)
     _, step_off = StepCase(args.model, args.size, args.batch, args.seq, updates=False).make(dev)
-    on = median_ms(step_on, dev, warmup=1, repeat=args.repeat)
-    off = median_ms(step_off, dev, warmup=1, repeat=args.repeat)
+    # interleaved (on, off, on, off, ...) so that drift of a noisy machine hits both alike
+    step_on(), step_off()
+    on_t, off_t = [], []
+    for _ in range(args.repeat):
+        on_t.append(median_ms(step_on, dev, warmup=0, repeat=1))
+        off_t.append(median_ms(step_off, dev, warmup=0, repeat=1))
+    on, off = statistics.median(on_t), statistics.median(off_t)
+    ratios = sorted(a / b for a, b in zip(on_t, off_t))
     tok = torch.randint(0, m.config.vocab_size, (args.batch, args.seq), device=dev)
     loss, cap, st = m.train_forward(tok)
     loss.backward()
     upd = median_ms(lambda: m.apply_updates(st, cap), dev, warmup=1, repeat=args.repeat)
     print(f"{args.model} {args.size} B={args.batch} T={args.seq} on {dev}: {m.num_parameters():,} parameters")
-    print(f"step with in-context updates {on:.1f} ms, without {off:.1f} ms (ratio {on / off:.2f}); "
+    print(f"step with in-context updates {on:.1f} ms, without {off:.1f} ms (ratio {on / off:.2f}; per-pair "
+          f"ratios {ratios[0]:.2f}-{ratios[-1]:.2f}, median {statistics.median(ratios):.2f}); "
           f"update pass alone {upd:.1f} ms; {args.batch * args.seq / on * 1e3:.0f} tokens/s")
     if dev.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
