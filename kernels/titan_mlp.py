@@ -81,18 +81,23 @@ def _step_kernel(p_ptr, s_ptr, g_ptr, ab_ptr, rh_ptr, eb_ptr, pn_ptr, sn_ptr, mn
     tl.store(sn_ptr + base + offs, e * s - gm, mask=mask)
 
 
+def _prepare(tensors, abar, rho, ebar):
+    """Contiguous state-sized tensors, the three per-sequence-head scalars flat, the number of
+    elements per state (m n), the number of states and the grid."""
+    m, n = tensors[-1].shape[-2:]
+    BH = tensors[-1].numel() // (m * n)
+    coef = [c.reshape(-1).contiguous() for c in (abar, rho, ebar)]
+    return [x.contiguous() for x in tensors], coef, m * n, BH, (triton.cdiv(m * n, BLOCK), BH)
+
+
 def state_step(P, S, G, abar, rho, ebar):
     """P, S [..., m, n]; G [..., 2m, n]; abar, rho, ebar broadcastable to [...] (one per
     sequence-head). Returns (P', S')."""
-    m, n = P.shape[-2:]
-    lead = P.shape[:-2]
-    P, S, G = (x.contiguous() for x in (P, S, G))
-    coef = [c.reshape(-1).contiguous() for c in (abar, rho, ebar)]
+    (G, P, S), coef, mn, BH, grid = _prepare((G, P, S), abar, rho, ebar)
     Pn, Sn = torch.empty_like(P), torch.empty_like(S)
-    BH = P.numel() // (m * n)
     if BH:
-        _step_kernel[(triton.cdiv(m * n, BLOCK), BH)](P, S, G, *coef, Pn, Sn, m * n, BLOCK=BLOCK)
-    return Pn.view(*lead, m, n), Sn.view(*lead, m, n)
+        _step_kernel[grid](P, S, G, *coef, Pn, Sn, mn, BLOCK=BLOCK)
+    return Pn, Sn
 
 
 @triton.jit
@@ -122,15 +127,10 @@ def state_step_backward(gPn, gSn, P, S, abar, rho, ebar):
     """Gradients through state_step's recurrence part: returns dP = abar dP', dS = rho dP' +
     ebar dS' and the per-sequence-head sums <dP', P>, <dP', S>, <dS', S> ([...] each), the
     gradients of abar, rho and ebar."""
-    m, n = P.shape[-2:]
-    lead = P.shape[:-2]
-    gPn, gSn, P, S = (x.contiguous() for x in (gPn, gSn, P, S))
-    coef = [c.reshape(-1).contiguous() for c in (abar, rho, ebar)]
+    (gPn, gSn, P, S), coef, mn, BH, grid = _prepare((gPn, gSn, P, S), abar, rho, ebar)
     gP, gS = torch.empty_like(P), torch.empty_like(S)
-    BH = P.numel() // (m * n)
-    nb = triton.cdiv(m * n, BLOCK)
-    dots = P.new_empty(BH, nb, 3)
+    dots = P.new_empty(BH, grid[0], 3)
     if BH:
-        _step_back_kernel[(nb, BH)](gPn, gSn, P, S, *coef, gP, gS, dots, m * n, nb, BLOCK=BLOCK)
-    d = dots.sum(1).view(*lead, 3)
-    return gP.view(*lead, m, n), gS.view(*lead, m, n), d[..., 0], d[..., 1], d[..., 2]
+        _step_back_kernel[grid](gPn, gSn, P, S, *coef, gP, gS, dots, mn, grid[0], BLOCK=BLOCK)
+    d = dots.sum(1).view(*P.shape[:-2], 3)
+    return gP, gS, d[..., 0], d[..., 1], d[..., 2]

@@ -25,3 +25,17 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def poisoned_allocations():
+    """torch.empty & co. return NaN-filled memory (deterministic mode fills it), so outputs a
+    kernel leaves unwritten, or scratch it reads before writing, fail the comparisons."""
+    was_det = torch.are_deterministic_algorithms_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(4, dtype=torch.float64)).all()
+    yield
+    torch.use_deterministic_algorithms(was_det)
+    torch.utils.deterministic.fill_uninitialized_memory = was_fill

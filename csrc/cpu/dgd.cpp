@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "isa.h"
 #include "dgd.h"
 
 namespace nested_learning {
@@ -20,8 +21,7 @@ namespace generic {
 #include "dgd_kernels.inc"
 }  // namespace generic
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NL_HAVE_AVX2_PATH 1
+#ifdef NL_HAVE_AVX2_TARGET
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -29,15 +29,6 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
-
-bool use_avx2() {
-#ifdef NL_HAVE_AVX2_PATH
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 void check(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), "dgd (cpu backend): ", name, " must be a CPU tensor");
@@ -61,8 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dgd_fwd_cpu(const at::Tensor& q, 
   const bool has_h0 = h0.has_value() && h0->defined();
   at::Tensor h0c = has_h0 ? h0->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_fwd_cpu", [&] {
-#ifdef NL_HAVE_AVX2_PATH
-    if (use_avx2())
+#ifdef NL_HAVE_AVX2_TARGET
+    if (cpu_has_avx2_fma())
       return avx2::forward_impl<scalar_t>(q, k, w, alpha, eta, a, h0c, has_h0, read_after, chunk, o, state, ckpt);
 #endif
     generic::forward_impl<scalar_t>(q, k, w, alpha, eta, a, h0c, has_h0, read_after, chunk, o, state, ckpt);
@@ -78,8 +69,8 @@ std::vector<at::Tensor> dgd_bwd_cpu(const at::Tensor& dout, const at::Tensor& ds
   auto dq = at::empty_like(q), dk = at::empty_like(k), dw = at::empty_like(w), da = at::empty_like(a);
   auto dalpha = at::empty_like(alpha), deta = at::empty_like(eta), dh0 = at::empty_like(dstate);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_bwd_cpu", [&] {
-#ifdef NL_HAVE_AVX2_PATH
-    if (use_avx2())
+#ifdef NL_HAVE_AVX2_TARGET
+    if (cpu_has_avx2_fma())
       return avx2::backward_impl<scalar_t>(dout, dstate, q, k, w, alpha, eta, a, ckpt, read_after, chunk, dq, dk, dw,
                                            dalpha, deta, da, dh0);
 #endif

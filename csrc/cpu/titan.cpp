@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "isa.h"
 #include "titan.h"
 
 namespace nested_learning {
@@ -28,8 +29,7 @@ namespace generic {
 #include "titan_kernels.inc"
 }  // namespace generic
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NL_TITAN_AVX2_PATH 1
+#ifdef NL_HAVE_AVX2_TARGET
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -37,15 +37,6 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
-
-bool titan_use_avx2() {
-#ifdef NL_TITAN_AVX2_PATH
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 at::Tensor contig(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), "titan (cpu backend): ", name, " must be a CPU tensor");
@@ -92,8 +83,8 @@ std::vector<at::Tensor> titan_fwd_cpu(const at::Tensor& q_, const at::Tensor& k_
            rho.data_ptr<F>(), ebar.data_ptr<F>(), c_par.data_ptr<F>(), c_mom.data_ptr<F>(), ptr_or_null<F>(M0),
            ptr_or_null<F>(S0), L, B, o.data_ptr<F>(), M.data_ptr<F>(), S.data_ptr<F>(), mck, sck);
     };
-#ifdef NL_TITAN_AVX2_PATH
-    if (titan_use_avx2()) return run(avx2::forward_impl<F>);
+#ifdef NL_HAVE_AVX2_TARGET
+    if (cpu_has_avx2_fma()) return run(avx2::forward_impl<F>);
 #endif
     run(generic::forward_impl<F>);
   });
@@ -137,8 +128,8 @@ std::vector<at::Tensor> titan_bwd_cpu(const at::Tensor& dout_, const std::option
            dkk.data_ptr<F>(), dvv.data_ptr<F>(), dth.data_ptr<F>(), dab.data_ptr<F>(), drh.data_ptr<F>(),
            deb.data_ptr<F>(), dcp.data_ptr<F>(), dcm.data_ptr<F>(), dM0.data_ptr<F>(), dS0.data_ptr<F>());
     };
-#ifdef NL_TITAN_AVX2_PATH
-    if (titan_use_avx2()) return run(avx2::backward_impl<F>);
+#ifdef NL_HAVE_AVX2_TARGET
+    if (cpu_has_avx2_fma()) return run(avx2::backward_impl<F>);
 #endif
     run(generic::backward_impl<F>);
   });

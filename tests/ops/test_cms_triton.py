@@ -21,19 +21,6 @@ OPTIMIZERS = ("gd", "momentum", "dgd")
 FIELDS = ("weight", "momentum", "buffer_x", "buffer_delta")
 
 
-@pytest.fixture
-def poisoned_allocations():
-    """torch.empty & co. return NaN-filled memory, so unwritten outputs and scratch fail."""
-    was_det = torch.are_deterministic_algorithms_enabled()
-    was_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.isnan(torch.empty(4)).all()
-    yield
-    torch.use_deterministic_algorithms(was_det)
-    torch.utils.deterministic.fill_uninitialized_memory = was_fill
-
-
 def make(B, T, Din, Dout, period, optimizer, filled, seed=0):
     """A float64 state with `filled` buffered tokens (and a nonzero momentum), and T new tokens."""
     g = torch.Generator().manual_seed(seed)

@@ -49,18 +49,6 @@ def check(h, W, y, reduction, dtype, tol, device="cpu", ignore_index=-100):
         assert rel_err(a.cpu(), b) < tol, name
 
 
-@pytest.fixture
-def poisoned_allocations():
-    """torch.empty & co. return NaN-filled memory, so unwritten output elements fail."""
-    was_det = torch.are_deterministic_algorithms_enabled()
-    was_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(was_det)
-    torch.utils.deterministic.fill_uninitialized_memory = was_fill
-
-
 @interpreted
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("N,D,V", [((37,), 48, 1000), ((1,), 16, 17), ((2, 75), 100, 130), ((3, 5), 9, 13)])

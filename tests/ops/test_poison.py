@@ -1,23 +1,9 @@
 """NaN-poisoned allocations and NaN around the inputs never leak into outputs."""
 
-import pytest
 import torch
 
 from nested_learning import ops
 from tests.helpers import dgd_inputs, titan_inputs
-
-
-@pytest.fixture
-def poisoned_allocations():
-    """torch.empty & co. return NaN-filled memory (deterministic mode fills it)."""
-    was_det = torch.are_deterministic_algorithms_enabled()
-    was_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.isnan(torch.empty(4, dtype=torch.float64)).all()
-    yield
-    torch.use_deterministic_algorithms(was_det)
-    torch.utils.deterministic.fill_uninitialized_memory = was_fill
 
 
 def embed_in_nan(x: torch.Tensor) -> torch.Tensor:
