@@ -51,6 +51,21 @@ def _prepare(h, weight, targets, ignore_index):
     return hf, weight.to(cdt), torch.where(valid, y, torch.zeros_like(y)), valid
 
 
+def _reduce(loss_tok: Tensor, valid: Tensor, targets: Tensor, reduction: str) -> Tensor:
+    """The per-token losses (0 where ignored) reduced as asked."""
+    if reduction == "none":
+        return loss_tok.reshape(targets.shape)
+    if reduction == "sum":
+        return loss_tok.sum()
+    return loss_tok.sum() / valid.sum().clamp(min=1)
+
+
+def _loss_scale(gl: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """dL/dloss_t per token [N] from the loss's gradient gl (0 where ignored)."""
+    scale = gl.reshape(-1) * valid.to(gl.dtype)  # "none": per token; else one scalar
+    return scale / valid.sum().clamp(min=1) if reduction == "mean" else scale
+
+
 def _softmax_minus_onehot_(logits: Tensor, lse: Tensor, y: Tensor, scale: Tensor) -> Tensor:
     """In place: scale_t * (softmax(logits_t) - onehot(y_t)); rows with scale 0 become 0."""
     logits.sub_(lse[:, None]).exp_()
@@ -67,13 +82,7 @@ def _fused_forward(h, weight, targets, ignore_index, reduction):
         lse = logits.logsumexp(1)
         loss_tok[s:e] = (lse - logits.gather(1, y[s:e, None]).squeeze(1)) * vf[s:e]
         torch.mm(_softmax_minus_onehot_(logits, lse, y[s:e], vf[s:e]), wf, out=delta[s:e])
-    if reduction == "none":
-        loss = loss_tok.reshape(targets.shape)
-    elif reduction == "sum":
-        loss = loss_tok.sum()
-    else:
-        loss = loss_tok.sum() / valid.sum().clamp(min=1)
-    return loss.to(h.dtype), delta.reshape(h.shape).to(h.dtype)
+    return _reduce(loss_tok, valid, targets, reduction).to(h.dtype), delta.reshape(h.shape).to(h.dtype)
 
 
 def _fused_backward(grads, inputs, ignore_index, reduction):
@@ -82,13 +91,7 @@ def _fused_backward(grads, inputs, ignore_index, reduction):
     if gl is None:
         return [torch.zeros_like(h), torch.zeros_like(weight), h.new_empty(0)]
     hf, wf, y, valid = _prepare(h, weight, targets, ignore_index)
-    gl = gl.to(hf.dtype)
-    if reduction == "none":
-        scale = gl.reshape(-1) * valid
-    elif reduction == "sum":
-        scale = gl * valid.to(hf.dtype)
-    else:
-        scale = gl * valid.to(hf.dtype) / valid.sum().clamp(min=1)
+    scale = _loss_scale(gl.to(hf.dtype), valid, reduction)
     dh = (delta.reshape(-1, delta.shape[-1]).to(hf.dtype) * scale[:, None]).reshape(h.shape)
     dW = torch.zeros_like(wf)
     for s, e, logits in _logit_blocks(hf, wf):
@@ -109,13 +112,7 @@ def _triton_forward(h, weight, targets, ignore_index, reduction):
 
     y = targets.reshape(-1).contiguous()
     loss_tok, delta = lce_fwd(h.reshape(-1, h.shape[-1]).contiguous(), weight.contiguous(), y, ignore_index)
-    if reduction == "none":
-        loss = loss_tok.reshape(targets.shape)
-    elif reduction == "sum":
-        loss = loss_tok.sum()
-    else:
-        loss = loss_tok.sum() / (y != ignore_index).sum().clamp(min=1)
-    return loss.to(h.dtype), delta.reshape(h.shape)
+    return _reduce(loss_tok, y != ignore_index, targets, reduction).to(h.dtype), delta.reshape(h.shape)
 
 
 def _triton_backward(grads, inputs, ignore_index, reduction):
@@ -125,10 +122,7 @@ def _triton_backward(grads, inputs, ignore_index, reduction):
     from nested_learning.kernels.cross_entropy import lce_dweight
 
     y = targets.reshape(-1).contiguous()
-    valid = (y != ignore_index).float()
-    scale = grads[0].float().reshape(-1) * valid  # "none": per token; else one scalar
-    if reduction == "mean":
-        scale = scale / valid.sum().clamp(min=1)
+    scale = _loss_scale(grads[0].float(), y != ignore_index, reduction)
     dh = delta.reshape(-1, h.shape[-1]).float() * scale[:, None]
     dW = lce_dweight(h.reshape(-1, h.shape[-1]).contiguous(), weight.contiguous(), y, scale.contiguous(),
                      ignore_index)
