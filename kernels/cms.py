@@ -30,7 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-ONCHIP_DGD_DIN = 512  # dgd keeps [BR, next_pow2(Din)] rows on chip up to this width
+from ._common import dot_precision, pow2
+
+ONCHIP_DGD_DIN = 512  # dgd keeps [BR, nextpow2(Din)] rows on chip up to this width
 STREAM_BK = 128  # column tile of the streamed dgd kernel
 _OPT = {"gd": 0, "momentum": 1, "dgd": 2}
 
@@ -136,10 +138,6 @@ def cms_dgd_stream_fwd_kernel(w_ptr, x_ptr, d_ptr, p_ptr, sq_ptr, DIN, DOUT, sxb
         tl.debug_barrier()  # this chunk's W and P reads done before the next chunk's
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
-
-
 def _pair(v: float) -> tuple[float, float]:
     """v as float32 hi + lo (float kernel arguments are float32): ~48 bits, enough for float64."""
     hi = struct.unpack("f", struct.pack("f", v))[0]
@@ -162,10 +160,10 @@ def cms_apply(weight, momentum, x, delta, period: int, lr: float, optimizer: str
     opt = _OPT[optimizer]
     f64 = weight.dtype == torch.float64
     cdt, CDT = (torch.float64, tl.float64) if f64 else (torch.float32, tl.float32)
-    prec = "ieee" if weight.dtype in (torch.float32, torch.float64) else "tf32"  # tf32: bf16/fp16 inputs
+    prec = dot_precision(weight)
     new = dict(device=weight.device, dtype=cdt)
-    if opt == 2 and _pow2(Din) > ONCHIP_DGD_DIN:
-        BR, BK, BT = 32, min(_pow2(Din), STREAM_BK), min(_pow2(C), 32)
+    if opt == 2 and pow2(Din) > ONCHIP_DGD_DIN:
+        BR, BK, BT = 32, min(pow2(Din), STREAM_BK), min(pow2(C), 32)
         R = triton.cdiv(Dout, BR)
         W = weight.to(cdt, memory_format=torch.contiguous_format, copy=True)
         scratch = torch.empty(B, C, Dout, **new)
@@ -173,9 +171,9 @@ def cms_apply(weight, momentum, x, delta, period: int, lr: float, optimizer: str
         cms_dgd_stream_fwd_kernel[(R, B)](W, x, delta, scratch, sq, Din, Dout, x.stride(0), delta.stride(0), C,
                                           n, *_pair(lr), *_pair(alpha), BR, BK, BT, prec, CDT, num_warps=4)
         return W.to(weight.dtype), None, sq.sum(1).sqrt()
-    BK = _pow2(Din) if opt == 2 else min(_pow2(Din), 128)  # dgd: whole rows
+    BK = pow2(Din) if opt == 2 else min(pow2(Din), 128)  # dgd: whole rows
     BR = min(64, max(16, 8192 // BK))  # W tiles of <= 8192 elements up to BK = 512
-    BT = min(_pow2(C), max(16, 4096 // BK))
+    BT = min(pow2(C), max(16, 4096 // BK))
     R, K = triton.cdiv(Dout, BR), triton.cdiv(Din, BK)
     W = weight.contiguous()
     m = momentum.contiguous() if opt == 1 else W  # W: a placeholder pointer, never read

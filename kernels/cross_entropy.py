@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, pow2
+
 BN, BV = 64, 64  # token and vocabulary tiles
 MAX_BK, MAX_BD = 64, 128  # D pieces of the logits products; D columns of one output tile
 
@@ -104,13 +106,8 @@ def lce_dw_bwd_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, scale_ptr, dw_ptr, N, V, D, 
 
 
 def _tiles(D: int) -> tuple[int, int]:
-    p = max(16, triton.next_power_of_2(D))
+    p = pow2(D)
     return min(MAX_BK, p), min(MAX_BD, p)
-
-
-def _precision(x: torch.Tensor) -> str:
-    # float32 inputs: exact float32 products; bf16/fp16 inputs: tf32 tensor cores on the GPU
-    return "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def _lse(h, w, y, ignore_index: int):
@@ -119,7 +116,7 @@ def _lse(h, w, y, ignore_index: int):
     lse = torch.empty(N, device=h.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     lce_lse_fwd_kernel[(triton.cdiv(N, BN),)](h, w, y, lse, loss, N, w.shape[0], D, ignore_index, BN, BV, BK,
-                                              _precision(h), num_warps=4)
+                                              dot_precision(h), num_warps=4)
     return lse, loss
 
 
@@ -131,7 +128,7 @@ def lce_fwd(h, w, y, ignore_index: int):
     lse, loss = _lse(h, w, y, ignore_index)
     delta = torch.empty_like(h)
     lce_delta_fwd_kernel[(triton.cdiv(N, BN), triton.cdiv(D, BD))](
-        h, w, y, lse, delta, N, w.shape[0], D, ignore_index, BN, BV, BK, BD, _precision(h), num_warps=8)
+        h, w, y, lse, delta, N, w.shape[0], D, ignore_index, BN, BV, BK, BD, dot_precision(h), num_warps=8)
     return loss, delta
 
 
@@ -144,5 +141,5 @@ def lce_dweight(h, w, y, scale, ignore_index: int):
     lse, _ = _lse(h, w, y, ignore_index)
     dw = torch.empty_like(w)
     lce_dw_bwd_kernel[(triton.cdiv(V, BV), triton.cdiv(D, BD))](
-        h, w, y, lse, scale, dw, N, V, D, BN, BV, BK, BD, _precision(h), num_warps=8)
+        h, w, y, lse, scale, dw, N, V, D, BN, BV, BK, BD, dot_precision(h), num_warps=8)
     return dw

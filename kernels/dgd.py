@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, pow2
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -378,24 +380,15 @@ def dgd_grad_bwd_kernel(q_ptr, k_ptr, a_ptr, alpha_ptr, eta_ptr, g_ptr, ainv_ptr
 # ----------------------------------------------------------------------------- launchers
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
-
-
 def _tiles(q: torch.Tensor, w: torch.Tensor, chunk_size: int):
     B, T, H, DK = q.shape
     DV = w.shape[-1]
-    BT = min(64, _pow2(chunk_size))
-    BK, BV = _pow2(DK), _pow2(DV)
+    BT = min(64, pow2(chunk_size))
+    BK, BV = pow2(DK), pow2(DV)
     if BK > 256 or BV > 256:
         raise ValueError(f"dgd_update (triton): head dims up to 256 are supported, got dk={DK}, dv={DV}")
     BVS = min(BV, 64)  # value tile of the sequential state kernels
     return B, T, H, DK, DV, BT, BK, BV, BVS, triton.cdiv(T, BT)
-
-
-def _precision(q: torch.Tensor) -> str:
-    # float32 inputs: exact float32 products; bf16/fp16 inputs: tf32 tensor cores on the GPU
-    return "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def _forward_stages(q, k, w, alpha, eta, a, h0, chunk_size, after):
@@ -405,7 +398,7 @@ def _forward_stages(q, k, w, alpha, eta, a, h0, chunk_size, after):
     Ai = torch.empty(B * H, T, BT, **f32)
     Wm = torch.empty(B * H, T, DK, **f32)
     U0 = torch.empty(B * H, T, DV, **f32)
-    prec = _precision(q)
+    prec = dot_precision(q)
     if BT // SUB > 4:
         raise AssertionError("the block merge of dgd_prep_fwd_kernel handles up to 4 diagonal blocks")
     dgd_diag_inv_fwd_kernel[(triton.cdiv(T, SUB), B * H)](k, a, alpha, eta, Ai, T, H, DK, BT, BK, SUB, prec)
@@ -426,7 +419,7 @@ def dgd_fwd(q, k, w, alpha, eta, a, h0, chunk_size: int, after: bool):
     st = _forward_stages(q, k, w, alpha, eta, a, h0, chunk_size, after)
     o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
     dgd_output_fwd_kernel[(NT, B * H)](q, k, alpha, st["G"], st["h"], st["U"], o, T, H, NT, DK, DV, BT, BK, BV,
-                                       after, _precision(q))
+                                       after, dot_precision(q))
     return o, st["ht"]
 
 
@@ -435,7 +428,7 @@ def dgd_bwd(do, dht, q, k, w, alpha, eta, a, h0, chunk_size: int, after: bool):
     B, T, H, DK, DV, BT, BK, BV, BVS, NT = _tiles(q, w, chunk_size)
     st = _forward_stages(q, k, w, alpha, eta, a, h0, chunk_size, after)
     f32 = dict(device=q.device, dtype=torch.float32)
-    prec = _precision(q)
+    prec = dot_precision(q)
     dUo = torch.empty(B * H, T, DV, **f32)
     dgd_du_bwd_kernel[(NT, B * H)](q, k, alpha, st["G"], do, dUo, T, H, DK, DV, BT, BK, BV, after, prec)
     dh = torch.empty(B * H, NT, DV, DK, **f32)

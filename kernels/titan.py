@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dgd import _load_state, _pow2, _state_ptrs
+from ._common import dot_precision, pow2
+from .dgd import _load_state, _state_ptrs
 
 
 @triton.jit
@@ -168,16 +169,12 @@ def _tiles(q, v, chunk_size):
     DV = v.shape[-1]
     if chunk_size > 64:
         raise ValueError(f"titan_update (triton): chunk_size up to 64 is supported, got {chunk_size}")
-    BT = _pow2(chunk_size)  # tile rows: the chunk padded to a power of two >= 16 (rows masked)
-    BK = _pow2(DK)
-    BV = min(_pow2(DV), 64)
+    BT = pow2(chunk_size)  # tile rows: the chunk padded to a power of two >= 16 (rows masked)
+    BK = pow2(DK)
+    BV = min(pow2(DV), 64)
     if BK > 256:
         raise ValueError(f"titan_update (triton): dk up to 256 is supported, got {DK}")
     return B, T, H, DK, DV, BT, BK, BV, triton.cdiv(T, chunk_size), triton.cdiv(DV, BV)
-
-
-def _precision(q):
-    return "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def titan_fwd(q, k, v, theta, coef, M0, S0, chunk_size: int):
@@ -194,7 +191,7 @@ def titan_fwd(q, k, v, theta, coef, M0, S0, chunk_size: int):
     has = M0 is not None
     titan_fwd_kernel[(NV, B * H)](q, k, v, theta, cp, cm, abar, rho, ebar, M0 if has else mt, S0 if has else st,
                                   o, mck, sck, mt, st, T, H, NT, DK, DV, chunk_size, BT, BK, BV, has,
-                                  _precision(q))
+                                  dot_precision(q))
     return o, mt, st, (mck, sck)
 
 
@@ -219,7 +216,7 @@ def titan_bwd(do, dMt, dSt, q, k, v, theta, coef, ckpt, chunk_size: int):
                                   dMt if has else dM0, dSt if has else dS0,
                                   dq, dk, dv, dth, dcp, dcm, dsc, dM0, dS0, B, T, H, NT, DK, DV, chunk_size, BT, BK, BV,
                                   has,
-                                  _precision(q))
+                                  dot_precision(q))
     dsc = dsc.sum(0).reshape(B, H, NT, 3)
     dcoef = (dsc[..., 0], dsc[..., 1], dsc[..., 2], dcp.sum(0).reshape(B, H, T), dcm.sum(0).reshape(B, H, T))
     return dq.sum(0), dk.sum(0), dv, dth.sum(0), dcoef, (dM0, dS0)
