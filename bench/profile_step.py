@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=9, help="interleaved (on, off) pairs timed")
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--diff", type=int, default=0, metavar="N",
+                    help="also print the N (op, shapes) that cost most more with the updates on")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     on_case = StepCase(args.model, args.size, args.batch, args.seq)
@@ -56,7 +58,26 @@ def main(argv=None) -> int:
     with profile() as p:
         step_on()
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if args.diff:
+        print_difference(step_on, step_off, args.diff)
     return 0
+
+
+def print_difference(step_on, step_off, rows: int) -> None:
+    """The (op, input shapes) whose self time differs most between one profiled step with the
+    in-context updates and one without: where the updates' extra time goes."""
+    totals = []
+    for step in (step_on, step_off):
+        with profile(record_shapes=True) as p:
+            step()
+        totals.append({(e.key, str(e.input_shapes)[:60]): (e.self_cpu_time_total / 1e3, e.count)
+                       for e in p.key_averages(group_by_input_shape=True)})
+    on, off = totals
+    keys = sorted(set(on) | set(off), key=lambda k: on.get(k, (0, 0))[0] - off.get(k, (0, 0))[0], reverse=True)
+    print(f"{'on - off':>10} {'on ms (calls)':>16} {'off ms (calls)':>16}  op [input shapes]")
+    for k in keys[:rows]:
+        (a, na), (b, nb) = on.get(k, (0.0, 0)), off.get(k, (0.0, 0))
+        print(f"{a - b:10.1f} {a:9.1f} ({na:4d}) {b:9.1f} ({nb:4d})  {k[0]} {k[1]}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,13 @@ def test_profile_step_reports_updates_on_and_off():
     assert "step with in-context updates" in out and "ratio" in out and "Self CPU time total" in out
 
 
+def test_profile_step_diff_names_the_update_ops():
+    out = script("profile_step.py", "--size", "tiny", "--batch", "1", "--seq", "64", "--repeat", "1", "--rows", "0",
+                 "--diff", "4")
+    table = out[out.index("on - off"):].splitlines()[1:5]
+    assert len(table) == 4 and any("cms_update" in row for row in table)  # present only with updates on
+
+
 def test_peer_titans_runs_or_says_it_is_missing(tmp_path):
     out = script("peer_titans.py", "--seq", "64", "--heads", "2", "--head-dim", "16", "--repeat", "1",
                  "--json", str(tmp_path / "p.json"))
