@@ -148,18 +148,26 @@ def _addmm_t(acc: Tensor, pairs) -> Tensor:
     return acc.flatten(0, -3).baddbmm(_T(x).flatten(0, -3), y.flatten(0, -3)).view(acc.shape)
 
 
-def mlp_forward(q, k, v, theta, coef, W1, W2, S1, S2, chunk, ew, keep_checkpoints=False):
-    """q, k, v [B,T,H,d]; theta [B,T,H]; coef = scan_coefficients(...) (abar, rho, ebar
-    [B,H,N]; c_par, c_mom [B,H,T]). Returns o [B,T,H,d] (None when keeping checkpoints: the
-    backward's recomputation skips the reads), (W1, W2, S1, S2) at the end and, when asked, the
-    list of the chunk-start states (W1, W2, S1, S2), one tuple per chunk. ew: TorchElementwise
-    or TritonElementwise."""
-    cdt = torch.promote_types(q.dtype, torch.float32)
-    q_, k_, v_ = (_split_heads(x, cdt) for x in (q, k, v))
-    th = theta.transpose(1, 2).to(cdt).unsqueeze(-1)  # [B,H,T,1]
-    abar, rho, ebar = (c.to(cdt)[..., None, None] for c in coef[:3])  # [B,H,N,1,1]
-    cp, cm = (c.to(cdt).unsqueeze(-1) for c in coef[3:])
-    state = [x.to(cdt) for x in (W1, W2, S1, S2)]
+class Inputs:
+    """The op's per-token inputs in the loops' layout and compute dtype (float32 or wider),
+    made once per forward or backward: q, k, v [B,H,T,d]; theta, c_par, c_mom [B,H,T,1];
+    abar, rho, ebar [B,H,N,1,1]. From q, k, v [B,T,H,d], theta [B,T,H] and coef =
+    scan_coefficients(...) (abar, rho, ebar [B,H,N]; c_par, c_mom [B,H,T])."""
+
+    def __init__(self, q, k, v, theta, coef):
+        self.dtype, self.cdt = q.dtype, torch.promote_types(q.dtype, torch.float32)
+        self.q, self.k, self.v = (_split_heads(x, self.cdt) for x in (q, k, v))
+        self.theta = theta.transpose(1, 2).to(self.cdt).unsqueeze(-1)
+        self.abar, self.rho, self.ebar = (c.to(self.cdt)[..., None, None] for c in coef[:3])
+        self.cp, self.cm = (c.to(self.cdt).unsqueeze(-1) for c in coef[3:])
+
+
+def mlp_forward(x: Inputs, W1, W2, S1, S2, chunk, ew, keep_checkpoints=False):
+    """Returns o [B,T,H,d] (None when keeping checkpoints: the backward's recomputation skips
+    the reads), (W1, W2, S1, S2) at the end and, when asked, the list of the chunk-start states
+    (W1, W2, S1, S2), one tuple per chunk. ew: TorchElementwise or TritonElementwise."""
+    q_, k_, v_, th, abar, rho, ebar, cp, cm = x.q, x.k, x.v, x.theta, x.abar, x.rho, x.ebar, x.cp, x.cm
+    state = [s.to(x.cdt) for s in (W1, W2, S1, S2)]
     T = q_.shape[2]
     ckpt = [] if keep_checkpoints else None  # the states are never written in place: keep them
     o = None if keep_checkpoints else torch.empty_like(q_)
@@ -175,19 +183,16 @@ def mlp_forward(q, k, v, theta, coef, W1, W2, S1, S2, chunk, ew, keep_checkpoint
         W1, S1 = ew.step(W1, S1, _T(_weighted(ch.L1, cp[:, :, sl], cm[:, :, sl])) @ ch.hd, a, r, e)
         W2, S2 = ew.step(W2, S2, _T(_weighted(ch.L2, cp[:, :, sl], cm[:, :, sl])) @ kc, a, r, e)
         state = [W1, W2, S1, S2]
-    o = None if o is None else o.transpose(1, 2).to(q.dtype)
+    o = None if o is None else o.transpose(1, 2).to(x.dtype)
     return o, tuple(state), ckpt
 
 
-def mlp_backward(grads, q, k, v, theta, coef, ckpt, chunk, ew):
+def mlp_backward(grads, x: Inputs, ckpt, chunk, ew):
     """grads = (do [B,T,H,d] or None, dW1, dW2, dS1, dS2 of the final state, each or None);
-    ckpt from mlp_forward(keep_checkpoints=True). Returns dq, dk, dv, dtheta (as the inputs'
-    layouts), the gradients of coef (same shapes) and of the initial (W1, W2, S1, S2)."""
-    cdt = torch.promote_types(q.dtype, torch.float32)
-    q_, k_, v_ = (_split_heads(x, cdt) for x in (q, k, v))
-    th = theta.transpose(1, 2).to(cdt).unsqueeze(-1)
-    abar, rho, ebar = (c.to(cdt)[..., None, None] for c in coef[:3])
-    cp, cm = (c.to(cdt).unsqueeze(-1) for c in coef[3:])
+    ckpt from mlp_forward(x, ..., keep_checkpoints=True). Returns dq, dk, dv, dtheta (as the
+    op's input layouts), the gradients of coef (same shapes) and of the initial (W1, W2, S1, S2)."""
+    q_, k_, v_, th, abar, rho, ebar, cp, cm = x.q, x.k, x.v, x.theta, x.abar, x.rho, x.ebar, x.cp, x.cm
+    cdt = x.cdt
     T, d = q_.shape[2:]
     do = grads[0]
     do_ = torch.zeros_like(q_) if do is None else _split_heads(do, cdt)

@@ -9,6 +9,7 @@ from .._extension import extension_unavailable
 from ..reference.titan import ACTIVATIONS, titan_linear_reference, titan_mlp_reference
 from . import _backend, _checks
 from ._define import define_op
+from ._titan_mlp import Inputs as MLPInputs
 from ._titan_mlp import TorchElementwise, TritonElementwise, mlp_backward, mlp_forward
 from ._titan_scan import scan_coefficients, scan_coefficients_backward
 
@@ -148,16 +149,16 @@ def _mlp_chunked(elementwise):
     elementwise work in `elementwise` (TorchElementwise or TritonElementwise)."""
 
     def forward(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation):
-        coef = scan_coefficients(eta, alpha, chunk_size)
-        o, state, _ = mlp_forward(q, k, v, theta, coef, W1, W2, S1, S2, chunk_size, elementwise(activation))
+        x = MLPInputs(q, k, v, theta, scan_coefficients(eta, alpha, chunk_size))
+        o, state, _ = mlp_forward(x, W1, W2, S1, S2, chunk_size, elementwise(activation))
         return (o, *state)
 
     def backward(grads, inputs, chunk_size, activation):
         q, k, v, theta, eta, alpha, *state = inputs
         ew = elementwise(activation)
-        coef = scan_coefficients(eta, alpha, chunk_size)
-        *_, ckpt = mlp_forward(q, k, v, theta, coef, *state, chunk_size, ew, keep_checkpoints=True)
-        dq, dk, dv, dth, dcoef, dstate = mlp_backward(grads, q, k, v, theta, coef, ckpt, chunk_size, ew)
+        x = MLPInputs(q, k, v, theta, scan_coefficients(eta, alpha, chunk_size))
+        *_, ckpt = mlp_forward(x, *state, chunk_size, ew, keep_checkpoints=True)
+        dq, dk, dv, dth, dcoef, dstate = mlp_backward(grads, x, ckpt, chunk_size, ew)
         deta, dalpha = scan_coefficients_backward(eta, alpha, chunk_size, dcoef)
         got = [dq, dk, dv, dth, deta, dalpha, *dstate]
         return [g.to(x.dtype) for g, x in zip(got, inputs)]
