@@ -107,9 +107,11 @@ std::tuple<at::Tensor, at::Tensor> dgd_recurrent_fwd_cuda(const at::Tensor& q, c
 TORCH_LIBRARY(nested_learning_C, m) {
   m.def("build_info() -> str", &nested_learning::build_info);
   m.def("dgd_fwd(Tensor q, Tensor k, Tensor w, Tensor alpha, Tensor eta, Tensor a, Tensor? h0, bool read_after, "
-        "int chunk) -> (Tensor, Tensor, Tensor)");
+        "int chunk, bool keep_residuals) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dgd_checkpoints(Tensor q, Tensor k, Tensor w, Tensor alpha, Tensor eta, Tensor a, Tensor? h0, int chunk) "
+        "-> (Tensor, Tensor)");
   m.def("dgd_bwd(Tensor dout, Tensor dstate, Tensor q, Tensor k, Tensor w, Tensor alpha, Tensor eta, Tensor a, "
-        "Tensor checkpoints, bool read_after, int chunk) -> Tensor[]");
+        "Tensor checkpoints, Tensor rbuf, bool read_after, int chunk, bool a_is_k) -> Tensor[]");
   m.def("cms_apply(Tensor(a!) weight, Tensor(b!)? momentum, Tensor x, Tensor delta, int period, float lr, "
         "int optimizer, float beta, float alpha) -> Tensor");
   m.def("titan_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor abar, Tensor rho, Tensor ebar, "
@@ -123,6 +125,7 @@ TORCH_LIBRARY(nested_learning_C, m) {
 
 TORCH_LIBRARY_IMPL(nested_learning_C, CPU, m) {
   m.impl("dgd_fwd", &nested_learning::dgd_fwd_cpu);
+  m.impl("dgd_checkpoints", &nested_learning::dgd_checkpoints_cpu);
   m.impl("dgd_bwd", &nested_learning::dgd_bwd_cpu);
   m.impl("cms_apply", &nested_learning::cms_apply_cpu);
   m.impl("titan_fwd", &nested_learning::titan_fwd_cpu);

@@ -1,14 +1,17 @@
-// DGD rank-1 update (MATH section 2) on the CPU: a sequential O(dv*dk)-per-token recurrence,
-// parallel over (batch, head), never forming a [d, d] matrix per token.
+// DGD rank-1 update (MATH section 2) on the CPU, in chunk-parallel (WY) form, parallel over
+// (batch, head), never forming a [d, d] matrix per token:
 //
 //   W_t = alpha_t W_{t-1} + (w_t - eta_t W_{t-1} a_t) k_t^T
 //   o_t = W_t q_t (read after) or W_{t-1} q_t (read before)
 //
-// Forward saves W at every chunk start; backward recomputes the states of one chunk from its
-// checkpoint and walks the chunk's tokens in reverse.
+// The loops are in dgd_kernels.inc. The forward can keep the state at every chunk start; the
+// backward walks the chunks in reverse from those checkpoints, recomputing each chunk's solve.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "isa.h"
@@ -35,49 +38,102 @@ void check(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.is_contiguous(), "dgd (cpu backend): ", name, " must be contiguous");
 }
 
+template <typename I>
+I inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& alpha,
+         const at::Tensor& eta, const at::Tensor& a) {
+  using F = std::remove_const_t<std::remove_pointer_t<decltype(I::q)>>;
+  return I{q.data_ptr<F>(), k.data_ptr<F>(), w.data_ptr<F>(), a.data_ptr<F>(), alpha.data_ptr<F>(),
+           eta.data_ptr<F>(), {q.size(1), q.size(2)}, q.size(3), w.size(3)};
+}
+
+int64_t padded_size(int64_t n) { return (n + 7) / 8 * 8; }  // microgemm.inc's padded(): V = 8
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dgd_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& w, const at::Tensor& alpha,
-                                                          const at::Tensor& eta, const at::Tensor& a,
-                                                          const std::optional<at::Tensor>& h0, bool read_after,
-                                                          int64_t chunk) {
+namespace {
+template <typename F>
+void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& alpha,
+                 const at::Tensor& eta, const at::Tensor& a, const std::optional<at::Tensor>& h0, bool read_after,
+                 int64_t chunk, F* o, F* state, F* ckpt, F* rbuf) {
   for (auto& [x, n] : {std::pair{q, "q"}, {k, "k"}, {w, "w"}, {alpha, "alpha"}, {eta, "eta"}, {a, "a"}}) check(x, n);
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const bool has_h0 = h0.has_value() && h0->defined();
+  if (has_h0) check(*h0, "initial_state");
+  const F* hp = has_h0 ? h0->data_ptr<F>() : nullptr;
+#ifdef NL_HAVE_AVX2_TARGET
+  if (cpu_has_avx2_fma())
+    return avx2::forward_impl<F>(inputs<avx2::Inputs<F>>(q, k, w, alpha, eta, a), hp, q.size(0), q.size(1),
+                                 q.size(2), read_after, chunk, o, state, ckpt, rbuf);
+#endif
+  generic::forward_impl<F>(inputs<generic::Inputs<F>>(q, k, w, alpha, eta, a), hp, q.size(0), q.size(1), q.size(2),
+                           read_after, chunk, o, state, ckpt, rbuf);
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dgd_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& eta,
+    const at::Tensor& a, const std::optional<at::Tensor>& h0, bool read_after, int64_t chunk, bool keep_residuals) {
   TORCH_CHECK(chunk > 0, "chunk must be positive");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = w.size(3);
   const int64_t NC = (T + chunk - 1) / chunk;
   auto o = at::empty({B, T, H, dv}, q.options());
   auto state = at::empty({B, H, dv, dk}, q.options());
-  auto ckpt = at::empty({B, H, NC, dv, dk}, q.options());
-  const bool has_h0 = h0.has_value() && h0->defined();
-  at::Tensor h0c = has_h0 ? h0->contiguous() : at::Tensor();
+  auto ckpt = at::empty({keep_residuals ? B * H * NC * padded_size(dk) * padded_size(dv) : 0}, q.options());
+  auto rbuf = at::empty({keep_residuals ? B * H * NC * padded_size(chunk) * padded_size(dv) : 0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_fwd_cpu", [&] {
-#ifdef NL_HAVE_AVX2_TARGET
-    if (cpu_has_avx2_fma())
-      return avx2::forward_impl<scalar_t>(q, k, w, alpha, eta, a, h0c, has_h0, read_after, chunk, o, state, ckpt);
-#endif
-    generic::forward_impl<scalar_t>(q, k, w, alpha, eta, a, h0c, has_h0, read_after, chunk, o, state, ckpt);
+    run_forward<scalar_t>(q, k, w, alpha, eta, a, h0, read_after, chunk, o.data_ptr<scalar_t>(),
+                          state.data_ptr<scalar_t>(), keep_residuals ? ckpt.data_ptr<scalar_t>() : nullptr,
+                          keep_residuals ? rbuf.data_ptr<scalar_t>() : nullptr);
   });
-  return {o, state, ckpt};
+  return {o, state, ckpt, rbuf};
+}
+
+std::tuple<at::Tensor, at::Tensor> dgd_checkpoints_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
+                                                       const at::Tensor& alpha, const at::Tensor& eta,
+                                                       const at::Tensor& a, const std::optional<at::Tensor>& h0,
+                                                       int64_t chunk) {
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = w.size(3);
+  const int64_t NC = (T + chunk - 1) / chunk;
+  auto ckpt = at::empty({B, H, NC, padded_size(dk), padded_size(dv)}, q.options());
+  auto rbuf = at::empty({B, H, NC, padded_size(chunk), padded_size(dv)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_checkpoints_cpu", [&] {
+    run_forward<scalar_t>(q, k, w, alpha, eta, a, h0, true, chunk, nullptr, nullptr, ckpt.data_ptr<scalar_t>(),
+                          rbuf.data_ptr<scalar_t>());
+  });
+  return {ckpt, rbuf};
 }
 
 std::vector<at::Tensor> dgd_bwd_cpu(const at::Tensor& dout, const at::Tensor& dstate, const at::Tensor& q,
                                     const at::Tensor& k, const at::Tensor& w, const at::Tensor& alpha,
                                     const at::Tensor& eta, const at::Tensor& a, const at::Tensor& ckpt,
-                                    bool read_after, int64_t chunk) {
-  for (auto& [x, n] : {std::pair{dout, "dout"}, {dstate, "dstate"}, {ckpt, "checkpoints"}}) check(x, n);
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dw = at::empty_like(w), da = at::empty_like(a);
+                                    const at::Tensor& rbuf, bool read_after, int64_t chunk, bool a_is_k) {
+  for (auto& [x, n] : {std::pair{dout, "dout"}, {dstate, "dstate"}, {ckpt, "checkpoints"}, {rbuf, "rbuf"}, {q, "q"},
+                       {k, "k"}, {w, "w"}, {alpha, "alpha"}, {eta, "eta"}, {a, "a"}})
+    check(x, n);
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = w.size(3);
+  const int64_t NC = (T + chunk - 1) / chunk;
+  TORCH_CHECK(ckpt.numel() == B * H * NC * padded_size(dk) * padded_size(dv) &&
+                  rbuf.numel() == B * H * NC * padded_size(chunk) * padded_size(dv),
+              "dgd (cpu backend): checkpoints do not match the inputs (run dgd_checkpoints with the same chunk)");
+  auto dq = at::empty_like(q), dk_ = at::empty_like(k), dw = at::empty_like(w);
+  auto da = a_is_k ? at::empty({0}, a.options()) : at::empty_like(a);
   auto dalpha = at::empty_like(alpha), deta = at::empty_like(eta), dh0 = at::empty_like(dstate);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_bwd_cpu", [&] {
+    auto run = [&](auto impl, auto in) {
+      impl(in, dout.data_ptr<scalar_t>(), dstate.data_ptr<scalar_t>(), ckpt.data_ptr<scalar_t>(),
+           rbuf.data_ptr<scalar_t>(), B, T, H, read_after, chunk, a_is_k, dq.data_ptr<scalar_t>(),
+           dk_.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), dalpha.data_ptr<scalar_t>(), deta.data_ptr<scalar_t>(),
+           a_is_k ? nullptr : da.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>());
+    };
 #ifdef NL_HAVE_AVX2_TARGET
     if (cpu_has_avx2_fma())
-      return avx2::backward_impl<scalar_t>(dout, dstate, q, k, w, alpha, eta, a, ckpt, read_after, chunk, dq, dk, dw,
-                                           dalpha, deta, da, dh0);
+      return run(avx2::backward_impl<scalar_t>, inputs<avx2::Inputs<scalar_t>>(q, k, w, alpha, eta, a));
 #endif
-    generic::backward_impl<scalar_t>(dout, dstate, q, k, w, alpha, eta, a, ckpt, read_after, chunk, dq, dk, dw,
-                                     dalpha, deta, da, dh0);
+    run(generic::backward_impl<scalar_t>, inputs<generic::Inputs<scalar_t>>(q, k, w, alpha, eta, a));
   });
-  return {dq, dk, dw, dalpha, deta, da, dh0};
+  return {dq, dk_, dw, dalpha, deta, da, dh0};
 }
 
 }  // namespace nested_learning

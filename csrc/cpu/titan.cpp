@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "isa.h"

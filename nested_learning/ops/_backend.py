@@ -35,7 +35,10 @@ class Backend:
     unavailable(device_type): returns None when usable on such tensors, else the reason it is
     not. suits(**hints): whether automatic selection should prefer it for these inputs (hints
     are op-specific, e.g. the number of tokens); a backend that does not suit is still chosen
-    when no other compiled backend can run the inputs."""
+    when no other compiled backend can run the inputs. forward_with_residuals (optional): the
+    forward used when an input requires grad; returns (outputs, residuals), where residuals
+    is a list of tensors its backward receives appended to `inputs` (and must do without,
+    recomputing, when they are absent: under torch.compile they are)."""
 
     name: str
     forward: Callable
@@ -44,6 +47,7 @@ class Backend:
     forced_devices: tuple[str, ...] = ()
     unavailable: Callable[[str], str | None] = lambda device_type: None
     suits: Callable[..., bool] = lambda **hints: True
+    forward_with_residuals: Callable | None = None
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}

@@ -14,6 +14,7 @@ outputs are contiguous, as the fake implementations promise.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,21 @@ from . import _backend
 from ._vjp import none_if_empty, reference_vjp
 
 _LIB = torch.library.Library("nested_learning", "DEF")  # noqa: TOR901 (kept alive here)
+
+# Residuals of forwards that ran with inputs requiring grad, until their setup_context takes
+# them: id(first output) -> (weak reference to that output, residual tensors).
+_RESIDUALS: dict[int, tuple[weakref.ref, list[Tensor]]] = {}
+
+
+def _stash_residuals(first_output: Tensor, residuals: list[Tensor]) -> None:
+    for key in [k for k, (ref, _) in _RESIDUALS.items() if ref() is None]:  # outputs gone unused
+        del _RESIDUALS[key]
+    _RESIDUALS[id(first_output)] = (weakref.ref(first_output), residuals)
+
+
+def _take_residuals(first_output: Tensor) -> list[Tensor]:
+    ref, residuals = _RESIDUALS.pop(id(first_output), (None, []))
+    return residuals if ref is not None and ref() is first_output else []
 
 
 def define_op(
@@ -37,7 +53,8 @@ def define_op(
     """Returns the forward op, callable as op(*tensors, *statics, backend).
 
     save_outputs: the forward's outputs are saved too and reach the backends' backward
-    appended to `inputs` (for backwards that reuse them instead of recomputing)."""
+    appended to `inputs` (for backwards that reuse them instead of recomputing). A backend's
+    residuals (Backend.forward_with_residuals) come after them."""
     n_tensors = len(tensor_args.split(","))
     outs = ", ".join(["Tensor"] * n_out)
     statics = f"{static_args}, " if static_args else ""
@@ -49,7 +66,14 @@ def define_op(
     def forward_impl(*args):
         backend = args[-1]
         _backend.note_ran(name, backend)
-        out = _backend.get(name, backend).forward(*args[:-1])
+        impl = _backend.get(name, backend)
+        if impl.forward_with_residuals is not None and any(
+                isinstance(x, Tensor) and x.requires_grad for x in args[:n_tensors]):
+            out, residuals = impl.forward_with_residuals(*args[:-1])
+            out = tuple(o.contiguous() for o in out)
+            _stash_residuals(out[0], residuals)
+            return out
+        out = impl.forward(*args[:-1])
         return tuple(o.contiguous() for o in out)  # the fakes promise contiguous outputs
 
     def backward_impl(grads, inputs, *rest):
@@ -66,7 +90,7 @@ def define_op(
     torch.library.register_fake(f"nested_learning::{name}_backward", backward_fake, lib=_LIB)
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:n_tensors], *(output if save_outputs else ()))
+        ctx.save_for_backward(*inputs[:n_tensors], *(output if save_outputs else ()), *_take_residuals(output[0]))
         ctx.statics = inputs[n_tensors:]
 
     def backward(ctx, *grads):

@@ -30,14 +30,14 @@ _op = define_op(
 )
 
 
-_CPU_CKPT = 16  # tokens between the C++ backward's state checkpoints
+CPU_CHUNK = 32  # tokens per chunk of the C++ kernels (bench/RESULTS.md: chunk-size sweep)
 
 
 def _grads_out(inputs, dq, dk, dw, dal, det, da, dh0):
     """The backend-convention gradient list, in the inputs' dtypes; when the erase direction
-    was k itself (a is None) its gradient is added to k's."""
+    was k itself (a is None) its gradient is added to k's (unless da is None: already done)."""
     q, k, w, alpha, eta, a, h0 = inputs
-    if a is None:
+    if a is None and da is not None:
         dk = dk + da
     out = [dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype), dal.to(alpha.dtype), det.to(eta.dtype)]
     out.append(q.new_empty(0) if a is None else da.to(a.dtype))
@@ -52,28 +52,41 @@ def _cpu_args(q, k, w, alpha, eta, a):
     return [x.to(cdt).contiguous() for x in (q, k, w, alpha, eta, a)]
 
 
-def _cpu_forward(q, k, w, alpha, eta, a, initial_state, read, chunk_size):
+def _cpu_forward(q, k, w, alpha, eta, a, initial_state, read, chunk_size, keep_residuals=False):
+    """The C++ chunk-parallel kernel, at its own chunk length (CPU_CHUNK): chunk_size never
+    changes the result. keep_residuals: also the states at chunk starts and the chunks' R."""
     args = _cpu_args(q, k, w, alpha, eta, a)
     h0 = None if initial_state is None else initial_state.to(args[0].dtype).contiguous()
-    # the result does not depend on the checkpoint interval: one checkpoint when none is kept
-    o, state, _ = torch.ops.nested_learning_C.dgd_fwd(*args, h0, read == "after", max(q.shape[1], 1))
-    return o.to(q.dtype), state
+    o, state, ckpt, rbuf = torch.ops.nested_learning_C.dgd_fwd(*args, h0, read == "after", CPU_CHUNK, keep_residuals)
+    out = (o.to(q.dtype), state)
+    return (out, [ckpt, rbuf]) if keep_residuals else out
+
+
+def _cpu_forward_with_residuals(*args):
+    return _cpu_forward(*args, keep_residuals=True)
 
 
 def _cpu_backward(grads, inputs, read, chunk_size):
-    q, k, w, alpha, eta, a, h0 = inputs
+    q, k, w, alpha, eta, a, h0 = inputs[:7]
     args = _cpu_args(q, k, w, alpha, eta, a)
     cdt = args[0].dtype
-    h0c = None if h0 is None else h0.to(cdt).contiguous()
-    # recompute, keeping the state every _CPU_CKPT tokens (the backward's working set stays in cache)
-    o, state, ckpt = torch.ops.nested_learning_C.dgd_fwd(*args, h0c, read == "after", _CPU_CKPT)
-    do, dstate = (torch.zeros_like(x) if g is None else g.to(cdt).contiguous() for g, x in zip(grads, (o, state)))
-    return _grads_out(inputs, *torch.ops.nested_learning_C.dgd_bwd(
-        do, dstate, *args, ckpt, read == "after", _CPU_CKPT))
+    if len(inputs) > 7:  # the forward's residuals
+        ckpt, rbuf = inputs[7:]
+    else:  # recompute the states at chunk starts and the chunks' R (no outputs)
+        h0c = None if h0 is None else h0.to(cdt).contiguous()
+        ckpt, rbuf = torch.ops.nested_learning_C.dgd_checkpoints(*args, h0c, CPU_CHUNK)
+    B, T, H, _ = q.shape
+    do, dstate = grads
+    do = q.new_zeros(B, T, H, w.shape[-1], dtype=cdt) if do is None else do.to(cdt).contiguous()
+    dstate = q.new_zeros(B, H, w.shape[-1], q.shape[-1], dtype=cdt) if dstate is None else dstate.to(cdt).contiguous()
+    dq, dk, dw, dal, det, da, dh0 = torch.ops.nested_learning_C.dgd_bwd(
+        do, dstate, *args, ckpt, rbuf, read == "after", CPU_CHUNK, a is None)
+    return _grads_out(inputs[:7], dq, dk, dw, dal, det, None if a is None else da, dh0)
 
 
 _backend.register(OP, _backend.Backend("cpu", forward=_cpu_forward, backward=_cpu_backward, devices=("cpu",),
-                                       unavailable=extension_unavailable))
+                                       unavailable=extension_unavailable,
+                                       forward_with_residuals=_cpu_forward_with_residuals))
 
 
 def _triton_args(q, k, w, alpha, eta, a, initial_state):
