@@ -26,14 +26,15 @@ from ._vjp import none_if_empty, reference_vjp
 _LIB = torch.library.Library("nested_learning", "DEF")  # noqa: TOR901 (kept alive here)
 
 # Residuals of forwards that ran with inputs requiring grad, until their setup_context takes
-# them: id(first output) -> (weak reference to that output, residual tensors).
+# them: id(first output) -> (weak reference to that output, residual tensors). An entry whose
+# output dies untaken (a call under torch.no_grad with inputs that require grad, where
+# setup_context never runs) is dropped with it.
 _RESIDUALS: dict[int, tuple[weakref.ref, list[Tensor]]] = {}
 
 
 def _stash_residuals(first_output: Tensor, residuals: list[Tensor]) -> None:
-    for key in [k for k, (ref, _) in _RESIDUALS.items() if ref() is None]:  # outputs gone unused
-        del _RESIDUALS[key]
-    _RESIDUALS[id(first_output)] = (weakref.ref(first_output), residuals)
+    key = id(first_output)
+    _RESIDUALS[key] = (weakref.ref(first_output, lambda _, key=key: _RESIDUALS.pop(key, None)), residuals)
 
 
 def _take_residuals(first_output: Tensor) -> list[Tensor]:

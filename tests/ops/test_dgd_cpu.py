@@ -64,3 +64,42 @@ def test_cpu_backend_is_chosen_automatically_and_bf16_inputs_work():
     assert ops.last_backend("dgd_update") == "cpu" and o.dtype == torch.bfloat16 and s.dtype == torch.float32
     o_ref, _ = ops.dgd_update(**{n: (v.double() if v is not None else None) for n, v in xb.items()}, backend="reference")
     assert rel_err(o, o_ref) < 1e-2
+
+
+@pytest.mark.parametrize("read", ["after", "before"])
+def test_cpu_backward_without_forward_residuals_matches(read):
+    """The backward recomputes the chunk-start states and R when the forward kept none (as
+    under torch.compile, or when the residuals were not stashed): same gradients."""
+    from nested_learning.ops import _backend
+    from nested_learning.ops import dgd as dgd_mod
+
+    x = dgd_inputs(2, 77, 2, 24, 40, erase=True, state=True)
+    leaves = [x[n].detach().requires_grad_() for n in NAMES]
+    o, s = ops.dgd_update(*leaves[:5], a=leaves[5], initial_state=leaves[6], read=read, backend="cpu")
+    g = torch.Generator().manual_seed(3)
+    do, ds = torch.randn(o.shape, generator=g, dtype=o.dtype), torch.randn(s.shape, generator=g, dtype=s.dtype)
+    with_res = torch.autograd.grad((o * do).sum() + (s * ds).sum(), leaves)
+    backend = _backend.get("dgd_update", "cpu")
+    inputs = [v.detach() for v in leaves]
+    without = backend.backward([do, ds], inputs, read, 64)
+    for n, a, b in zip(NAMES, with_res, without):
+        assert rel_err(a, b) < 1e-12, n
+    _, res = dgd_mod._cpu_forward_with_residuals(*inputs, read, 64)
+    again = backend.backward([do, ds], inputs + res, read, 64)
+    for n, a, b in zip(NAMES, with_res, again):
+        assert torch.equal(a, b), n
+
+
+def test_forward_residuals_are_saved_for_the_backward_and_not_kept_elsewhere():
+    from nested_learning.ops import _define
+
+    x = dgd_inputs(1, 40, 2, 8, 8)
+    q = x["q"].float().requires_grad_()
+    o, s = ops.dgd_update(q, *(x[n].float() for n in NAMES[1:5]), backend="cpu")
+    assert len(o.grad_fn.saved_tensors) == len(NAMES) + 2  # the inputs, then the checkpoints and R
+    assert not _define._RESIDUALS  # taken by the autograd context as the forward returned
+    o.sum().backward()
+    assert q.grad is not None
+    with torch.no_grad():  # nothing kept when no gradient is wanted
+        ops.dgd_update(q, *(x[n].float() for n in NAMES[1:5]), backend="cpu")
+    assert not _define._RESIDUALS
