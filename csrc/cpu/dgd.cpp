@@ -47,8 +47,6 @@ I inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, const at
            eta.data_ptr<F>(), {q.size(1), q.size(2)}, q.size(3), w.size(3)};
 }
 
-int64_t padded_size(int64_t n) { return (n + 7) / 8 * 8; }  // microgemm.inc's padded(): V = 8
-
 }  // namespace
 
 namespace {
@@ -79,8 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dgd_fwd_cpu(
   const int64_t NC = (T + chunk - 1) / chunk;
   auto o = at::empty({B, T, H, dv}, q.options());
   auto state = at::empty({B, H, dv, dk}, q.options());
-  auto ckpt = at::empty({keep_residuals ? B * H * NC * padded_size(dk) * padded_size(dv) : 0}, q.options());
-  auto rbuf = at::empty({keep_residuals ? B * H * NC * padded_size(chunk) * padded_size(dv) : 0}, q.options());
+  const int64_t keep = keep_residuals ? B * H * NC : 0;
+  auto ckpt = at::empty({keep * generic::padded(dk) * generic::padded(dv)}, q.options());
+  auto rbuf = at::empty({keep * generic::padded(chunk) * generic::padded(dv)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_fwd_cpu", [&] {
     run_forward<scalar_t>(q, k, w, alpha, eta, a, h0, read_after, chunk, o.data_ptr<scalar_t>(),
                           state.data_ptr<scalar_t>(), keep_residuals ? ckpt.data_ptr<scalar_t>() : nullptr,
@@ -96,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor> dgd_checkpoints_cpu(const at::Tensor& q, cons
   TORCH_CHECK(chunk > 0, "chunk must be positive");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = w.size(3);
   const int64_t NC = (T + chunk - 1) / chunk;
-  auto ckpt = at::empty({B, H, NC, padded_size(dk), padded_size(dv)}, q.options());
-  auto rbuf = at::empty({B, H, NC, padded_size(chunk), padded_size(dv)}, q.options());
+  auto ckpt = at::empty({B, H, NC, generic::padded(dk), generic::padded(dv)}, q.options());
+  auto rbuf = at::empty({B, H, NC, generic::padded(chunk), generic::padded(dv)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_checkpoints_cpu", [&] {
     run_forward<scalar_t>(q, k, w, alpha, eta, a, h0, true, chunk, nullptr, nullptr, ckpt.data_ptr<scalar_t>(),
                           rbuf.data_ptr<scalar_t>());
@@ -115,8 +114,8 @@ std::vector<at::Tensor> dgd_bwd_cpu(const at::Tensor& dout, const at::Tensor& ds
   TORCH_CHECK(chunk > 0, "chunk must be positive");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = w.size(3);
   const int64_t NC = (T + chunk - 1) / chunk;
-  TORCH_CHECK(ckpt.numel() == B * H * NC * padded_size(dk) * padded_size(dv) &&
-                  rbuf.numel() == B * H * NC * padded_size(chunk) * padded_size(dv),
+  TORCH_CHECK(ckpt.numel() == B * H * NC * generic::padded(dk) * generic::padded(dv) &&
+                  rbuf.numel() == B * H * NC * generic::padded(chunk) * generic::padded(dv),
               "dgd (cpu backend): checkpoints do not match the inputs (run dgd_checkpoints with the same chunk)");
   auto dq = at::empty_like(q), dk_ = at::empty_like(k), dw = at::empty_like(w);
   auto da = a_is_k ? at::empty({0}, a.options()) : at::empty_like(a);

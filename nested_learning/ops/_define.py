@@ -68,14 +68,16 @@ def define_op(
         backend = args[-1]
         _backend.note_ran(name, backend)
         impl = _backend.get(name, backend)
+        residuals = None
         if impl.forward_with_residuals is not None and any(
                 isinstance(x, Tensor) and x.requires_grad for x in args[:n_tensors]):
             out, residuals = impl.forward_with_residuals(*args[:-1])
-            out = tuple(o.contiguous() for o in out)
+        else:
+            out = impl.forward(*args[:-1])
+        out = tuple(o.contiguous() for o in out)  # the fakes promise contiguous outputs
+        if residuals is not None:
             _stash_residuals(out[0], residuals)
-            return out
-        out = impl.forward(*args[:-1])
-        return tuple(o.contiguous() for o in out)  # the fakes promise contiguous outputs
+        return out
 
     def backward_impl(grads, inputs, *rest):
         got = _backend.get(name, rest[-1]).backward(list(grads), list(inputs), *rest[:-1])
