@@ -11,7 +11,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -33,6 +36,55 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
+
+// The large buffers of these ops (outputs, input gradients, and the residuals: the states at
+// chunk starts and each chunk's R) are recycled instead of going back to the system. Fresh pages
+// cost a page fault each on first touch (about 3,000 for the residuals alone at B=2 T=2048 H=4
+// d=64), and on the 2-vCPU machine of bench/RESULTS.md those faults took longer than the forward
+// itself. A buffer returns here when its tensor dies and the next request of the same size takes
+// it. Up to NESTED_LEARNING_CPU_POOL_MB (default 1024; 0: no pool) of free buffers are held, the
+// rest is freed; requests under 128 KiB (which malloc serves without fresh pages) bypass the pool.
+// The tensors' storage is not resizable (resize_ beyond their size raises).
+class BufferPool {
+ public:
+  static BufferPool& get() {
+    static auto* pool = new BufferPool();  // never destroyed: tensors may outlive static destructors
+    return *pool;
+  }
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    int64_t numel = 1;
+    for (auto n : sizes) numel *= n;
+    const size_t bytes = (size_t(numel) * options.dtype().itemsize() + 63) / 64 * 64;
+    if (bytes < (size_t(128) << 10) || limit_ == 0) return at::empty(sizes, options);
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) p = it->second, held_ -= bytes, free_.erase(it);
+    }
+    if (!p) p = std::aligned_alloc(64, bytes);
+    TORCH_CHECK(p, "dgd (cpu backend): out of memory allocating ", bytes, " bytes");
+    return at::from_blob(p, sizes, [this, bytes](void* q) { give(q, bytes); }, options);
+  }
+
+  at::Tensor empty_like(const at::Tensor& x) { return empty(x.sizes(), x.options()); }
+
+ private:
+  BufferPool() {
+    const char* env = std::getenv("NESTED_LEARNING_CPU_POOL_MB");
+    limit_ = size_t(env ? std::max(0L, std::atol(env)) : 1024) << 20;
+  }
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (held_ + bytes > limit_) return std::free(p);
+    free_.emplace(bytes, p);
+    held_ += bytes;
+  }
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+  size_t held_ = 0, limit_ = 0;
+};
 
 void check(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), "dgd (cpu backend): ", name, " must be a CPU tensor");
@@ -75,11 +127,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dgd_fwd_cpu(
   TORCH_CHECK(chunk > 0, "chunk must be positive");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = w.size(3);
   const int64_t NC = (T + chunk - 1) / chunk;
-  auto o = at::empty({B, T, H, dv}, q.options());
-  auto state = at::empty({B, H, dv, dk}, q.options());
+  auto& pool = BufferPool::get();
+  auto o = pool.empty({B, T, H, dv}, q.options());
+  auto state = pool.empty({B, H, dv, dk}, q.options());
   const int64_t keep = keep_residuals ? B * H * NC : 0;
-  auto ckpt = at::empty({keep * generic::padded(dk) * generic::padded(dv)}, q.options());
-  auto rbuf = at::empty({keep * generic::padded(chunk) * generic::padded(dv)}, q.options());
+  auto ckpt = pool.empty({keep * generic::padded(dk) * generic::padded(dv)}, q.options());
+  auto rbuf = pool.empty({keep * generic::padded(chunk) * generic::padded(dv)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_fwd_cpu", [&] {
     run_forward<scalar_t>(q, k, w, alpha, eta, a, h0, read_after, chunk, o.data_ptr<scalar_t>(),
                           state.data_ptr<scalar_t>(), keep_residuals ? ckpt.data_ptr<scalar_t>() : nullptr,
@@ -95,8 +148,9 @@ std::tuple<at::Tensor, at::Tensor> dgd_checkpoints_cpu(const at::Tensor& q, cons
   TORCH_CHECK(chunk > 0, "chunk must be positive");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = w.size(3);
   const int64_t NC = (T + chunk - 1) / chunk;
-  auto ckpt = at::empty({B, H, NC, generic::padded(dk), generic::padded(dv)}, q.options());
-  auto rbuf = at::empty({B, H, NC, generic::padded(chunk), generic::padded(dv)}, q.options());
+  auto& pool = BufferPool::get();
+  auto ckpt = pool.empty({B, H, NC, generic::padded(dk), generic::padded(dv)}, q.options());
+  auto rbuf = pool.empty({B, H, NC, generic::padded(chunk), generic::padded(dv)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_checkpoints_cpu", [&] {
     run_forward<scalar_t>(q, k, w, alpha, eta, a, h0, true, chunk, nullptr, nullptr, ckpt.data_ptr<scalar_t>(),
                           rbuf.data_ptr<scalar_t>());
@@ -117,8 +171,9 @@ std::vector<at::Tensor> dgd_bwd_cpu(const at::Tensor& dout, const at::Tensor& ds
   TORCH_CHECK(ckpt.numel() == B * H * NC * generic::padded(dk) * generic::padded(dv) &&
                   rbuf.numel() == B * H * NC * generic::padded(chunk) * generic::padded(dv),
               "dgd (cpu backend): checkpoints do not match the inputs (run dgd_checkpoints with the same chunk)");
-  auto dq = at::empty_like(q), dk_ = at::empty_like(k), dw = at::empty_like(w);
-  auto da = a_is_k ? at::empty({0}, a.options()) : at::empty_like(a);
+  auto& pool = BufferPool::get();
+  auto dq = pool.empty_like(q), dk_ = pool.empty_like(k), dw = pool.empty_like(w);
+  auto da = a_is_k ? at::empty({0}, a.options()) : pool.empty_like(a);
   auto dalpha = at::empty_like(alpha), deta = at::empty_like(eta), dh0 = at::empty_like(dstate);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dgd_bwd_cpu", [&] {
     auto run = [&](auto impl, auto in) {

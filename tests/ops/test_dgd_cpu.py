@@ -103,3 +103,55 @@ def test_forward_residuals_are_saved_for_the_backward_and_not_kept_elsewhere():
     with torch.no_grad():  # nothing kept when no gradient is wanted
         ops.dgd_update(q, *(x[n].float() for n in NAMES[1:5]), backend="cpu")
     assert not _define._RESIDUALS
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_backend_head_groups_at_any_thread_count(threads):
+    """A task runs a group of adjacent heads, sized by the thread count (6 heads: groups of 6, 3
+    or 2 here); every grouping gives the reference's outputs and gradients."""
+    x = dgd_inputs(1, 90, 6, 16, 24, erase=True, state=True)
+    o_ref, s_ref, g_ref = run(x, "reference", "after", 32, torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        o, s, g = run(x, "cpu", "after", 32, torch.float64)
+    finally:
+        torch.set_num_threads(before)
+    assert rel_err(o, o_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
+    for n in g_ref:
+        assert rel_err(g[n], g_ref[n]) < 1e-12, n
+
+
+def test_large_buffers_are_recycled():
+    """The output and the checkpoint and R buffers go back to a pool when their tensors die, and
+    the next call of the same sizes takes them (no fresh pages), fully rewritten."""
+    N = torch.ops.nested_learning_C
+    x = dgd_inputs(1, 700, 3, 32, 32)
+    args = [x[n].float().contiguous() for n in ("q", "k", "w", "alpha", "eta")]
+    args.append(args[1])
+    first = N.dgd_fwd(*args, None, True, 32, True)
+    pooled = [first[0], first[2], first[3]]  # o, checkpoints, R: all over 128 KiB
+    ptrs = sorted(t.data_ptr() for t in pooled)
+    kept = [t.clone() for t in first]
+    del first, pooled
+    second = N.dgd_fwd(*args, None, True, 32, True)
+    assert sorted(t.data_ptr() for t in (second[0], second[2], second[3])) == ptrs
+    for a, b in zip(kept, second):
+        assert torch.equal(a, b)
+
+
+def test_buffer_pool_can_be_turned_off():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from nested_learning import ops; from tests.helpers import dgd_inputs, rel_err\n"
+            "x = {n: v.detach().requires_grad_() if v is not None else None for n, v in dgd_inputs(2, 50, 2, 16, 16).items()}\n"
+            "o, s = ops.dgd_update(**x, backend='cpu'); (o.sum() + s.sum()).backward()\n"
+            "y = {n: v.detach().requires_grad_() if v is not None else None for n, v in dgd_inputs(2, 50, 2, 16, 16).items()}\n"
+            "p, t = ops.dgd_update(**y, backend='reference'); (p.sum() + t.sum()).backward()\n"
+            "assert rel_err(o, p) < 1e-12 and rel_err(x['q'].grad, y['q'].grad) < 1e-12\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, NESTED_LEARNING_CPU_POOL_MB="0")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
