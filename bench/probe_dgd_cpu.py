@@ -1,12 +1,16 @@
 """CPU probe of the C++ DGD kernels (torch.ops.nested_learning_C) at the issue's shape
 (B=2, T=2048, H=4, d=64, float32, a = k, read after): medians of the forward, the forward
 that also keeps the backward's residuals, the states-only checkpoint pass and the backward,
-each timed alone. --only NAME --loops N runs one of them N times untimed (for `perf record`):
+each timed alone, with the page faults per call (fresh pages: NESTED_LEARNING_CPU_POOL_MB=0 turns
+the buffer pool off). --only NAME --loops N runs one of them N times untimed (for `perf record`):
 
     python bench/probe_dgd_cpu.py [--repeat 9]
+    NESTED_LEARNING_CPU_POOL_MB=0 python bench/probe_dgd_cpu.py
     OMP_NUM_THREADS=1 perf record -o /tmp/dgd.data python bench/probe_dgd_cpu.py --only bwd --loops 300
 """
 import argparse
+import os
+import resource
 import statistics
 import time
 
@@ -39,12 +43,16 @@ if args.only:
     for _ in range(args.loops):
         runs[args.only]()
 else:
-    print(f"B={B} T={T} H={H} d={d} chunk={C} | {torch.get_num_threads()} threads | median of {args.repeat}")
+    pool = os.environ.get("NESTED_LEARNING_CPU_POOL_MB", "1024 (default)")
+    print(f"B={B} T={T} H={H} d={d} chunk={C} | {torch.get_num_threads()} threads | median of {args.repeat} | "
+          f"buffer pool {pool} MB")
     for name, fn in runs.items():
         fn()
         ts = []
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(args.repeat):
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-        print(f"{name:14s} {statistics.median(ts) * 1e3:8.2f} ms")
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.repeat
+        print(f"{name:14s} {statistics.median(ts) * 1e3:8.2f} ms {faults:8.0f} page faults per call")
