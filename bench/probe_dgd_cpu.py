@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nested_learning import build_info
 from nested_learning.ops.dgd import CPU_CHUNK
 
 ap = argparse.ArgumentParser()
@@ -45,7 +46,7 @@ if args.only:
 else:
     pool = os.environ.get("NESTED_LEARNING_CPU_POOL_MB", "1024 (default)")
     print(f"B={B} T={T} H={H} d={d} chunk={C} | {torch.get_num_threads()} threads | median of {args.repeat} | "
-          f"buffer pool {pool} MB")
+          f"buffer pool {pool} MB | cpu kernels {build_info()['cpu_kernels']}")
     for name, fn in runs.items():
         fn()
         ts = []

@@ -10,6 +10,7 @@
 
 #include "cpu/cms.h"
 #include "cpu/dgd.h"
+#include "cpu/isa.h"
 #include "cpu/titan.h"
 
 #ifdef NL_WITH_CUDA
@@ -23,8 +24,9 @@
 
 namespace nested_learning {
 
-// How this binary was built, as "key=value" pairs separated by ';'. Compile-time facts only (no
-// CUDA or OpenMP runtime calls: the CUDA runtime's version is torch.version.cuda's business).
+// How this binary was built, as "key=value" pairs separated by ';'. Compile-time facts (no CUDA
+// or OpenMP runtime calls: the CUDA runtime's version is torch.version.cuda's business), and
+// which build of the CPU kernels runs here (cpu_kernels=avx2 or generic, see cpu/isa.h).
 // Python parses it into nested_learning.build_info(); bench/run.py records it beside every measurement.
 std::string build_info() {
   std::ostringstream s;
@@ -44,6 +46,7 @@ std::string build_info() {
 #elif defined(__GNUC__)
   s << ";compiler=gcc-" << __GNUC__ << "." << __GNUC_MINOR__;
 #endif
+  s << ";cpu_kernels=" << (cpu_has_avx2_fma() ? "avx2" : "generic");
   return s.str();
 }
 

@@ -32,7 +32,8 @@ def extension_unavailable(device_type: str | None = None) -> str | None:
 
 
 def build_info() -> dict[str, str]:
-    """How the extension was built (torch, OpenMP, CUDA, compiler), or why it is missing."""
+    """How the extension was built (torch, OpenMP, CUDA, compiler) and which build of the CPU
+    kernels runs here (cpu_kernels: avx2 or generic), or why it is missing."""
     if _C is None:
         return {"extension": "missing", "error": str(EXTENSION_ERROR)}
     # through the dispatcher, not a pybind11 function: calling the latter segfaulted on the GPU

@@ -24,16 +24,20 @@
 namespace nested_learning {
 namespace {
 
+#define NL_VEC_LANES 4  // one SSE2 / NEON register of floats
 namespace generic {
 #include "dgd_kernels.inc"
 }  // namespace generic
+#undef NL_VEC_LANES
 
 #ifdef NL_HAVE_AVX2_TARGET
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define NL_VEC_LANES 8  // one ymm register of floats
 namespace avx2 {
 #include "dgd_kernels.inc"
 }  // namespace avx2
+#undef NL_VEC_LANES
 #pragma GCC pop_options
 #endif
 
