@@ -1,11 +1,12 @@
 // DGD rank-1 update (MATH section 2) on the CPU, in chunk-parallel (WY) form, parallel over
-// (batch, head), never forming a [d, d] matrix per token:
+// (batch, group of heads), never forming a [d, d] matrix per token:
 //
 //   W_t = alpha_t W_{t-1} + (w_t - eta_t W_{t-1} a_t) k_t^T
 //   o_t = W_t q_t (read after) or W_{t-1} q_t (read before)
 //
-// The loops are in dgd_kernels.inc. The forward can keep the state at every chunk start; the
-// backward walks the chunks in reverse from those checkpoints, recomputing each chunk's solve.
+// The loops are in dgd_kernels.inc. The forward can keep the state at every chunk start and each
+// chunk's R; the backward walks the chunks in reverse from those (or from dgd_checkpoints, which
+// recomputes them).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
