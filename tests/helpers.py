@@ -1,11 +1,23 @@
-"""Input makers and independent per-token loops used as oracles by the op tests."""
+"""Input makers and independent per-token loops used as oracles by the op tests, and a runner
+of Python in a subprocess."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
 
 F64 = torch.float64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """`python *args` in the repository root with extra environment variables, captured."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, **env), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def dgd_inputs(B, T, H, dk, dv, dtype=F64, seed=0, erase=True, state=True):

@@ -44,9 +44,9 @@ namespace avx2 {
 
 // The large buffers of these ops (outputs, input gradients, and the residuals: the states at
 // chunk starts and each chunk's R) are recycled instead of going back to the system. Fresh pages
-// cost a page fault each on first touch (about 3,000 for the residuals alone at B=2 T=2048 H=4
-// d=64), and on the 2-vCPU machine of bench/RESULTS.md those faults took longer than the forward
-// itself. A buffer returns here when its tensor dies and the next request of the same size takes
+// cost a page fault each on first touch: without the pool, bench/probe_dgd_cpu.py counts about
+// 3,900 per forward that keeps residuals at B=2 T=2048 H=4 d=64, and on the 2-vCPU machine of
+// bench/RESULTS.md they cost about as long as that forward itself. A buffer returns here when its tensor dies and the next request of the same size takes
 // it. Up to NESTED_LEARNING_CPU_POOL_MB (default 1024; 0: no pool) of free buffers are held, the
 // rest is freed; requests under 128 KiB (which malloc serves without fresh pages) bypass the pool.
 // The tensors' storage is not resizable (resize_ beyond their size raises).
@@ -112,7 +112,6 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, 
                  const at::Tensor& eta, const at::Tensor& a, const std::optional<at::Tensor>& h0, bool read_after,
                  int64_t chunk, F* o, F* state, F* ckpt, F* rbuf) {
   for (auto& [x, n] : {std::pair{q, "q"}, {k, "k"}, {w, "w"}, {alpha, "alpha"}, {eta, "eta"}, {a, "a"}}) check(x, n);
-  TORCH_CHECK(chunk > 0, "chunk must be positive");
   const bool has_h0 = h0.has_value() && h0->defined();
   if (has_h0) check(*h0, "initial_state");
   const F* hp = has_h0 ? h0->data_ptr<F>() : nullptr;

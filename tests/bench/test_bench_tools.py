@@ -3,15 +3,12 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT, run_python
 
 
 def script(name, *args, timeout=600):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name), *args], capture_output=True, text=True,
-                       timeout=timeout)
+    r = run_python(os.path.join(ROOT, "bench", name), *args, timeout=timeout)
     assert r.returncode == 0, r.stderr
     return r.stdout
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nested_learning import ops
-from tests.helpers import dgd_inputs, rel_err
+from tests.helpers import dgd_inputs, rel_err, run_python
 
 pytestmark = pytest.mark.skipif("cpu" not in ops.available_backends("dgd_update", "cpu"),
                                 reason="nested_learning._C is not built")
@@ -141,17 +141,11 @@ def test_large_buffers_are_recycled():
 
 
 def test_buffer_pool_can_be_turned_off():
-    import os
-    import subprocess
-    import sys
-
     code = ("import torch; from nested_learning import ops; from tests.helpers import dgd_inputs, rel_err\n"
             "x = {n: v.detach().requires_grad_() if v is not None else None for n, v in dgd_inputs(2, 50, 2, 16, 16).items()}\n"
             "o, s = ops.dgd_update(**x, backend='cpu'); (o.sum() + s.sum()).backward()\n"
             "y = {n: v.detach().requires_grad_() if v is not None else None for n, v in dgd_inputs(2, 50, 2, 16, 16).items()}\n"
             "p, t = ops.dgd_update(**y, backend='reference'); (p.sum() + t.sum()).backward()\n"
             "assert rel_err(o, p) < 1e-12 and rel_err(x['q'].grad, y['q'].grad) < 1e-12\n")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, NESTED_LEARNING_CPU_POOL_MB="0")
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    r = run_python("-c", code, timeout=300, NESTED_LEARNING_CPU_POOL_MB="0")
     assert r.returncode == 0, r.stderr
