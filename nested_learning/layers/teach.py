@@ -3,7 +3,8 @@ in the same backward pass as the outer gradients (tensor hooks), or alone (memor
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import weakref
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -29,7 +30,7 @@ class TeachCapture:
             self.inputs[key] = layer_input
         if t.requires_grad:
             self.tensors[key] = t
-            t.register_hook(lambda g, key=key: self._store(key, g))
+            t.register_hook(_store_hook(weakref.ref(self), key))
         return t
 
     def _store(self, key: Hashable, g: Tensor) -> None:
@@ -46,3 +47,17 @@ class TeachCapture:
             raise KeyError(f"no teach signal for {key!r}: run the backward pass of the loss first "
                            f"(watched: {list(self.tensors)})")
         return self.grads[key]
+
+
+def _store_hook(capture: weakref.ref, key: Hashable) -> Callable[[Tensor], None]:
+    """The gradient hook of a watched activation. It holds the capture weakly: the capture
+    holds the activation, the activation's autograd node holds the hook in C++ storage that
+    Python's garbage collector cannot traverse, so a strong reference here would make a
+    cycle that is never freed (every training step's activations, inputs and signals)."""
+
+    def store(g: Tensor) -> None:
+        c = capture()
+        if c is not None:
+            c._store(key, g)
+
+    return store

@@ -203,6 +203,7 @@ def _run(cfg: dict, info) -> dict:
                     if e.update_norm > 0:
                         ups[f"level{e.level}"] = ups.get(f"level{e.level}", 0) + 1
             states[k] = st.detach()
+            del loss, cap, sig  # this micro-batch's activations and signals go before the next forward
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.get("clip", 1.0)))
         opt.step()
         opt.zero_grad(set_to_none=True)

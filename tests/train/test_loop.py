@@ -1,8 +1,10 @@
+import gc
 import os
 import shutil
 
 import pytest
 
+from nested_learning.layers.teach import TeachCapture
 from nested_learning.train import checkpoint
 from nested_learning.train.loop import run
 from tests.train.conftest import read_metrics
@@ -122,3 +124,12 @@ def test_fsdp_checkpointing_is_refused_clearly(make_cfg):
     cfg = make_cfg(train={"fsdp": True})
     with pytest.raises(NotImplementedError, match="checkpointing an FSDP run"):
         run(cfg)
+
+
+def test_the_training_loop_leaves_no_capture_behind(make_cfg):
+    """Two steps of the real loop (with an evaluation, which memorises for HOPE): once run()
+    returns, no TeachCapture object exists anywhere."""
+    cfg = make_cfg(train={"steps": 2, "eval_every": 2, "save_every": 2})
+    run(cfg)
+    gc.collect()
+    assert [o for o in gc.get_objects() if type(o) is TeachCapture] == []
