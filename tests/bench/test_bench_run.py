@@ -1,5 +1,6 @@
-"""bench/run.py --quick runs every op and writes sane JSON."""
+"""bench/run.py --quick runs every op and writes sane JSON; a peer that cannot run is a skipped row."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +21,9 @@ def test_quick_benchmark_table_and_json(tmp_path):
     data = json.loads(out.read_text())
     assert {row["op"] for row in data["rows"]} >= set(ops.OPS) | {"step:hope", "step:titans", "step:transformer"}
     for row in data["rows"]:
+        if row.get("skipped"):  # a peer not installed, or unable to run here (fla's Triton on CPU)
+            assert row["peer"] and row["median_ms"] is None and row["skipped"] in r.stdout, row
+            continue
         if row["op"].startswith("step:"):
             assert row["median_ms"] > 0 and row["parameters"] > 0
             continue
@@ -33,3 +37,46 @@ def test_bad_arguments_are_refused():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--ops", "nope"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown ops" in r.stderr
+
+
+def _load_bench_run():
+    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(ROOT, "bench", "run.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_peer_that_cannot_run_is_a_skipped_row_with_its_reason(tmp_path, monkeypatch, capsys):
+    bench_run = _load_bench_run()
+    from cases import ce_case  # bench/ is on sys.path once run.py is loaded
+
+    case = ce_case(64, 16, 128)
+
+    def make_broken(dev, dtype):
+        def run():
+            raise RuntimeError("0 active drivers ([]). There should only be one.")
+        return run
+
+    def make_bad_build(dev, dtype):
+        raise ImportError("no module named peer_kernels")
+
+    def make_working(dev, dtype):  # a peer that runs: timed and compared, not skipped
+        run = case.make(dev, dtype)
+        return lambda: run("reference")[:1]
+
+    case.peers = {"broken": (lambda: True, make_broken), "badbuild": (lambda: True, make_bad_build),
+                  "absent": (lambda: False, make_working), "working": (lambda: True, make_working)}
+    monkeypatch.setattr(bench_run, "cases", lambda quick, device: [case])
+    out = tmp_path / "p.json"
+    assert bench_run.main(["--quick", "--ops", case.op, "--repeat", "1", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"] if r.get("peer")}
+    assert set(rows) == {"broken", "badbuild", "absent", "working"}
+    assert rows["broken"]["skipped"] == "fails on cpu: RuntimeError: 0 active drivers ([]). There should only be one."
+    assert rows["badbuild"]["skipped"] == "fails on cpu: ImportError: no module named peer_kernels"
+    assert rows["absent"]["skipped"].startswith("not installed")
+    for name in ("broken", "badbuild", "absent"):
+        assert rows[name]["median_ms"] is None and rows[name]["rel_err_vs_fp64_reference"] is None
+        assert f"{name:10}" in stdout and f"skipped: {rows[name]['skipped']}" in stdout
+    ok = rows["working"]
+    assert "skipped" not in ok and ok["median_ms"] > 0 and ok["rel_err_vs_fp64_reference"] < 1e-4
