@@ -73,12 +73,28 @@ def p_answer(m, query, val, state):
     return logits[:, -1].softmax(-1).gather(1, val[:, None]).squeeze(1)
 
 
-@pytest.fixture(scope="module")
-def trained_hope():
-    torch.manual_seed(0)
+# The trained model depends on the exact rounding of its 150 training steps: a perturbation
+# of 1e-7 of the initial weights, or a kernel that rounds differently, ends in a different
+# model, and across such models the summed context loss's gradient norm and curvature in the
+# CMS weights differ by ~1000x (one step at lr=1 raises P(answer) x1.5 in one, divides it by 20
+# in another). So these tests train several models (seeds) and assert properties that held,
+# with a margin, in every one of 18 models measured (12 seeds, 6 perturbations of seed 0):
+# the first-order gain at a small lr, and descent at an lr scaled to each model's curvature.
+MEM_SEEDS = (0, 1, 2)
+MEM_LR = 0.01  # small enough to be first order in every model measured
+SEARCH_LRS = [10 ** (-e / 2) for e in range(11)]  # 1, 0.3, ..., 1e-5
+
+
+def train_needle_model(seed, init_noise=0.0, noise_seed=0):
+    torch.manual_seed(seed)
     m = build_model("hope", "tiny", **MEM)
+    if init_noise:  # robustness checks: a rounding-level perturbation of the initial weights
+        gn = torch.Generator().manual_seed(noise_seed)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1 + init_noise * torch.randn(p.shape, generator=gn))
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(150):  # learn the format: filler, SEP key value, filler
         ctx, query, val = needle_batch(16, g)
         seq = torch.cat([ctx, query, val[:, None]], 1)
@@ -89,30 +105,83 @@ def trained_hope():
     return m
 
 
-def test_memorisation_raises_the_right_answer_and_keeps_slow_weights(trained_hope):
-    m = trained_hope
-    g = torch.Generator().manual_seed(123)
-    ctx, query, val = needle_batch(32, g)
-    m.zero_grad(set_to_none=True)
-    slow = {k: v.clone() for k, v in m.state_dict().items()}
-    _, st = m(ctx)
-    base = p_answer(m, query, val, st)
-    st_mem, report = m.memorize(ctx, steps=1, lr=1.0, next_token=query[:, 0])
-    mem = p_answer(m, query, val, st_mem)
-    assert report.updates_applied > 0 and all(s > 0 for s in report.surprise)
-    # measured (cpu dgd backend): mean P(answer) 0.0403 -> 0.0503 (x1.25), higher for 32 of 32
-    # facts. Several steps at this lr overshoot (the context loss rises): see the note in lm.py.
-    assert mem.mean() > 1.15 * base.mean(), (base.mean().item(), mem.mean().item())
-    assert (mem > base).float().mean() >= 0.9
-    for k, v in m.state_dict().items():
-        assert torch.equal(v, slow[k]), k  # slow weights bit-identical
-    assert all(p.grad is None for p in m.parameters())
+@pytest.fixture(scope="module")
+def trained_hopes():
+    return [train_needle_model(s) for s in MEM_SEEDS]
 
 
-def test_memorize_steps_descend_the_context_loss_at_a_small_lr(trained_hope):
+@pytest.fixture(scope="module")
+def trained_hope(trained_hopes):
+    return trained_hopes[0]
+
+
+def memorisation_gain(m, ctx, query, val, lr=MEM_LR):
+    """Per fact: log P(answer) after one memorize step on the context minus before, the same for
+    a wrong value (a control: the next value token), and the report."""
+    wrong = VALUES.start + (val - VALUES.start + 1) % len(VALUES)
+    with torch.no_grad():
+        _, st = m(ctx)
+        base, base_wrong = p_answer(m, query, val, st), p_answer(m, query, wrong, st)
+    st_mem, report = m.memorize(ctx, steps=1, lr=lr, next_token=query[:, 0])
+    with torch.no_grad():
+        mem, mem_wrong = p_answer(m, query, val, st_mem), p_answer(m, query, wrong, st_mem)
+    return (mem / base).log(), (mem_wrong / base_wrong).log(), report
+
+
+def descent_lr(m, ctx, next_token):
+    """The largest lr of SEARCH_LRS at which one memorize step lowers the context loss, over 10:
+    a step size scaled to the model's curvature (None when no lr lowers it)."""
+    for lr in SEARCH_LRS:
+        loss = m.memorize(ctx, steps=2, lr=lr, next_token=next_token)[1].loss
+        if loss[1] < loss[0]:
+            return lr / 10
+    return None
+
+
+def test_memorisation_raises_the_right_answer_and_keeps_slow_weights(trained_hopes):
+    ctx, query, val = needle_batch(64, torch.Generator().manual_seed(123))
+    gains, fractions, specific = [], [], []
+    for m in trained_hopes:
+        m.zero_grad(set_to_none=True)
+        slow = {k: v.clone() for k, v in m.state_dict().items()}
+        gain, wrong, report = memorisation_gain(m, ctx, query, val)
+        assert report.updates_applied > 0 and all(s > 0 for s in report.surprise)
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, slow[k]), k  # slow weights bit-identical
+        assert all(p.grad is None for p in m.parameters())
+        gains.append(gain.mean().item())
+        fractions.append((gain > 0).float().mean().item())
+        specific.append((gain - wrong).mean().item())
+    # measured at lr=0.01 in 18 models (seeds 0-11, 6 perturbations of seed 0; these 64 facts):
+    # mean log-gain 0.0020-0.0083 (P(answer) x1.002-x1.008), raised for 81%-100% of the facts,
+    # answer minus wrong-value gain 0.0021-0.0103. The median over the seeds tolerates one
+    # unusual model; without memorisation every one is 0 (test_without_memorisation_...).
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    assert med(gains) > 1e-3 and min(gains) > 0, gains
+    assert med(fractions) >= 0.7, fractions
+    assert med(specific) > 1e-3, specific  # the answer, not every value token, gains
+
+
+def test_memorize_steps_descend_the_context_loss(trained_hopes):
     ctx, query, _ = needle_batch(32, torch.Generator().manual_seed(123))
-    _, report = trained_hope.memorize(ctx, steps=4, lr=0.01, next_token=query[:, 0])  # 0.03 overshoots
-    assert all(b < a for a, b in zip(report.loss, report.loss[1:])), report.loss
+    for m in trained_hopes:
+        lr = descent_lr(m, ctx, query[:, 0])
+        assert lr is not None, "no lr lowers the context loss"
+        loss = m.memorize(ctx, steps=4, lr=lr, next_token=query[:, 0])[1].loss
+        # each step lowers the summed loss by well over its rounding (~1e-7 relative): the least
+        # relative decrease measured over 21 models was 6.7e-5 (lr 3.2e-5 to 3.2e-2)
+        assert all(b < a * (1 - 1e-6) for a, b in zip(loss, loss[1:])), (lr, loss)
+
+
+def test_without_memorisation_nothing_is_gained(trained_hope):
+    """The two tests above discriminate: at lr=0 (the updates do nothing) every gain is exactly
+    0 and a memorize step leaves the context loss where it was, so both would fail."""
+    ctx, query, val = needle_batch(64, torch.Generator().manual_seed(123))
+    gain, wrong, report = memorisation_gain(trained_hope, ctx, query, val, lr=0.0)
+    assert report.updates_applied == 0 and torch.equal(gain, torch.zeros_like(gain))
+    ctx, query, _ = needle_batch(32, torch.Generator().manual_seed(123))
+    loss = trained_hope.memorize(ctx, steps=2, lr=0.0, next_token=query[:, 0])[1].loss
+    assert loss[1] == loss[0]
 
 
 def test_memorize_threshold_levels_and_reset(trained_hope):
