@@ -7,7 +7,8 @@
 Each run is `python train.py model=M train.steps=N train.eval_every=0 train.save_every=0` in a
 fresh temporary out_dir (extra overrides after `--`), measured by `/usr/bin/time -f %M` (peak
 RSS of the whole process). A watchdog polls the run's RSS and kills it past --max-rss-mb; the
-row then says so, with the last step that reached metrics.jsonl. The closing column compares
+row then says so, with the last step that reached metrics.jsonl; a run that fails is a row
+with its error. The closing column compares
 each model's longest run with its shortest: flat memory means a ratio near 1."""
 
 from __future__ import annotations
@@ -75,11 +76,12 @@ def measure(model: str, steps: int, max_rss_mb: float, extra: list[str]) -> dict
                "reached_step": last_step(os.path.join(out, "run")), "killed_over_mb": max_rss_mb if killed else None}
         if killed:
             row["peak_rss_mb"] = round(watched)
-        elif proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[4:])} failed (rc {proc.returncode}):\n{err[-3000:]}")
         else:
-            with open(timing) as f:
+            with open(timing) as f:  # /usr/bin/time writes the peak on failure too
                 row["peak_rss_mb"] = round(int(f.read().split()[-1]) / 1024)
+        if proc.returncode != 0 and not killed:  # a failed run is a row too, with its error
+            row["error"] = (err.strip().splitlines() or ["?"])[-1] if "Error" not in err else \
+                next(ln for ln in reversed(err.splitlines()) if "Error" in ln)
         return row
 
 
@@ -98,10 +100,10 @@ def main(argv=None) -> None:
         for n in steps:
             r = measure(model, n, a.max_rss_mb, a.extra)
             rows.append(r)
-            note = f"killed past {r['killed_over_mb']:.0f} MB" if r["killed_over_mb"] else ""
+            note = f"killed past {r['killed_over_mb']:.0f} MB" if r["killed_over_mb"] else r.get("error", "")
             print(f"{model:<12} {n:>6} {r['reached_step']:>7} {r['peak_rss_mb']:>12} {r['seconds']:>8}  {note}",
                   flush=True)
-        mine = [r for r in rows if r["model"] == model and not r["killed_over_mb"]]
+        mine = [r for r in rows if r["model"] == model and not r["killed_over_mb"] and "error" not in r]
         if len(mine) > 1:
             ratio = mine[-1]["peak_rss_mb"] / mine[0]["peak_rss_mb"]
             print(f"{model:<12} peak at {mine[-1]['steps']} steps / at {mine[0]['steps']}: {ratio:.3f}", flush=True)

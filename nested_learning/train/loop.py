@@ -17,10 +17,12 @@ import warnings
 import numpy as np
 import torch
 
+from ..eval.run import TOKENIZER_FILE
+from ..eval.stream import validation_loss
 from ..models import build_model
 from ..ops._checks import positive_int
 from . import checkpoint, distributed
-from .data import IGNORE, SPECIALS, DocumentStreams, prepare_corpus
+from .data import IGNORE, SPECIALS, DocumentStreams, data_dir_of, prepare_corpus
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_factor, set_lr
 
@@ -29,10 +31,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _has_cms(model) -> bool:
-    return any(hasattr(b, "cms") for b in model.blocks)
 
 
 def _chunk_sizes(model) -> dict[str, int]:
@@ -64,35 +62,6 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"optim.lr must be positive, got {cfg['optim'].get('lr')!r}")
 
 
-def evaluate(model, docs, cfg, info, pad_id) -> float:
-    """Mean next-token loss over train.eval_batches segments of the validation documents,
-    streamed exactly as in training: the fast state carried across segments and reset at
-    document and context boundaries, CMS levels updated from their teach signals."""
-    t = cfg["train"]
-    streams = DocumentStreams(docs, t["batch_size"], t["seq_len"], seed=1234, pad_id=pad_id,
-                              rank=info.rank, world=info.world, context_len=t.get("context_len"))
-    state = model.init_state(t["batch_size"])
-    total = torch.zeros(2, dtype=torch.float64, device=info.device)
-    cms = _has_cms(model)
-    fsdp = bool(t.get("fsdp")) and info.world > 1
-    for _ in range(t["eval_batches"]):
-        tok, tgt, reset = (x.to(info.device) for x in streams.next())
-        fresh = model.init_state(t["batch_size"]) if fsdp else None  # collective under FSDP
-        if reset.any():
-            state = model.reset_state(state, reset, fresh)
-        if cms:
-            state, rep = model.memorize(tok, state, targets=tgt)
-            loss_sum = rep.loss[0]
-        else:
-            with torch.no_grad():
-                loss_sum, state = model(tok, state, targets=tgt, reduction="sum")
-        total += torch.tensor([float(loss_sum), float((tgt != IGNORE).sum())], dtype=torch.float64,
-                              device=info.device)
-    if info.world > 1:
-        torch.distributed.all_reduce(total)
-    return float(total[0] / total[1].clamp(min=1))
-
-
 def run(cfg: dict) -> dict:
     validate(cfg)
     info = distributed.setup(cfg["train"].get("device", "auto"), cfg["train"].get("dist_backend"))
@@ -108,9 +77,10 @@ def _run(cfg: dict, info) -> dict:
     out = t["out_dir"]
     os.makedirs(out, exist_ok=True)
     seed_everything(t["seed"])
-    data_dir = d.get("data_dir") or os.environ.get("NL_DATA_DIR") or os.path.join(os.getcwd(), "data")
+    data_dir = data_dir_of(d)
     if info.main:
         tok, train_docs, val_docs = prepare_corpus(d, data_dir, log=say)
+        tok.save(os.path.join(out, TOKENIZER_FILE))  # the run carries its tokenizer (eval.load_run)
     info.barrier()
     if not info.main:
         tok, train_docs, val_docs = prepare_corpus(d, data_dir, log=lambda *a: None)
@@ -218,7 +188,7 @@ def _run(cfg: dict, info) -> dict:
                "grad_norm": float(gnorm), "teach_signal_norm": statistics.fmean(teach), "inner_updates": ups}
         last = step + 1 == steps
         if t.get("eval_every") and ((step + 1) % t["eval_every"] == 0 or last):
-            rec["val_loss"] = evaluate(model, val_docs, cfg, info, pad_id)
+            rec["val_loss"] = validation_loss(model, val_docs, cfg, info, pad_id)
             summary["val_loss"].append((step + 1, rec["val_loss"]))
             say(f"step {step + 1}: val_loss {rec['val_loss']:.4f}")
         metrics.log(rec)

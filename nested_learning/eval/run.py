@@ -1,0 +1,112 @@
+"""Loading a trained run for inference: the model rebuilt from what the run recorded, its
+slow weights, and the run's tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..models import MODELS
+from ..train import checkpoint
+from ..train.checkpoint import CheckpointError
+
+TOKENIZER_FILE = "tokenizer.json"  # train.py writes the run's tokenizer beside its checkpoints
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Where a loaded model came from (recorded in every evaluation's result file)."""
+
+    run_dir: str | None  # the run directory (None for a lone checkpoint outside one)
+    checkpoint: str
+    step: int
+    model: str
+    size: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def find_checkpoint(path: str, step: int | None = None) -> tuple[str, str | None]:
+    """(checkpoint directory, run directory or None) for a run directory or one checkpoint."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist: pass a run directory from train.py (its train.out_dir) "
+                              "or one of its checkpoints/step_XXXXXXXX directories")
+    if os.path.exists(os.path.join(path, "meta.json")):  # a checkpoint directory
+        if step is not None:
+            raise ValueError("step= selects a checkpoint of a run directory; a checkpoint path was given")
+        parent = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        return path, parent if os.path.exists(os.path.join(parent, "config.json")) else None
+    if step is not None:
+        ck = checkpoint.checkpoint_dir(path, step)
+        if not os.path.isdir(ck):
+            have = sorted(d for d in os.listdir(os.path.join(path, "checkpoints"))
+                          if d.startswith("step_") and not d.endswith(".tmp")) \
+                if os.path.isdir(os.path.join(path, "checkpoints")) else []
+            raise CheckpointError(f"{path} has no checkpoint at step {step}; it has {have or 'none'}")
+        return ck, path
+    ck = checkpoint.latest(path)
+    if ck is None:
+        raise CheckpointError(f"{path} holds no checkpoint (no checkpoints/latest.json): train with "
+                              "train.save_every > 0, or pass a checkpoint directory")
+    return ck, path
+
+
+def load_run(path: str, step: int | None = None, device: str | torch.device | None = None,
+             model: str | None = None):
+    """(model, tokenizer) of a run directory written by train.py, or of one checkpoint.
+
+    The model config comes from the checkpoint's meta.json, the weights from its
+    model.safetensors; the model is in eval mode on `device` (default: CUDA when available)
+    and `model.run_info` says where it came from. `step` picks a checkpoint of a run (default:
+    the latest); `model` ("hope", ...) asserts which model the checkpoint must hold. A damaged
+    checkpoint, or one of another model, raises CheckpointError saying what to do."""
+    ck, run_dir = find_checkpoint(path, step)
+    meta = checkpoint._read_json(os.path.join(ck, "meta.json"))
+    name = meta.get("model")
+    if name not in MODELS or "model_config" not in meta:
+        raise CheckpointError(f"{ck}/meta.json records no known model (model={name!r}); it was not written by "
+                              "this package's train.py, or is damaged")
+    if model is not None and model != name:
+        raise CheckpointError(f"{ck} holds a {name!r} model, not {model!r}: pass the run of a {model} model")
+    cls, cfg_cls = MODELS[name]
+    try:
+        net = cls(cfg_cls(**meta["model_config"]))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{ck}: the recorded model config does not build with this version of the "
+                              f"package ({err}); evaluate it with the version that trained it") from err
+    weights = checkpoint._load_tensors(os.path.join(ck, "model.safetensors"))
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{ck}: the weights do not fit the recorded {name} config ({err}); the checkpoint "
+                              "is damaged or was edited") from err
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net.to(device).eval()
+    net.run_info = RunInfo(run_dir, ck, int(meta["step"]), name, meta.get("size", "?"))
+    return net, load_tokenizer(run_dir, ck)
+
+
+def load_tokenizer(run_dir: str | None, ck: str):
+    """The run's tokenizer: run_dir/tokenizer.json (train.py writes it), else the corpus cache
+    that the run's config.json names."""
+    from tokenizers import Tokenizer
+
+    for d in (run_dir, ck):
+        if d and os.path.exists(os.path.join(d, TOKENIZER_FILE)):
+            return Tokenizer.from_file(os.path.join(d, TOKENIZER_FILE))
+    if run_dir and os.path.exists(os.path.join(run_dir, "config.json")):
+        with open(os.path.join(run_dir, "config.json")) as f:
+            cfg = json.load(f)
+        from ..train.data import corpus_cache_dir
+
+        cache = corpus_cache_dir(cfg["data"])
+        if os.path.exists(os.path.join(cache, TOKENIZER_FILE)):
+            return Tokenizer.from_file(os.path.join(cache, TOKENIZER_FILE))
+        raise CheckpointError(f"the tokenizer of {run_dir} is in neither the run directory nor the corpus cache "
+                              f"{cache}: set NL_DATA_DIR (or data.data_dir) as for training, or copy the "
+                              f"tokenizer.json of the training run into {run_dir}")
+    raise CheckpointError(f"no tokenizer for {ck}: put the training run's tokenizer.json beside it")

@@ -1,0 +1,97 @@
+"""One streaming code path for scoring: tokens go through the model segment by segment with
+the fast state carried, and each token's next-token loss is read off. Training's validation
+loss, perplexity, the zero-shot pack and the lm-evaluation-harness adapter all use it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..models.state import ModelState, map_tensors
+from ..train.data import IGNORE, DocumentStreams
+
+
+@dataclass(frozen=True)
+class Memorize:
+    """Test-time memorisation settings (model.memorize): steps per segment, the CMS learning
+    rate (None: the model's), the surprise threshold and the levels (None: all)."""
+
+    steps: int = 1
+    lr: float | None = None
+    surprise_threshold: float = 0.0
+    levels: tuple[int, ...] | None = None
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "lr": self.lr, "surprise_threshold": self.surprise_threshold,
+                "levels": None if self.levels is None else list(self.levels)}
+
+
+def has_cms(model) -> bool:
+    return any(hasattr(b, "cms") for b in model.blocks)
+
+
+def segment_losses(model, tokens: Tensor, targets: Tensor, state: ModelState,
+                   memorize: Memorize | None = None, reports: list | None = None) -> tuple[Tensor, ModelState]:
+    """Per-token loss [B, T] (float32, 0 where the target is IGNORE) of one segment and the new
+    state. Without `memorize`: a plain forward (the in-forward memories update as always; CMS
+    levels are read). With it: the segment's losses are taken first, then its tokens are
+    memorised (model.memorize), so later segments see the updated CMS levels and no token is
+    scored by a state that has learned from it. The memorisation report goes to `reports`."""
+    if memorize is None or not has_cms(model):
+        with torch.no_grad():
+            loss, state = model(tokens, state, targets=targets, reduction="none")
+        return loss.float(), state
+    state, rep = model.memorize(tokens, state, steps=memorize.steps, lr=memorize.lr,
+                                surprise_threshold=memorize.surprise_threshold, levels=memorize.levels,
+                                targets=targets)
+    loss, rep.token_loss = rep.token_loss.float(), None  # the report stays small
+    if reports is not None:
+        reports.append(rep)
+    return loss, state
+
+
+def stream_document(model, doc: Tensor, segment: int, memorize: Memorize | None = None,
+                    state: ModelState | None = None, reports: list | None = None) -> tuple[Tensor, ModelState]:
+    """Losses of every next-token prediction of one document doc [N] (N - 1 values), streamed
+    in segments of `segment` tokens from a fresh state (or `state`, batch 1)."""
+    doc = doc.to(model.embed.weight.device).view(1, -1).long()
+    state = model.init_state(1) if state is None else state
+    out = []
+    for s in range(0, doc.shape[1] - 1, segment):
+        tok = doc[:, s:s + segment]
+        tgt = doc[:, s + 1:s + segment + 1]
+        if tgt.shape[1] < tok.shape[1]:  # the last token has no target
+            tgt = torch.cat([tgt, torch.full_like(tok[:, :1], IGNORE)], 1)
+        loss, state = segment_losses(model, tok, tgt, state, memorize, reports)
+        out.append(loss[0, : tgt.shape[1]][tgt[0] != IGNORE])
+    return torch.cat(out), state
+
+
+def repeat_rows(state: ModelState, n: int) -> ModelState:
+    """Each sequence's state repeated n times along the batch (row b -> rows b*n .. b*n+n-1)."""
+    return map_tensors(state, lambda t: t.repeat_interleave(n, 0))
+
+
+def validation_loss(model, docs, cfg: dict, info, pad_id: int) -> float:
+    """Training's validation loss: mean next-token loss over train.eval_batches segments of the
+    validation documents, streamed exactly as in training (the fast state carried across
+    segments and reset at document and context boundaries; CMS levels memorise each segment
+    after it is scored, as the training step's update pass does)."""
+    t = cfg["train"]
+    streams = DocumentStreams(docs, t["batch_size"], t["seq_len"], seed=1234, pad_id=pad_id,
+                              rank=info.rank, world=info.world, context_len=t.get("context_len"))
+    state = model.init_state(t["batch_size"])
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)
+    fsdp = bool(t.get("fsdp")) and info.world > 1
+    for _ in range(t["eval_batches"]):
+        tok, tgt, reset = (x.to(info.device) for x in streams.next())
+        fresh = model.init_state(t["batch_size"]) if fsdp else None  # collective under FSDP
+        if reset.any():
+            state = model.reset_state(state, reset, fresh)
+        loss, state = segment_losses(model, tok, tgt, state, Memorize())
+        total += torch.stack([loss.double().sum(), (tgt != IGNORE).sum().double()])
+    if info.world > 1:
+        torch.distributed.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1))

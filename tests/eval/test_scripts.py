@@ -1,0 +1,79 @@
+"""Every evaluation command line runs on a tiny trained run and writes the documented schema."""
+
+import json
+import os
+
+import pytest
+
+from nested_learning.eval.results import SCHEMA
+from tests.helpers import run_python
+
+KEYS = {"schema", "evaluation", "run", "command", "versions", "seed", "created", "memorize", "warnings", "tasks"}
+
+
+def _check(path, evaluation, memorised=False):
+    with open(path) as f:
+        res = json.load(f)
+    assert set(res) == KEYS and res["schema"] == SCHEMA and res["evaluation"] == evaluation
+    assert res["run"]["step"] == 4 and res["run"]["model"] == "hope" and "torch" in res["versions"]
+    for block in res["tasks"].values():
+        assert block["n_items"] > 0
+        for m in block["metrics"].values():
+            assert set(m) == {"value", "stderr"}
+        assert ("baseline_delta" in block) == memorised
+    assert (res["memorize"] is not None) == memorised
+    return res
+
+
+def test_zeroshot_perplexity_generate_and_lm_eval_scripts(tiny_runs, tmp_path):
+    run = tiny_runs["hope"]
+    task = tmp_path / "mini.jsonl"
+    task.write_text("".join(json.dumps({"context": f"Q: {w}?\nA: ", "choices": ["yes", "no"], "gold": i % 2}) + "\n"
+                            for i, w in enumerate(["king", "queen", "night"])))
+    out = tmp_path / "out"
+    r = run_python("scripts/eval/zeroshot.py", "--run", run, "--tasks", str(task), "--out", str(out),
+                   "--memorize", "--memory-lr", "0.1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "mini" in r.stdout and "chance" in r.stdout
+    base = _check(out / "zeroshot.json", "zeroshot")
+    mem = _check(out / "zeroshot_memorize.json", "zeroshot_memorize", memorised=True)
+    assert base["tasks"]["mini"]["n_items"] == 3 and base["tasks"]["mini"]["chance"] == 0.5
+    assert mem["memorize"]["updates_applied"] > 0 and mem["memorize"]["surprise"]["passed"] > 0
+
+    r = run_python("scripts/eval/zeroshot.py", "--run", run, "--tasks", str(task), "--out", str(out / "t"),
+                   "--memorize", "--surprise-threshold", "1e9", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    res = _check(out / "t" / "zeroshot_memorize.json", "zeroshot_memorize", memorised=True)
+    assert res["memorize"]["updates_applied"] == 0 and "no memorisation update fired" in res["warnings"][0]
+    assert "no memorisation update fired" in r.stderr  # said, not silent
+
+    r = run_python("scripts/eval/perplexity.py", "--run", run, "--out", str(out), "--max-docs", "1",
+                   "--max-tokens", "300", "--memorize", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    res = _check(out / "perplexity.json", "perplexity")
+    (block,) = res["tasks"].values()
+    assert block["extra"]["tokens"] == 300 and block["n_items"] == 1  # the validation split of the run's corpus
+    _check(out / "perplexity_memorize.json", "perplexity_memorize", memorised=True)
+    assert os.path.getsize(out / "perplexity_loss_by_position.png") > 1000
+
+    r = run_python("scripts/generate.py", "--run", run, "--prompt", "the king", "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("the king") and "5 new tokens" in r.stderr
+
+    r = run_python("scripts/eval/zeroshot.py", "--run", str(tmp_path / "none"), "--tasks", str(task),
+                   "--out", str(out))
+    assert r.returncode != 0 and "CheckpointError" in r.stderr and "does not exist" in r.stderr
+
+
+def test_lm_eval_script_on_a_local_task(tiny_runs, tmp_path):
+    pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
+    from tests.eval.test_lm_eval_adapter import _task_dir
+
+    d = _task_dir(tmp_path)
+    r = run_python("scripts/eval/lm_eval.py", "--run", tiny_runs["hope"], "--tasks", "nl_local_mc",
+                   "--include-path", str(d), "--out", str(tmp_path / "o"), "--memorize",
+                   HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = _check(tmp_path / "o" / "lm_eval.json", "lm_eval")
+    assert res["tasks"]["nl_local_mc"]["n_items"] == 4 and "acc" in res["tasks"]["nl_local_mc"]["metrics"]
+    _check(tmp_path / "o" / "lm_eval_memorize.json", "lm_eval_memorize", memorised=True)
