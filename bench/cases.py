@@ -253,3 +253,43 @@ def step_cases(quick: bool, device: str) -> list[StepCase]:
     # HOPE twice: with its in-context updates (teach capture + CMS update pass) and without
     return ([StepCase(n, "smoke", B, T) for n in ("transformer", "titans", "hope")]
             + [StepCase("hope", "smoke", B, T, updates=False)])
+
+
+@dataclass
+class DecodeCase:
+    """Token-by-token generation (model.generate from a one-token prompt) beside the model's
+    own forward over the same tokens in one call: the cost of decoding one token at a time."""
+
+    model: str
+    size: str
+    batch: int
+    new_tokens: int
+
+    @property
+    def op(self) -> str:
+        return f"decode:{self.model}"
+
+    @property
+    def shape_str(self) -> str:
+        return f"size={self.size} B={self.batch} new={self.new_tokens}"
+
+    def make(self, dev: torch.device):
+        from nested_learning.models import build_model
+
+        torch.manual_seed(0)
+        m = build_model(self.model, self.size).to(dev).eval()
+        seq = torch.randint(0, m.config.vocab_size, (self.batch, self.new_tokens + 1), device=dev)
+
+        def decode():
+            return m.generate(seq[:, :1], self.new_tokens)[0]
+
+        def forward():  # the same B x (1 + new_tokens) tokens through the model at once
+            with torch.no_grad():
+                return m(seq)[0]
+        return m, decode, forward
+
+
+def decode_cases(quick: bool) -> list[DecodeCase]:
+    if quick:
+        return [DecodeCase(n, "tiny", 2, 16) for n in ("transformer", "titans", "hope")]
+    return [DecodeCase(n, "smoke", 1, 128) for n in ("transformer", "titans", "hope")]

@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from cases import cases, step_cases  # noqa: E402
+from cases import cases, decode_cases, step_cases  # noqa: E402
 
 import nested_learning  # noqa: E402
 from nested_learning import ops  # noqa: E402
@@ -141,16 +141,16 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
-    ap.add_argument("--ops", nargs="*", default=None, help=f"subset of {ops.OPS} and 'step' (model training steps)")
+    ap.add_argument("--ops", nargs="*", default=None, help=f"subset of {ops.OPS}, 'step' (model training steps) and 'decode' (token-by-token generation)")
     ap.add_argument("--backends", nargs="*", default=None, help="subset of backends to time")
     ap.add_argument("--repeat", type=int, default=None, help="timed repeats (median reported)")
     ap.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible")
-    unknown = set(args.ops or ()) - set(ops.OPS) - {"step"}
+    unknown = set(args.ops or ()) - set(ops.OPS) - {"step", "decode"}
     if unknown:
-        ap.error(f"unknown ops {sorted(unknown)}; choose from {ops.OPS}")
+        ap.error(f"unknown ops {sorted(unknown)}; choose from {ops.OPS}, 'step', 'decode'")
     dev = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     repeat = args.repeat or (3 if args.quick else 5)
@@ -197,6 +197,19 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{sc.op:22} {'auto':10} {sc.shape_str + ' train step':46} {ms:10.2f} "
                   f"{row['tokens_per_s']:12.0f} {'-':>8} {'-':>9}  ({row['parameters']:,} params)", flush=True)
+    if args.ops is None or any(o.startswith("decode") for o in args.ops):
+        for dc in decode_cases(args.quick):
+            model, decode, forward = dc.make(dev)
+            ms, fwd_ms = median_ms(decode, dev, warmup=1, repeat=repeat), median_ms(forward, dev, warmup=1, repeat=repeat)
+            row = {"op": dc.op, "backend": "auto", "shape": dc.shape_str, "backward": False, "median_ms": ms,
+                   "tokens_per_s": dc.batch * dc.new_tokens / (ms / 1e3), "forward_same_tokens_ms": fwd_ms,
+                   "forward_tokens_per_s": dc.batch * (dc.new_tokens + 1) / (fwd_ms / 1e3),
+                   "decode_vs_forward": ms / fwd_ms, "parameters": model.num_parameters(),
+                   "speedup_vs_reference": None, "rel_err_vs_fp64_reference": None}
+            rows.append(row)
+            print(f"{dc.op:22} {'auto':10} {dc.shape_str + ' generate':46} {ms:10.2f} {row['tokens_per_s']:12.0f} "
+                  f"{'-':>8} {'-':>9}  (forward of the same tokens {fwd_ms:.2f} ms: decode {ms / fwd_ms:.1f}x slower)",
+                  flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

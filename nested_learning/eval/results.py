@@ -22,6 +22,7 @@ Schema "nested_learning.eval/1" (one JSON object, written atomically):
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -32,7 +33,7 @@ import warnings
 
 import torch
 
-from .stream import Memorize
+from .stream import Memorize, has_cms
 
 SCHEMA = "nested_learning.eval/1"
 
@@ -159,13 +160,18 @@ def _finite(x):
 def baseline_and_memorised(name: str, model, args, evaluate) -> dict[str, dict]:
     """Run `evaluate(memorize, reports) -> {task: block}` as the baseline (memorize=None) and,
     with --memorize, again with memorisation, both from fresh states; write DIR/<name>.json
-    and DIR/<name>_memorize.json (with the deltas); return {label: result}."""
+    and DIR/<name>_memorize.json (with the deltas); return {label: result}. A model without
+    CMS levels has nothing to memorise: its memorised file repeats the baseline's numbers
+    (deltas 0) with a warning that says why, without running the evaluation twice."""
     settings = memorize_settings(args)
     out: dict[str, dict] = {}
     for label, setting in [(name, None)] + ([(f"{name}_memorize", settings)] if settings else []):
         reports: list = []
         torch.manual_seed(args.seed)
-        blocks = evaluate(setting, reports)
+        if setting is not None and not has_cms(model):  # nothing to memorise: the same numbers
+            blocks = copy.deepcopy(out[name]["tasks"])
+        else:
+            blocks = evaluate(setting, reports)
         memo, notes = summarise_memorisation(setting, reports) if setting else (None, [])
         res = result(label, model, args.seed, blocks, memo, notes)
         if setting:

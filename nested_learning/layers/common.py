@@ -71,7 +71,10 @@ def dense(p: Tensor) -> Tensor:
 
 def fast_weight(slow: Tensor, fast: Tensor, differentiable: bool) -> Tensor:
     """The weight a read uses: the fast state's value, with the outer gradient flowing to the
-    slow parameter it started from (stop-gradient writes), or through the writes too."""
-    if differentiable:
+    slow parameter it started from (stop-gradient writes), or through the writes too. Its value
+    is exactly `fast` in both cases (slow - sg(slow) is an exact zero), so a read gives the same
+    bits with and without autograd; with no gradient to route (inference) it is `fast` itself,
+    with no weight-sized work per read."""
+    if differentiable or not (torch.is_grad_enabled() and slow.requires_grad):
         return fast
-    return slow + (fast - slow).detach()
+    return fast.detach() + (slow - slow.detach())

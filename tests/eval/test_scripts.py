@@ -15,7 +15,7 @@ def _check(path, evaluation, memorised=False):
     with open(path) as f:
         res = json.load(f)
     assert set(res) == KEYS and res["schema"] == SCHEMA and res["evaluation"] == evaluation
-    assert res["run"]["step"] == 4 and res["run"]["model"] == "hope" and "torch" in res["versions"]
+    assert res["run"]["step"] == 4 and res["run"]["model"] in ("hope", "titans") and "torch" in res["versions"]
     for block in res["tasks"].values():
         assert block["n_items"] > 0
         for m in block["metrics"].values():
@@ -77,3 +77,15 @@ def test_lm_eval_script_on_a_local_task(tiny_runs, tmp_path):
     res = _check(tmp_path / "o" / "lm_eval.json", "lm_eval")
     assert res["tasks"]["nl_local_mc"]["n_items"] == 4 and "acc" in res["tasks"]["nl_local_mc"]["metrics"]
     _check(tmp_path / "o" / "lm_eval_memorize.json", "lm_eval_memorize", memorised=True)
+
+
+def test_memorising_a_model_without_cms_says_so(tiny_runs, tmp_path):
+    task = tmp_path / "mini.jsonl"
+    task.write_text(json.dumps({"context": "Q: x?\nA: ", "choices": ["yes", "no"], "gold": 0}) + "\n")
+    r = run_python("scripts/eval/zeroshot.py", "--run", tiny_runs["titans"], "--tasks", str(task),
+                   "--out", str(tmp_path), "--memorize", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "zeroshot_memorize.json") as f:
+        res = json.load(f)
+    assert "no CMS levels" in res["warnings"][0] and res["memorize"]["updates_applied"] == 0
+    assert res["tasks"]["mini"]["baseline_delta"] == {"acc": 0.0, "acc_norm": 0.0}
