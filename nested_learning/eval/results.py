@@ -186,4 +186,4 @@ def progress_bar(total: int, desc: str, unit: str, off: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)

@@ -71,10 +71,10 @@ def dense(p: Tensor) -> Tensor:
 
 def fast_weight(slow: Tensor, fast: Tensor, differentiable: bool) -> Tensor:
     """The weight a read uses: the fast state's value, with the outer gradient flowing to the
-    slow parameter it started from (stop-gradient writes), or through the writes too. Its value
-    is exactly `fast` in both cases (slow - sg(slow) is an exact zero), so a read gives the same
-    bits with and without autograd; with no gradient to route (inference) it is `fast` itself,
-    with no weight-sized work per read."""
+    slow parameter it started from (stop-gradient writes), or through the writes too. With no
+    gradient to route (inference) it is `fast` itself, with no weight-sized work per read;
+    with autograd it is slow + sg(fast - slow), which equals `fast` up to one rounding (kept:
+    training trajectories, and Titans' stability at the edge, depend on those bits)."""
     if differentiable or not (torch.is_grad_enabled() and slow.requires_grad):
         return fast
-    return fast.detach() + (slow - slow.detach())
+    return slow + (fast - slow).detach()

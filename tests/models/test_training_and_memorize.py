@@ -174,11 +174,13 @@ def test_memorize_steps_descend_the_context_loss(trained_hopes):
 
 
 def test_without_memorisation_nothing_is_gained(trained_hope):
-    """The two tests above discriminate: at lr=0 (the updates do nothing) every gain is exactly
-    0 and a memorize step leaves the context loss where it was, so both would fail."""
+    """The two tests above discriminate: at lr=0 (the updates do nothing) every gain is 0
+    (to rounding) and a memorize step leaves the context loss where it was, so both would fail."""
     ctx, query, val = needle_batch(64, torch.Generator().manual_seed(123))
     gain, wrong, report = memorisation_gain(trained_hope, ctx, query, val, lr=0.0)
-    assert report.updates_applied == 0 and torch.equal(gain, torch.zeros_like(gain))
+    # 0 up to one rounding: the memorised state comes from a pass with autograd on, whose
+    # reads of the fast weights round once more than a plain forward's (layers/common.py)
+    assert report.updates_applied == 0 and gain.abs().max() < 1e-5
     ctx, query, _ = needle_batch(32, torch.Generator().manual_seed(123))
     loss = trained_hope.memorize(ctx, steps=2, lr=0.0, next_token=query[:, 0])[1].loss
     assert loss[1] == loss[0]
