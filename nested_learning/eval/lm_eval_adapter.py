@@ -22,7 +22,7 @@ from lm_eval.api.registry import register_model
 from ..train.data import SPECIALS
 from .loglik import consume_context, encode_pair, score_requests
 from .run import load_run
-from .stream import Memorize, stream_document
+from .stream import Memorize, MemorizeTally, stream_document
 
 
 @register_model("nested_learning")
@@ -37,7 +37,7 @@ class NestedLearningLM(LM):
                                   float(surprise_threshold)) if memorize in (True, "True", "true", 1) else None)
         self.max_gen_toks = int(max_gen_toks)
         self.eot = self.tok.token_to_id(SPECIALS[0])
-        self.reports: list = []  # memorisation reports (model.memorize), for inspection
+        self.reports = MemorizeTally()  # what memorisation did (model.memorize), for inspection
 
     @property
     def eot_token_id(self) -> int:

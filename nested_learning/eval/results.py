@@ -33,7 +33,7 @@ import warnings
 
 import torch
 
-from .stream import Memorize, has_cms
+from .stream import Memorize, MemorizeTally, has_cms
 
 SCHEMA = "nested_learning.eval/1"
 
@@ -65,31 +65,22 @@ def memorize_settings(args) -> Memorize | None:
     return Memorize(args.memorize_steps, args.memory_lr, args.surprise_threshold, levels)
 
 
-def summarise_memorisation(settings: Memorize, reports: list) -> tuple[dict, list[str]]:
-    """The `memorize` block of a result file from every UpdateReport of the evaluation, and
-    the warnings it calls for (no update fired: the threshold, with the surprise range seen)."""
-    updates: dict[str, int] = {}  # chunk updates that changed a sequence's weights, per layer and level
-    for rep in reports:
-        for e in rep.events:
-            key = f"layer {e.layer} level {e.level}"
-            updates[key] = updates.get(key, 0) + e.rows_updated
-    tokens = sum(r.surprise_tokens for r in reports)
-    passed = sum(r.surprise_passed for r in reports)
-    lo = min((r.surprise_min for r in reports), default=math.inf)
-    hi = max((r.surprise_max for r in reports), default=-math.inf)
-    means = [m for r in reports for m in r.surprise]
-    block = {"settings": settings.as_dict(), "updates": dict(sorted(updates.items())),
-             "updates_applied": sum(updates.values()),
-             "surprise": {"tokens": tokens, "passed": passed, "min": lo if tokens else None,
-                          "max": hi if tokens else None, "mean": sum(means) / len(means) if means else None}}
+def summarise_memorisation(settings: Memorize, tally: MemorizeTally) -> tuple[dict, list[str]]:
+    """The `memorize` block of a result file from the evaluation's memorisation tally, and the
+    warnings it calls for (no update fired: the threshold, with the surprise range seen)."""
+    block = {"settings": settings.as_dict(), "updates": dict(sorted(tally.updates.items())),
+             "updates_applied": sum(tally.updates.values()),
+             "surprise": {"tokens": tally.tokens, "passed": tally.passed,
+                          "min": tally.lo if tally.tokens else None, "max": tally.hi if tally.tokens else None,
+                          "mean": tally.mean_sum / tally.mean_n if tally.mean_n else None}}
     notes = []
-    if not reports:
+    if not tally.reports:
         notes.append("memorisation changed nothing: this model has no CMS levels (its memories learn in the "
                      "forward pass), so the memorised run equals the baseline")
     elif not block["updates_applied"]:
-        rng = f"[{lo:.4g}, {hi:.4g}]" if tokens else "(no token had a signal)"
+        rng = f"[{tally.lo:.4g}, {tally.hi:.4g}]" if tally.tokens else "(no token had a signal)"
         notes.append(f"no memorisation update fired: surprise threshold {settings.surprise_threshold} vs "
-                     f"observed teach-signal norms {rng} over {tokens} tokens")
+                     f"observed teach-signal norms {rng} over {tally.tokens} tokens")
     for n in notes:
         warnings.warn(n, stacklevel=2)
     return block, notes
@@ -166,7 +157,7 @@ def baseline_and_memorised(name: str, model, args, evaluate) -> dict[str, dict]:
     settings = memorize_settings(args)
     out: dict[str, dict] = {}
     for label, setting in [(name, None)] + ([(f"{name}_memorize", settings)] if settings else []):
-        reports: list = []
+        reports = MemorizeTally()
         torch.manual_seed(args.seed)
         if setting is not None and not has_cms(model):  # nothing to memorise: the same numbers
             blocks = copy.deepcopy(out[name]["tasks"])

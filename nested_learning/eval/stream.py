@@ -4,7 +4,8 @@ loss, perplexity, the zero-shot pack and the lm-evaluation-harness adapter all u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -26,6 +27,32 @@ class Memorize:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "lr": self.lr, "surprise_threshold": self.surprise_threshold,
                 "levels": None if self.levels is None else list(self.levels)}
+
+
+@dataclass
+class MemorizeTally:
+    """Running totals of the memorisation reports of an evaluation, in constant memory however
+    many items it memorises; pass it where a list of reports is accepted (it has `append`)."""
+
+    reports: int = 0
+    updates: dict = field(default_factory=dict)  # "layer L level K" -> chunk updates of a sequence
+    tokens: int = 0  # token signals seen (token x level x layer)
+    passed: int = 0  # of which above the surprise threshold
+    lo: float = math.inf
+    hi: float = -math.inf
+    mean_sum: float = 0.0  # of the per-pass mean surprises
+    mean_n: int = 0
+
+    def append(self, rep) -> None:
+        self.reports += 1
+        for e in rep.events:
+            key = f"layer {e.layer} level {e.level}"
+            self.updates[key] = self.updates.get(key, 0) + e.rows_updated
+        self.tokens += rep.surprise_tokens
+        self.passed += rep.surprise_passed
+        self.lo, self.hi = min(self.lo, rep.surprise_min), max(self.hi, rep.surprise_max)
+        self.mean_sum += sum(rep.surprise)
+        self.mean_n += len(rep.surprise)
 
 
 def has_cms(model) -> bool:

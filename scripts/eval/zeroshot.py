@@ -27,7 +27,8 @@ def main(argv=None) -> dict:
     R.add_common_args(ap)
     ap.add_argument("--tasks", default="all", help="all, BIG-bench pack task names, or JSONL paths (comma-separated)")
     ap.add_argument("--limit", type=int, default=None, help="the first N items of each task")
-    ap.add_argument("--batch-size", type=int, default=32, help="contexts per batch")
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="contexts per batch (peak memory grows with it: each row carries its own fast state)")
     ap.add_argument("--data-dir", default=None, help="cache of the task files (default: $NL_DATA_DIR or ./data)")
     a = ap.parse_args(argv)
     R.memorize_settings(a)  # bad flags fail before the model loads
