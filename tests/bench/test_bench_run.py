@@ -19,13 +19,19 @@ def test_quick_benchmark_table_and_json(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert {row["op"] for row in data["rows"]} >= set(ops.OPS) | {"step:hope", "step:titans", "step:transformer"}
+    assert {row["op"] for row in data["rows"]} >= set(ops.OPS) | {"step:hope", "step:titans", "step:transformer",
+                                                                 "decode:hope", "decode:titans", "decode:transformer"}
     for row in data["rows"]:
         if row.get("skipped"):  # a peer not installed, or unable to run here (fla's Triton on CPU)
             assert row["peer"] and row["median_ms"] is None and row["skipped"] in r.stdout, row
             continue
         if row["op"].startswith("step:"):
             assert row["median_ms"] > 0 and row["parameters"] > 0
+            continue
+        if row["op"].startswith("decode:"):  # generate beside the forward over the same tokens
+            assert row["median_ms"] > 0 and row["forward_same_tokens_ms"] > 0
+            assert row["decode_vs_forward"] == row["median_ms"] / row["forward_same_tokens_ms"]
+            assert f"{row['op']:22} auto" in r.stdout and "forward of the same tokens" in r.stdout
             continue
         assert row["median_ms"] > 0 and row["tokens_per_s"] > 0
         assert row["rel_err_vs_fp64_reference"] < 1e-4, row  # float32 against float64

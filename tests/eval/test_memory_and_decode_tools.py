@@ -1,0 +1,40 @@
+"""The measuring scripts behind bench/RESULTS.md's memory and decode rows run and report
+what they say (tiny models; the real rows use the smoke size)."""
+
+import json
+import os
+import sys
+
+from tests.helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import eval_memory  # noqa: E402
+import profile_decode  # noqa: E402
+import train_memory  # noqa: E402
+
+
+def test_eval_memory_scores_the_same_items_each_round(tiny_runs, tmp_path, capsys):
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"context": f"Q: {w}?\nA: ", "choices": ["yes", "no"], "gold": 0}) + "\n"
+                            for w in ["king", "queen", "sword"]))
+    rss = eval_memory.main(["--run", tiny_runs["hope"], "--task", str(task), "--items", "0:3", "--rounds", "3",
+                            "--memorize"])
+    assert len(rss) == 3 and all(r > 0 for r in rss)
+    out = capsys.readouterr().out
+    assert "round 3: 9 items scored" in out
+
+
+def test_profile_decode_reports_ms_per_token(capsys):
+    ms = profile_decode.main(["--model", "transformer", "--size", "tiny", "--tokens", "3", "--top", "2"])
+    assert ms > 0 and "ms per token (3 tokens" in capsys.readouterr().out
+
+
+def test_train_memory_measures_a_run_and_its_steps(corpus_dir, tmp_path):
+    extra = ["size=tiny", "data=local", f"data.path={corpus_dir}", "data.vocab_size=300",
+             f"data.data_dir={tmp_path / 'data'}", "train.seq_len=16", "train.batch_size=2", "train.context_len=64",
+             "model.overrides.proj_chunk=4", "model.overrides.memory_chunk=8", "model.overrides.cms_periods=[1,4,8]"]
+    row = train_memory.measure("hope", 3, 0, extra)
+    assert row["reached_step"] == 3 and row["peak_rss_mb"] > 50 and "error" not in row
+    killed = train_memory.measure("hope", 50, 1, extra)  # 1 MB: the watchdog stops it at once
+    assert killed["killed_over_mb"] == 1 and killed["reached_step"] < 50
