@@ -111,10 +111,10 @@ def versions() -> dict:
 
 
 def result(evaluation: str, model, seed: int, tasks: dict, memorize: dict | None = None,
-           notes: list[str] | None = None, command: list[str] | None = None) -> dict:
+           notes: list[str] | None = None) -> dict:
     info = getattr(model, "run_info", None)
     return {"schema": SCHEMA, "evaluation": evaluation, "run": info.as_dict() if info else None,
-            "command": " ".join(command if command is not None else [os.path.basename(sys.executable), *sys.argv]),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "versions": versions(), "seed": seed,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "memorize": memorize, "warnings": notes or [], "tasks": tasks}

@@ -12,8 +12,7 @@ import torch
 from ..models import MODELS
 from ..train import checkpoint
 from ..train.checkpoint import CheckpointError
-
-TOKENIZER_FILE = "tokenizer.json"  # train.py writes the run's tokenizer beside its checkpoints
+from ..train.data import TOKENIZER_FILE
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..models.state import ModelState, map_tensors
+from ..models.state import ModelState
 from ..train.data import IGNORE, DocumentStreams
 
 
@@ -94,11 +94,6 @@ def stream_document(model, doc: Tensor, segment: int, memorize: Memorize | None 
         loss, state = segment_losses(model, tok, tgt, state, memorize, reports)
         out.append(loss[0, : tgt.shape[1]][tgt[0] != IGNORE])
     return torch.cat(out), state
-
-
-def repeat_rows(state: ModelState, n: int) -> ModelState:
-    """Each sequence's state repeated n times along the batch (row b -> rows b*n .. b*n+n-1)."""
-    return map_tensors(state, lambda t: t.repeat_interleave(n, 0))
 
 
 def validation_loss(model, docs, cfg: dict, info, pad_id: int) -> float:

