@@ -13,9 +13,7 @@ from nested_learning.train.loop import run
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    summary = run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
-    if summary["val_loss"]:
-        print("validation loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in summary["val_loss"]))
+    run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))  # prints its summary (rank 0)
 
 
 if __name__ == "__main__":

@@ -47,11 +47,11 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, str | None
                 if os.path.isdir(os.path.join(path, "checkpoints")) else []
             raise CheckpointError(f"{path} has no checkpoint at step {step}; it has {have or 'none'}")
         return ck, path
-    ck = checkpoint.latest(path)
-    if ck is None:
-        raise CheckpointError(f"{path} holds no checkpoint (no checkpoints/latest.json): train with "
+    found = checkpoint.step_dirs(path)
+    if not found:
+        raise CheckpointError(f"{path} holds no checkpoint (no checkpoints/step_XXXXXXXX): train with "
                               "train.save_every > 0, or pass a checkpoint directory")
-    return ck, path
+    return found[0][1], path
 
 
 def load_run(path: str, step: int | None = None, device: str | torch.device | None = None,
@@ -64,6 +64,12 @@ def load_run(path: str, step: int | None = None, device: str | torch.device | No
     the latest); `model` ("hope", ...) asserts which model the checkpoint must hold. A damaged
     checkpoint, or one of another model, raises CheckpointError saying what to do."""
     ck, run_dir = find_checkpoint(path, step)
+    try:
+        checkpoint.verify(ck)  # every file against the checksums recorded when it was written
+    except CheckpointError as err:  # evaluating another step than asked would mislead: say, don't fall back
+        older = [s for s, p in checkpoint.step_dirs(run_dir) if p != ck] if run_dir else []
+        hint = f"; the run also has steps {older}: pass step=N (--step N) to evaluate one" if older else ""
+        raise CheckpointError(f"{err}{hint}") from err
     meta = checkpoint._read_json(os.path.join(ck, "meta.json"))
     name = meta.get("model")
     if name not in MODELS or "model_config" not in meta:

@@ -9,6 +9,7 @@ from ._backend import (
     registered_backends,
     use_backend,
 )
+from ._checks import NonFiniteInputError, check_finite
 from .cms import CMSState, CMSUpdate, cms_update
 from .cross_entropy import linear_cross_entropy
 from .dgd import dgd_update
@@ -22,7 +23,9 @@ __all__ = [
     "BackendUnavailableError",
     "CMSState",
     "CMSUpdate",
+    "NonFiniteInputError",
     "available_backends",
+    "check_finite",
     "cms_update",
     "dgd_update",
     "last_backend",

@@ -1,11 +1,16 @@
 """Input validation shared by the public ops: cheap, and every message names the argument.
 
 Value-range checks on gates cost one reduction per gate; they are skipped while
-torch.compile traces (they would need the data) and when NL_SKIP_CHECKS=1.
+torch.compile traces (they would need the data), on meta and fake tensors (which hold no
+data), and when NL_SKIP_CHECKS=1. NaN or Inf in the other inputs propagates silently unless
+NL_CHECK_FINITE=1 (or `check_finite()` as a context manager), which checks every tensor input
+of every op and names the first one holding a non-finite value (a debugging aid: one
+reduction and one host sync per input).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -62,21 +67,62 @@ def choice(name: str, v, options: Sequence[str]) -> str:
     return v
 
 
+class NonFiniteInputError(ValueError):
+    """An op input holds NaN or Inf (a gate out of range because it is NaN, or any input under
+    NL_CHECK_FINITE=1): the training loop treats it as a diverged step."""
+
+
 def _checks_enabled() -> bool:
     return os.environ.get("NL_SKIP_CHECKS", "0") != "1" and not torch.compiler.is_compiling()
 
 
+def _has_data(x: Tensor) -> bool:
+    """False for meta and fake tensors (shape propagation: nothing to read)."""
+    if x.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(x)
+
+
 def in_range(name: str, x: Tensor, lo: float, hi: float, lo_open: bool = False) -> None:
     """lo <= x <= hi (lo < x when lo_open); NaN fails too."""
-    if not _checks_enabled() or x.numel() == 0:
+    if not _checks_enabled() or x.numel() == 0 or not _has_data(x):
         return
     mn, mx = torch.aminmax(x.detach())
     bad_lo = (mn <= lo) if lo_open else (mn < lo)
     if bool(bad_lo | (mx > hi) | torch.isnan(mn) | torch.isnan(mx)):
         lb = "(" if lo_open else "["
-        raise ValueError(
-            f"{name} must lie in {lb}{lo}, {hi}], got values in [{mn.item():.4g}, {mx.item():.4g}]"
-        )
+        err = NonFiniteInputError if not bool(torch.isfinite(mn) & torch.isfinite(mx)) else ValueError
+        raise err(f"{name} must lie in {lb}{lo}, {hi}], got values in [{mn.item():.4g}, {mx.item():.4g}]")
+
+
+_FINITE_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def check_finite():
+    """Within the block every op checks that its tensor inputs are finite (as NL_CHECK_FINITE=1)."""
+    _FINITE_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _FINITE_DEPTH[0] -= 1
+
+
+def finite(named: dict[str, Tensor | None]) -> None:
+    """Opt-in (NL_CHECK_FINITE=1 or check_finite()): NonFiniteInputError naming the first
+    floating input that holds NaN or Inf, with how many of each."""
+    if not (_FINITE_DEPTH[0] or os.environ.get("NL_CHECK_FINITE", "0") == "1") or torch.compiler.is_compiling():
+        return
+    for name, x in named.items():
+        if x is None or not x.is_floating_point() or x.numel() == 0 or not _has_data(x):
+            continue
+        x = x.detach()
+        if not bool(torch.isfinite(x).all()):
+            n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+            raise NonFiniteInputError(f"{name} holds non-finite values ({n_nan} NaN, {n_inf} Inf of {x.numel()}; "
+                                      "checked because NL_CHECK_FINITE=1 or check_finite() is on)")
 
 
 def nonnegative(name: str, x: Tensor) -> None:

@@ -208,6 +208,7 @@ def cms_update(
     if optimizer == "dgd" and not 0 < alpha <= 1:
         raise ValueError(f"alpha must lie in (0, 1] for optimizer='dgd', got {alpha!r}")
     dev = _checks.same_device({"state.weight": state.weight, "x": x, "delta": delta})
+    _checks.finite({"state.weight": state.weight, "state.momentum": state.momentum, "x": x, "delta": delta})
     name = _backend.resolve("cms_update", dev.type, backend)
     C = state.period
     if state.filled + T < C:  # no chunk completes: only the buffer changes, the weights are kept

@@ -154,14 +154,20 @@ def linear_cross_entropy(
         raise ValueError("h must have at least one dimension [..., D]")
     _checks.tensor("weight", weight, 2)
     _checks.shape("weight", weight, (None, h.shape[-1]), "[V, D] with D = h.shape[-1]")
-    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex():
-        raise TypeError("targets must be an integer tensor")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have at least one row and one column (V >= 1 classes, D >= 1 features), "
+                         f"got shape {list(weight.shape)}")
+    if (not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex()
+            or targets.dtype == torch.bool):
+        raise TypeError(f"targets must be an integer tensor of class indices, got "
+                        f"{targets.dtype if isinstance(targets, Tensor) else type(targets).__name__}")
     if tuple(targets.shape) != tuple(h.shape[:-1]):
         raise ValueError(f"targets must have shape {list(h.shape[:-1])} (h without D), got {list(targets.shape)}")
     _checks.same_dtype({"h": h, "weight": weight})
     _checks.choice("reduction", reduction, REDUCTIONS)
     dev = _checks.same_device({"h": h, "weight": weight, "targets": targets})
-    if _checks._checks_enabled() and targets.numel():
+    _checks.finite({"h": h, "weight": weight})
+    if _checks._checks_enabled() and targets.numel() and _checks._has_data(targets):
         ok = (targets == ignore_index) | ((targets >= 0) & (targets < weight.shape[0]))
         if not bool(ok.all()):
             raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")

@@ -200,6 +200,7 @@ def dgd_update(
     _checks.positive_int("chunk_size", chunk_size)
     _checks.in_range("alpha", alpha, 0.0, 1.0, lo_open=True)
     _checks.nonnegative("eta", eta)
-    name = _backend.resolve(OP, dev.type, backend, tokens=T)
+    _checks.finite({"q": q, "k": k, "w": w, "alpha": alpha, "eta": eta, "a": a, "initial_state": initial_state})
+    name = _backend.resolve(OP, dev.type, backend, tokens=T) if T else "reference"
     o, state = _op(q, k, w, alpha, eta, a, initial_state, read, chunk_size, name)
     return o, (state if output_final_state else None)

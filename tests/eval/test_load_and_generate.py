@@ -9,6 +9,7 @@ import torch
 
 from nested_learning.eval import load_run
 from nested_learning.models import build_model
+from nested_learning.train import checkpoint
 from nested_learning.train.checkpoint import CheckpointError
 from tests.eval.conftest import OVERRIDES
 
@@ -41,14 +42,19 @@ def test_load_run_errors_say_what_to_do(tiny_runs, tmp_path):
     ck = bad / "checkpoints" / "step_00000004"
     data = (ck / "model.safetensors").read_bytes()
     (ck / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(CheckpointError, match="corrupted or unreadable"):
-        load_run(str(bad))
+    with pytest.raises(CheckpointError, match=r"model.safetensors has \d+ bytes.*steps \[2\]: pass step=N"):
+        load_run(str(bad))  # the newest is damaged: an error naming the file, not a silent older step
+    assert load_run(str(bad), step=2, device="cpu")[0].run_info.step == 2
     meta = json.loads((ck / "meta.json").read_text())
     shutil.copy(os.path.join(tiny_runs["titans"], "checkpoints", "step_00000004", "model.safetensors"),
                 ck / "model.safetensors")  # another model's weights under hope's meta
+    checkpoint.write_checksums(str(ck))  # (consistently written, so the checksums pass)
     with pytest.raises(CheckpointError, match="do not fit the recorded hope config"):
         load_run(str(bad))
     (ck / "meta.json").write_text(json.dumps({**meta, "model": "gpt"}))
+    with pytest.raises(CheckpointError, match=r"meta.json has \d+ bytes, \d+ were written"):
+        load_run(str(bad))  # an edited meta.json fails its checksum
+    checkpoint.write_checksums(str(ck))
     with pytest.raises(CheckpointError, match="no known model"):
         load_run(str(bad))
 

@@ -7,7 +7,8 @@ from tests.train.conftest import read_metrics
 
 
 def torchrun_two_workers(cfg, tmp_path) -> list[dict]:
-    """Train `cfg` with 2 CPU processes (gloo); returns each rank's checksum and final loss."""
+    """Train `cfg` with 2 CPU processes (gloo); returns each rank's checksum and final loss.
+    What the run prints is printed once (rank 0), on whole lines."""
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
@@ -15,6 +16,9 @@ def torchrun_two_workers(cfg, tmp_path) -> list[dict]:
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         worker, str(path)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
+    if cfg["train"].get("eval_every"):
+        lines = r.stdout.splitlines()
+        assert sum(line.startswith("validation loss by step: ") for line in lines) == 1, r.stdout
     out = cfg["train"]["out_dir"]
     return [json.load(open(os.path.join(out, f"worker{i}.json"))) for i in range(2)]
 
