@@ -20,6 +20,28 @@ from .teach import TeachCapture
 INNER_OPTIMIZERS = ("gd", "momentum", "dgd")
 
 
+def dgd_inputs(x: Tensor, delta: Tensor, optimizer: str) -> tuple[Tensor, Tensor]:
+    """The inputs and signals a level's layer is updated with. For `dgd` the preconditioner
+    `(alpha I - lr sum_t k_t k_t^T)` takes unit keys k_t = x_t / ||x_t||, as DGD assumes (MATH
+    section 2), and the signal is scaled by ||x_t|| so that the gradient term
+    sum_t (||x_t|| delta_t) k_t^T = sum_t delta_t x_t^T is unchanged. Raw RMS-normalised inputs
+    have ||x_t||^2 ~ d_model, which made the preconditioner's top eigenvalue lr * C * d_model
+    (8 for the smoke model's period-64 level at lr 1e-3) and the weights blow up.
+    Other optimizers take x and delta as they are."""
+    if optimizer != "dgd":
+        return x, delta
+    n = x.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (x / n.to(x.dtype)), delta * n.to(delta.dtype)
+
+
+def dgd_step(lr: float, period: int) -> float:
+    """The dgd level's step, min(lr, 1 / period): with unit keys the preconditioner's
+    eigenvalues are then in [alpha - 1, alpha], so it never expands the weight (a sum of
+    `period` unit rank-one terms has eigenvalues at most `period`). At the defaults
+    (lr 1e-3, periods up to 64) this is lr itself."""
+    return min(float(lr), 1.0 / period)
+
+
 @dataclass(frozen=True)
 class UpdateEvent:
     layer: int
@@ -128,11 +150,14 @@ class CMSChain(nn.Module):
             surprise[lvl] = (norm_t.mean(), torch.stack([
                 seen.sum().to(norm_t.dtype), passed.sum().to(norm_t.dtype),
                 torch.where(seen, norm_t, torch.inf).min(), torch.where(seen, norm_t, -torch.inf).max()]))
-            kw = dict(lr=self.lrs[lvl] if lr is None else lr, optimizer=self.optimizers[lvl],
+            opt, step = self.optimizers[lvl], self.lrs[lvl] if lr is None else lr
+            kw = dict(lr=dgd_step(step, self.periods[lvl]) if opt == "dgd" else step, optimizer=opt,
                       beta=self.beta, alpha=self.dgd_alpha)
             wdt = st.up.weight.dtype  # under autocast the activations may be in another dtype
-            up, u_rep = ops.cms_update(st.up, capture.inputs[ku].to(wdt), (d_up * factor).to(wdt), **kw)
-            down, d_rep = ops.cms_update(st.down, capture.inputs[kd].to(wdt), (d_down * factor).to(wdt), **kw)
+            x_up, s_up = dgd_inputs(capture.inputs[ku], d_up * factor, opt)
+            x_dn, s_dn = dgd_inputs(capture.inputs[kd], d_down * factor, opt)
+            up, u_rep = ops.cms_update(st.up, x_up.to(wdt), s_up.to(wdt), **kw)
+            down, d_rep = ops.cms_update(st.down, x_dn.to(wdt), s_dn.to(wdt), **kw)
             norms = (u_rep.update_norms.square() + d_rep.update_norms.square()).sqrt()
             log.add(layer, lvl, tuple(capture.position + i for i in u_rep.token_index), self.periods[lvl], norms)
             new.append(CMSLevelState(up, down))

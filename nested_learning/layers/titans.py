@@ -23,6 +23,33 @@ from .. import ops
 from ..ops._checks import positive_int
 from .common import CausalDepthwiseConv, RMSNorm, dense, fast_weight
 
+# Largest |act'(x)| of each memory activation (every one also has |act(x)| <= |x|).
+ACT_SLOPE = {"silu": 1.0999, "gelu": 1.13, "relu": 1.0}
+
+
+def mlp_curvature(k: Tensor, W1: Tensor, W2: Tensor, activation: str = "silu") -> Tensor:
+    """[B, T, H] upper bound on the Gauss-Newton curvature of token t's memory loss
+    ||k + W1 act(W2 k) - v||^2 in (W1, W2) at the given weights: 2 ||k||^2 (||W2||_2^2 +
+    L^2 ||W1||_2^2), L = max |act'| (MATH section 3.3). Spectral norms, no gradient."""
+    with torch.no_grad():  # (non-finite weights are left for the loss and the training guard to see)
+        s1, s2 = (torch.linalg.matrix_norm(torch.nan_to_num(W.float(), 0.0, 0.0, 0.0), ord=2).square()
+                  for W in (W1, W2))  # [B, H]
+        return 2 * k.float().square().sum(-1) * (s2 + ACT_SLOPE[activation] ** 2 * s1)[:, None]
+
+
+def bounded_step(theta: Tensor, curvature: Tensor, chunk: int) -> Tensor:
+    """[B, T, H] factor in (0, 1] for theta: per chunk of `chunk` tokens, per sequence and
+    head, min(1, 1 / sum_t theta_t kappa_t), so the chunk's summed gradient step times its
+    curvature bound kappa_t is at most 1 (a gradient step on a quadratic is stable below 2,
+    and heavy-ball momentum widens that to 2 (1 + eta)). It is 1, and theta unchanged bit for
+    bit, while the bound holds; a stop-gradient factor otherwise (MATH section 3.3)."""
+    with torch.no_grad():
+        B, T, H = theta.shape
+        n = -(-T // chunk) * chunk
+        load = F.pad(theta.float() * curvature, (0, 0, 0, n - T)).view(B, n // chunk, chunk, H).sum(2)
+        scale = (1.0 / load.clamp(min=1e-30)).clamp(max=1.0)  # [B, chunks, H]
+        return scale.repeat_interleave(chunk, 1)[:, :T].to(theta.dtype)
+
 
 @dataclass
 class TitansState:
@@ -99,8 +126,15 @@ class TitansMemory(nn.Module):
 
     def _run(self, seq: list[Tensor], mem: list[Tensor]):
         q, k, v, theta, eta, alpha = seq
-        if self.kind == "linear":
+        if self.kind == "linear":  # the curvature 2 ||k||^2 does not depend on the state: one call
+            theta = theta * bounded_step(theta, 2 * k.float().square().sum(-1), self.chunk)
             o, st = ops.titan_update(q, k, v, theta, eta, alpha, initial_state=tuple(mem), chunk_size=self.chunk)
-        else:
-            o, st = ops.titan_mlp_update(q, k, v, theta, eta, alpha, initial_state=tuple(mem), chunk_size=self.chunk)
-        return o, list(st)
+            return o, list(st)
+        outs, T = [], q.shape[1]
+        for s in range(0, T, self.chunk):  # the bound needs each chunk's start weights: one call per chunk
+            c = slice(s, min(s + self.chunk, T))
+            th = theta[:, c] * bounded_step(theta[:, c], mlp_curvature(k[:, c], mem[0], mem[1]), self.chunk)
+            o, mem = ops.titan_mlp_update(q[:, c], k[:, c], v[:, c], th, eta[:, c], alpha[:, c],
+                                          initial_state=tuple(mem), chunk_size=self.chunk)
+            outs.append(o)
+        return torch.cat(outs, 1), list(mem)

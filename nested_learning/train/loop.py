@@ -218,7 +218,7 @@ def _run(cfg: dict, info) -> dict:
                     except NonFiniteInputError as err:
                         if info.world > 1:  # the other ranks wait in the gradient all-reduce: stop all
                             raise TrainingDiverged(f"step {step + 1}: non-finite values reached an op ({err})") from err
-                        bad = f"non-finite values reached an op ({err})"
+                        bad, loss_acc = f"non-finite values reached an op ({err})", math.nan
                         break
                     except Exception as err:  # noqa: BLE001 (guarded compile: fall back, say why)
                         if fwd is wrapped:

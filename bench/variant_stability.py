@@ -1,0 +1,154 @@
+"""Does every model variant train stably under the defaults? Loss at steps 50/100/200 and the
+largest gradient norm of the README's main job with one override per variant.
+
+    python bench/variant_stability.py                         # every variant, 200 steps, with the fixes
+    python bench/variant_stability.py --raw --variants hope-dgd,titans-mlp   # the rules before the fixes
+    python bench/variant_stability.py --steps 200 --json bench/out/variant_stability.json
+    python bench/variant_stability.py --layer-cost            # what the MLP memory's bound costs
+
+Each row is `python train.py <override> train.steps=N` (evaluations and saves off) run
+in-process in a fresh temporary out_dir. `--raw` restores the inner rules as they were before
+issue 19: the CMS `dgd` preconditioner on the raw inputs with lr as given, and the Titans
+memory step without its curvature bound (the divergence guard stays on, so a diverging run
+ends with TrainingDiverged; the row gives the first step whose loss or gradient was not
+finite). See docs/stability_journal.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from unittest import mock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+VARIANTS = {
+    "hope": [],
+    "hope-dgd": ["model.overrides.cms_optimizer=dgd"],
+    "hope-dgd-lr1e-5": ["model.overrides.cms_optimizer=dgd", "model.overrides.cms_lr=1e-5"],
+    "hope-per-level": ["model.overrides.cms_optimizer=[gd,momentum,dgd,dgd]"],
+    "hope-momentum": ["model.overrides.cms_optimizer=momentum"],
+    "hope-differentiable-writes": ["+model.overrides.differentiable_writes=true"],
+    "hope-context-null": ["train.context_len=null"],
+    "hope-bf16": ["train.bf16=true"],
+    "hope-muon": ["optim=mixed_muon_adamw"],
+    "titans": ["model=titans"],
+    "titans-mlp": ["model=titans", "model.overrides.memory=mlp"],
+    "titans-mlp-lr1e-3": ["model=titans", "model.overrides.memory=mlp", "optim.lr=1e-3"],
+    "transformer-window64": ["model=transformer", "+model.overrides.window=64"],
+}
+
+
+def raw_rules(stack: ExitStack) -> None:
+    """The inner rules before the fixes (for the 'before' rows)."""
+    import torch
+
+    from nested_learning.layers import cms, titans
+
+    stack.enter_context(mock.patch.object(cms, "dgd_inputs", lambda x, delta, opt: (x, delta)))
+    stack.enter_context(mock.patch.object(cms, "dgd_step", lambda lr, period: lr))
+    stack.enter_context(mock.patch.object(titans, "bounded_step", lambda th, curv, chunk: torch.ones_like(th)))
+
+
+def run_variant(name: str, steps: int, raw: bool) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from nested_learning.train.loop import TrainingDiverged, run
+    from nested_learning.train.metrics import read_records
+
+    out = tempfile.mkdtemp(prefix=f"stab-{name}-")
+    over = VARIANTS[name] + [f"train.steps={steps}", f"train.out_dir={out}", "train.eval_every=0",
+                             "train.save_every=0", "train.progress=false"]
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("config", overrides=over), resolve=True)
+    t0, status = time.perf_counter(), "completed"
+    with ExitStack() as stack:
+        if raw:
+            raw_rules(stack)
+        try:
+            run(cfg)
+        except TrainingDiverged as err:
+            status = f"diverged ({str(err)[:80]})"
+    recs = read_records(os.path.join(out, "metrics.jsonl"))
+    bad = [r["step"] for r in recs if r.get("skipped")]
+    gn = [r["grad_norm"] for r in recs if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"])]
+    at = {s: next((r["loss"] for r in recs if r["step"] == s), None) for s in (50, 100, 200) if s <= steps}
+    return {"variant": name, "overrides": VARIANTS[name], "rules": "raw" if raw else "fixed", "steps": steps,
+            "status": status, "steps_run": len(recs), "first_bad_step": bad[0] if bad else None,
+            "skipped_steps": len(bad), "loss_at": at, "final_loss": recs[-1]["loss"] if recs else None,
+            "max_grad_norm": max(gn) if gn else None, "seconds": time.perf_counter() - t0}
+
+
+def layer_cost(repeats: int = 10) -> None:
+    """Median forward + backward time of the smoke Titans MLP memory layer (d_model 128, 4 heads,
+    8 x 128 tokens): one op call per segment (before) against one per chunk with the bound."""
+    import torch
+
+    import nested_learning.layers.titans as titans
+
+    torch.manual_seed(0)
+    layer = titans.TitansMemory(128, 4, memory="mlp", chunk_size=16)
+    x = torch.randn(8, 128, 128)
+
+    def median_ms() -> float:
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            o, _ = layer(x, layer.init_state(8, "cpu", torch.float32))
+            o.square().mean().backward()
+            if i:  # the first is a warm-up
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2] * 1e3
+
+    def one_call(self, seq, mem):
+        q, k, v, theta, eta, alpha = seq
+        o, st = titans.ops.titan_mlp_update(q, k, v, theta, eta, alpha, initial_state=tuple(mem),
+                                            chunk_size=self.chunk)
+        return o, list(st)
+
+    after = median_ms()
+    with mock.patch.object(titans.TitansMemory, "_run", one_call):
+        before = median_ms()
+    print(f"Titans MLP memory layer, forward + backward, median of {repeats}: one call per segment {before:.1f} ms, "
+          f"one call per chunk with the curvature bound {after:.1f} ms ({after / before:.2f}x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--raw", action="store_true", help="the inner rules before the fixes")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--layer-cost", action="store_true", help="time the MLP memory layer before/after, then exit")
+    a = ap.parse_args()
+    if a.layer_cost:
+        layer_cost()
+        return
+    names = [v for v in a.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    rows = []
+    print("| variant | rules | status | loss@50 | loss@100 | loss@200 | max grad norm | first bad step |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        r = run_variant(name, a.steps, a.raw)
+        rows.append(r)
+        f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"| {name} | {r['rules']} | {r['status'][:40]} | {f(r['loss_at'].get(50))} | {f(r['loss_at'].get(100))} | "
+              f"{f(r['loss_at'].get(200))} | {f(r['max_grad_norm'])} | {r['first_bad_step'] or '-'} |", flush=True)
+        if a.json:
+            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+            with open(a.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
