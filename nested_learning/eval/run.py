@@ -42,9 +42,7 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, str | None
     if step is not None:
         ck = checkpoint.checkpoint_dir(path, step)
         if not os.path.isdir(ck):
-            have = sorted(d for d in os.listdir(os.path.join(path, "checkpoints"))
-                          if d.startswith("step_") and not d.endswith(".tmp")) \
-                if os.path.isdir(os.path.join(path, "checkpoints")) else []
+            have = sorted(os.path.basename(p) for _, p in checkpoint.step_dirs(path))
             raise CheckpointError(f"{path} has no checkpoint at step {step}; it has {have or 'none'}")
         return ck, path
     found = checkpoint.step_dirs(path)
