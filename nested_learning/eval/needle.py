@@ -1,0 +1,279 @@
+"""Needle-in-a-haystack and passkey prompts at exact token lengths, and their scoring.
+
+A prompt of length L has exactly L tokens of the model's tokenizer: it is built from token
+ids, never from text that is tokenised afterwards. The haystack is real prose split into
+sentences, each sentence tokenised on its own (with its leading space), taken in order from
+a seeded starting sentence and cut to fit; needles go in at sentence boundaries, the question
+(and the answer's opening words) closes the prompt. RULER's variants (Hsieh et al., 2024):
+
+    single      one needle, its key queried
+    multikey    the needle among distractor needles with other keys; one key queried
+    multivalue  several needles with one key; every value must be returned
+    multiquery  several needles with different keys; all keys queried, all values returned
+
+Scores of an item: `exact` (greedy generation contains every expected value, RULER's string
+match) and, per expected value, the rank of its log-likelihood as the prompt's continuation
+among K seeded distractor values (1 = above every distractor; chance of rank 1: 1/(K+1)).
+The prompt streams through the fast state in segments; attention layers keep at most
+`window` keys (their KV cache), and a result says when that windowed the prompt."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..layers.attention import CausalSelfAttention
+from .loglik import score_rows
+
+VARIANTS = ("single", "multikey", "multivalue", "multiquery")
+ADJECTIVES = ("amber quiet golden hidden silver northern bitter gentle crimson hollow frozen ancient "
+              "distant narrow restless velvet iron scarlet wandering silent bright lonely").split()
+NOUNS = ("river harbor lantern meadow falcon orchard compass tower garden anchor glacier canyon "
+         "violin beacon thistle marble raven willow summit ember").split()
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def parse_series(spec: str, geometric: bool) -> list[float]:
+    """'2k,4k,...,512k' (geometric: doubling) or '0,10,...,100' (arithmetic): the first two
+    terms give the ratio or step, the term after '...' the last one; 'k' is 1024."""
+    def num(x: str) -> float:
+        x = x.strip().lower()
+        return float(x[:-1]) * 1024 if x.endswith("k") else float(x)
+
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if "..." not in parts:
+        return [num(p) for p in parts]
+    i = parts.index("...")
+    if i < 2 or i != len(parts) - 2:
+        raise ValueError(f"{spec!r}: write a series as a,b,...,z (two terms, '...', the last term)")
+    head, a, b, end = [num(p) for p in parts[:i]], num(parts[i - 2]), num(parts[i - 1]), num(parts[-1])
+    out = head
+    if geometric:
+        if not (a > 0 and b > a):
+            raise ValueError(f"{spec!r}: a growing series needs 0 < a < b")
+        while out[-1] * (b / a) <= end * (1 + 1e-9):
+            out.append(out[-1] * (b / a))
+    else:
+        if not b > a:
+            raise ValueError(f"{spec!r}: an arithmetic series needs a < b")
+        while out[-1] + (b - a) <= end + 1e-9:
+            out.append(out[-1] + (b - a))
+    return out
+
+
+def parse_lengths(spec: str) -> list[int]:
+    out = [int(round(x)) for x in parse_series(spec, geometric=True)]
+    if any(n < 1 for n in out):
+        raise ValueError(f"--lengths {spec!r}: every length must be a positive number of tokens")
+    return out
+
+
+def parse_depths(spec: str) -> list[float]:
+    out = parse_series(spec, geometric=False)
+    if any(not 0 <= d <= 100 for d in out):
+        raise ValueError(f"--depths {spec!r}: depths are percentages in [0, 100]")
+    return out
+
+
+def length_name(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+# ---------------------------------------------------------------------------- haystack
+@dataclass
+class Haystack:
+    """Prose as tokenised sentences; `name` says where it came from."""
+
+    sentences: list[list[int]]
+    name: str
+    tokens: int = 0
+
+    def __post_init__(self):
+        self.sentences = [s for s in self.sentences if s]
+        self.tokens = sum(len(s) for s in self.sentences)
+        if not self.sentences:
+            raise ValueError(f"haystack {self.name!r} has no text")
+
+    @classmethod
+    def from_texts(cls, tok, texts: list[str], name: str) -> Haystack:
+        sents = [s for t in texts for s in re.split(r"(?<=[.!?])\s+", " ".join(t.split())) if s]
+        return cls([e.ids for e in tok.encode_batch([" " + s for s in sents])], name)
+
+    def take(self, n: int, rng: random.Random) -> tuple[list[int], list[int], int]:
+        """n tokens of consecutive sentences from a seeded start (wrapping around): (ids, the
+        token offsets where a sentence starts, how many times the text was wrapped)."""
+        i, ids, starts, wraps = rng.randrange(len(self.sentences)), [], [], 0
+        while len(ids) < n:
+            starts.append(len(ids))
+            ids += self.sentences[i]
+            i += 1
+            if i == len(self.sentences):
+                i, wraps = 0, wraps + 1
+        return ids[:n], [s for s in starts if s < n] + [n], wraps
+
+
+# ---------------------------------------------------------------------------- items
+@dataclass
+class Item:
+    """One prompt: ids (exactly `length` tokens), the expected values, and where the needles are."""
+
+    variant: str
+    length: int
+    depth: float
+    ids: list[int]
+    expected: list[str]
+    distractor_values: list[str]
+    needles: list[dict] = field(default_factory=list)  # {key, value, position (token), tokens, queried}
+    haystack_wraps: int = 0
+
+
+class NeedleTask:
+    """Builds items of one task: `kind` 'niah' (magic numbers for keys) or 'passkey'."""
+
+    def __init__(self, tok, haystack: Haystack, kind: str = "niah", digits: int = 7, distractors: int = 9,
+                 n_needles: int = 3):
+        if kind not in ("niah", "passkey"):
+            raise ValueError(f"kind must be 'niah' or 'passkey', got {kind!r}")
+        if digits < 1 or distractors < 1 or n_needles < 2:
+            raise ValueError("digits >= 1, distractors >= 1 and n_needles >= 2 are required")
+        self.tok, self.haystack, self.kind = tok, haystack, kind
+        self.digits, self.k, self.n = digits, distractors, n_needles
+
+    def _enc(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def _value(self, rng, taken: set) -> str:
+        while True:
+            v = str(rng.randrange(10 ** (self.digits - 1), 10 ** self.digits))
+            if v not in taken:
+                taken.add(v)
+                return v
+
+    def _keys(self, rng, n: int) -> list[str]:
+        return [f"{a}-{b}" for a, b in rng.sample([(a, b) for a in ADJECTIVES for b in NOUNS], n)]
+
+    def _plan(self, variant: str, rng) -> tuple[list[tuple[str, str, bool]], str, list[str]]:
+        """(needles (key, value, queried), question text, expected values)."""
+        taken: set = set()
+        if self.kind == "passkey":
+            if variant != "single":
+                raise ValueError("passkey has one variant: single")
+            v = self._value(rng, taken)
+            return [("", v, True)], " What is the pass key? The pass key is", [v]
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+        keys = self._keys(rng, self.n if variant in ("multikey", "multiquery") else 1)
+        if variant == "single":
+            needles = [(keys[0], self._value(rng, taken), True)]
+        elif variant == "multikey":
+            needles = [(k, self._value(rng, taken), i == 0) for i, k in enumerate(keys)]
+        elif variant == "multivalue":
+            needles = [(keys[0], self._value(rng, taken), True) for _ in range(self.n)]
+        else:
+            needles = [(k, self._value(rng, taken), True) for k in keys]
+        queried = list(dict.fromkeys(k for k, _, q in needles if q))
+        about = " and ".join(queried)
+        if variant in ("single", "multikey"):
+            q = (f" What is the special magic number for {about} mentioned in the provided text? "
+                 f"The special magic number for {about} mentioned in the provided text is")
+        else:
+            q = (f" What are all the special magic numbers for {about} mentioned in the provided text? "
+                 f"The special magic numbers for {about} mentioned in the provided text are")
+        return needles, q, [v for _, v, qd in needles if qd]
+
+    def needle_text(self, key: str, value: str) -> str:
+        if self.kind == "passkey":
+            return f" The pass key is {value}. Remember it. {value} is the pass key."
+        return f" One of the special magic numbers for {key} is: {value}."
+
+    def item(self, variant: str, length: int, depth: float, seed: int) -> Item:
+        """The item of (variant, length, depth, seed): exactly `length` tokens. The (first)
+        queried needle starts at the sentence boundary nearest to `depth` percent of the
+        haystack; the other needles at seeded random boundaries."""
+        rng = random.Random(f"{self.kind}|{variant}|{length}|{depth}|{seed}")
+        needles, question, expected = self._plan(variant, rng)
+        n_ids = [self._enc(self.needle_text(k, v)) for k, v, _ in needles]
+        q_ids = self._enc(question)
+        room = length - len(q_ids) - sum(len(x) for x in n_ids)
+        if room < 1:
+            raise ValueError(f"{length} tokens cannot hold the needles and question "
+                             f"({length - room + 1} tokens with one haystack token)")
+        hay, starts, wraps = self.haystack.take(room, rng)
+        first = min(starts, key=lambda s: abs(s - depth / 100 * room))
+        cuts = [first] + [rng.choice(starts) for _ in needles[1:]]
+        order = sorted(range(len(needles)), key=lambda i: (cuts[i], i))
+        ids, placed, prev = [], [None] * len(needles), 0
+        for i in order:
+            ids += hay[prev:cuts[i]]
+            prev = cuts[i]
+            placed[i] = len(ids)
+            ids += n_ids[i]
+        ids += hay[prev:] + q_ids
+        taken = {v for _, v, _ in needles}
+        return Item(variant, length, depth, ids, expected, [self._value(rng, taken) for _ in range(self.k)],
+                    [{"key": k, "value": v, "queried": qd, "position": placed[i], "tokens": len(n_ids[i])}
+                     for i, (k, v, qd) in enumerate(needles)], wraps)
+
+
+# ---------------------------------------------------------------------------- scoring
+@contextlib.contextmanager
+def attention_window(model, window: int | None):
+    """Every attention layer keeps at most `window` keys (None: as configured) while inside."""
+    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    saved = [m.window for m in layers]
+    try:
+        if window is not None:
+            for m in layers:
+                m.window = window if m.window is None else min(m.window, window)
+        yield layers
+    finally:
+        for m, w in zip(layers, saved):
+            m.window = w
+
+
+def has_attention(model) -> bool:
+    return any(isinstance(m, CausalSelfAttention) for m in model.modules())
+
+
+def attended_keys(model) -> int | None:
+    """The most keys any attention layer attends to (None: unbounded, or no attention)."""
+    ws = [m.window for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    return None if not ws or None in ws else max(ws)
+
+
+def stream_prompt(model, ids: list[int], segment: int, memorize=None, reports=None):
+    """The state after every prompt token but the last (streamed or memorised in segments;
+    memorisation sees only the prompt's own next tokens)."""
+    from .loglik import consume_context
+
+    with torch.no_grad():
+        return consume_context(model, torch.tensor([ids], device=model.embed.weight.device), memorize,
+                               reports, segment)
+
+
+def score_item(task: NeedleTask, model, item: Item, segment: int, max_new_tokens: int | None = None,
+               memorize=None, reports=None) -> dict:
+    """The record of one item: exact match of the greedy generation, the log-likelihood rank of
+    each expected value among the distractors, and the prompt's measured token count."""
+    state = stream_prompt(model, item.ids, segment, memorize, reports)
+    cands = item.expected + item.distractor_values
+    scored = score_rows(model, state, [item.ids[-1]], [(0, task._enc(" " + v)) for v in cands])
+    ll = [s.loglik for s in scored]
+    distract = ll[len(item.expected):]
+    ranks = [1 + sum(d > ll[i] for d in distract) for i in range(len(item.expected))]
+    per_value = max(len(task._enc(" " + v)) for v in item.expected) + 2
+    new = max_new_tokens or per_value * len(item.expected)
+    dev = model.embed.weight.device
+    gen, _ = model.generate(torch.tensor([[item.ids[-1]]], device=dev), new, state=state)
+    text = task.tok.decode(gen[0].tolist())
+    found = set(re.findall(r"\d+", text))
+    return {"variant": item.variant, "length": item.length, "depth": item.depth,
+            "prompt_tokens": len(item.ids), "needles": item.needles, "expected": item.expected,
+            "generated": text, "exact": all(v in found for v in item.expected),
+            "ranks": ranks, "rank1": sum(r == 1 for r in ranks) / len(ranks),
+            "loglik_true": ll[: len(item.expected)], "loglik_distractors_max": max(distract),
+            "haystack_wraps": item.haystack_wraps}
