@@ -145,11 +145,16 @@ def score_document(model, ids: list[int], prefix: int, segment: int, memorize: M
 
 def segment_score(model, docs: list[list[int]], prefix: int, segment: int, memorize, reports=None) -> float:
     """Mean held-out loss (nats per scored token) of one segment."""
+    from ..ops import NonFiniteInputError
+
     tot = cnt = 0
     for ids in docs:
         if len(ids) <= prefix:
             continue
-        s, n, _ = score_document(model, ids, prefix, segment, memorize, reports)
+        try:
+            s, n, _ = score_document(model, ids, prefix, segment, memorize, reports)
+        except NonFiniteInputError:  # a diverged model: its score is not a number (null in the JSON)
+            return math.nan
         tot, cnt = tot + s, cnt + n
     if not cnt:
         raise ValueError(f"no held-out document is longer than the {prefix}-token context prefix")
@@ -176,38 +181,56 @@ class LevelClock:
 
 
 def train_segment(model, opt, docs: TokenDocs, steps: int, batch: int, seq_len: int, context_len: int | None,
-                  seed: int, pad_id: int, clip: float | None, progress=None) -> dict:
+                  seed: int, pad_id: int, clip: float | None, warmup: int = 0, done: int = 0, max_bad: int = 3,
+                  progress=None) -> dict:
     """`steps` optimizer steps on one segment's training documents (the training step of
-    train.py: streamed fast state, outer step, then the CMS update pass). A step whose loss or
-    gradient is not finite is skipped (no update) and counted."""
+    train.py: streamed fast state, outer step, then the CMS update pass), the learning rate
+    warmed up linearly over the protocol's first `warmup` steps (`done` steps were taken
+    before this segment) and constant after. A step whose loss or gradient is not finite, or
+    whose forward meets a NaN gate, is skipped (no update) and counted; `max_bad` in a row stop
+    the segment's training, recorded as `diverged_at_step`."""
+    from ..ops import NonFiniteInputError
+
     streams = DocumentStreams(docs, batch, seq_len, seed, pad_id, context_len=context_len)
-    state, clock, losses, skipped = model.init_state(batch), LevelClock(), [], 0
+    state, clock, losses, skipped, bad, diverged = model.init_state(batch), LevelClock(), [], 0, 0, None
+    base = [g["lr"] for g in opt.param_groups]
+    dev = model.embed.weight.device
     model.train()
-    for _ in range(steps):
-        tok, tgt, reset = streams.next()
-        dev = model.embed.weight.device
-        tok, tgt, reset = tok.to(dev), tgt.to(dev), reset.to(dev)
+    for k in range(steps):
+        for g, lr in zip(opt.param_groups, base):
+            g["lr"] = lr * min(1.0, (done + k + 1) / warmup) if warmup else lr
+        tok, tgt, reset = (x.to(dev) for x in streams.next())
         if reset.any():
             state = model.reset_state(state, reset)
-        loss, cap, new = model.train_forward(tok, state, targets=tgt)
-        loss.backward()
-        g = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if clip is None else clip)
-        if not (torch.isfinite(loss) and torch.isfinite(g)):
-            skipped += 1
+        try:
+            loss, cap, new = model.train_forward(tok, state, targets=tgt)
+            loss.backward()
+            g = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if clip is None else clip)
+            ok = bool(torch.isfinite(loss) and torch.isfinite(g))
+        except NonFiniteInputError:
+            ok = False
+        if not ok:
+            skipped, bad = skipped + 1, bad + 1
             opt.zero_grad(set_to_none=True)
+            state = model.init_state(batch)
+            if bad >= max_bad:
+                diverged = k + 1
+                break
             continue
         opt.step()
         opt.zero_grad(set_to_none=True)
         new, rep = model.apply_updates(new, cap)
         clock.add(rep.events)
-        state = new.detach()
+        state, bad = new.detach(), 0
         losses.append(float(loss.detach()))
         del cap, loss
         if progress is not None:
             progress.update(1)
+    for g, lr in zip(opt.param_groups, base):
+        g["lr"] = lr
     model.eval()
     return {"train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-            "skipped_steps": skipped, "level_clock": clock.as_list()}
+            "skipped_steps": skipped, "diverged_at_step": diverged, "level_clock": clock.as_list()}
 
 
 def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: int, batch: int, seq_len: int,
@@ -242,7 +265,9 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: in
     stages = []
     for i, s in enumerate(segments):
         stages.append({"segment": s.name, **train_segment(model, opt, train_docs[i], steps, batch, seq_len,
-                                                          context_len, seed + i, pad, clip, progress)})
+                                                          context_len, seed + i, pad, clip,
+                                                          int(optim_cfg.get("warmup", 0)), i * steps,
+                                                          progress=progress)})
         for m, st in modes.items():
             losses[m].append(row(st))
     scored = [sum(max(0, len(ids) - prefix) for ids in d) for d in evals]

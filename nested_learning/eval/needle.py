@@ -258,7 +258,21 @@ def stream_prompt(model, ids: list[int], segment: int, memorize=None, reports=No
 def score_item(task: NeedleTask, model, item: Item, segment: int, max_new_tokens: int | None = None,
                memorize=None, reports=None) -> dict:
     """The record of one item: exact match of the greedy generation, the log-likelihood rank of
-    each expected value among the distractors, and the prompt's measured token count."""
+    each expected value among the distractors, and the prompt's measured token count. A prompt
+    on which the model's state goes non-finite (a NaN gate) is a failed item, scored as wrong
+    (worst rank) and marked `non_finite` with the error."""
+    from ..ops import NonFiniteInputError
+
+    record = {"variant": item.variant, "length": item.length, "depth": item.depth, "prompt_tokens": len(item.ids),
+              "needles": item.needles, "expected": item.expected, "haystack_wraps": item.haystack_wraps}
+    try:
+        return {**record, **_answer(task, model, item, segment, max_new_tokens, memorize, reports)}
+    except NonFiniteInputError as err:  # the model's state diverged on this prompt: it cannot answer
+        return {**record, "generated": "", "exact": False, "ranks": [task.k + 1] * len(item.expected), "rank1": 0.0,
+                "non_finite": str(err)}
+
+
+def _answer(task, model, item, segment, max_new_tokens, memorize, reports) -> dict:
     state = stream_prompt(model, item.ids, segment, memorize, reports)
     cands = item.expected + item.distractor_values
     scored = score_rows(model, state, [item.ids[-1]], [(0, task._enc(" " + v)) for v in cands])
@@ -271,9 +285,6 @@ def score_item(task: NeedleTask, model, item: Item, segment: int, max_new_tokens
     gen, _ = model.generate(torch.tensor([[item.ids[-1]]], device=dev), new, state=state)
     text = task.tok.decode(gen[0].tolist())
     found = set(re.findall(r"\d+", text))
-    return {"variant": item.variant, "length": item.length, "depth": item.depth,
-            "prompt_tokens": len(item.ids), "needles": item.needles, "expected": item.expected,
-            "generated": text, "exact": all(v in found for v in item.expected),
+    return {"generated": text, "exact": all(v in found for v in item.expected),
             "ranks": ranks, "rank1": sum(r == 1 for r in ranks) / len(ranks),
-            "loglik_true": ll[: len(item.expected)], "loglik_distractors_max": max(distract),
-            "haystack_wraps": item.haystack_wraps}
+            "loglik_true": ll[: len(item.expected)], "loglik_distractors_max": max(distract)}

@@ -65,7 +65,7 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
         r1, r1_se = mean_stderr([r["rank1"] for r in recs])
         entry.update(items=len(recs), exact=ex, exact_stderr=ex_se, rank1=r1, rank1_stderr=r1_se,
                      mean_rank=sum(sum(r["ranks"]) / len(r["ranks"]) for r in recs) / len(recs),
-                     seconds=dt, prompt_tokens_per_s=rate,
+                     seconds=dt, prompt_tokens_per_s=rate, non_finite=sum("non_finite" in r for r in recs),
                      by_depth={str(d): {"exact": mean_stderr([float(r["exact"]) for r in recs if r["depth"] == d])[0],
                                         "rank1": mean_stderr([r["rank1"] for r in recs if r["depth"] == d])[0]}
                                for d in depths})
@@ -248,6 +248,7 @@ def _print(name: str, variant: str, block: dict) -> None:
         if e["status"] == "run":
             print(f"    {e['name']:>6}: exact {e['exact']:.3f} | rank1 {e['rank1']:.3f} ± {e['rank1_stderr'] or 0:.3f} | "
                   f"mean rank {e['mean_rank']:.2f} | {e['items']} prompts, {e['prompt_tokens_per_s']:.0f} tok/s"
-                  + (f" | attention windowed to {e['attended_keys']} keys" if e["windowed"] else ""))
+                  + (f" | attention windowed to {e['attended_keys']} keys" if e["windowed"] else "")
+                  + (f" | {e['non_finite']} prompts made the state non-finite (scored wrong)" if e["non_finite"] else ""))
         else:
             print(f"    {e['name']:>6}: not run ({e['reason']})")

@@ -6,8 +6,8 @@ forgetting (GEM's definitions, on negative loss) and the CMS level clocks.
     python scripts/eval/continual.py --run RUN --fresh --out DIR       # the run's architecture, untrained
 
 From the run's checkpoint (or, with --fresh, a new model of its config and seed), train on
-segment 1, then 2, ... with the run's optimizer settings at a constant learning rate (a fresh
-optimizer state), and after each stage score every segment's held-out documents: each
+segment 1, then 2, ... with the run's optimizer settings (a fresh optimizer state; the learning
+rate warmed up over the run's optim.warmup steps at the start, then constant), and after each stage score every segment's held-out documents: each
 document's first --prefix tokens are context, the rest is scored. With --memorize the same
 training sequence is also scored after memorising each document's context prefix (never a
 scored token). Default segments: the State of the Union addresses 1790-2021 (npm's
@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--fresh", action="store_true", help="start from an untrained model of the run's config")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
     ap.add_argument("--seq-len", type=int, default=None, help="default: the run's train.seq_len")
-    ap.add_argument("--lr", type=float, default=None, help="default: the run's optim.lr (constant)")
+    ap.add_argument("--lr", type=float, default=None, help="default: the run's optim.lr")
     ap.add_argument("--prefix", type=int, default=256, help="context tokens of each held-out document (not scored)")
     ap.add_argument("--max-docs", type=int, default=4, help="held-out documents scored per segment")
     ap.add_argument("--max-tokens", type=int, default=2048, help="tokens per held-out document (prefix included)")

@@ -90,3 +90,23 @@ def test_protocol_end_to_end(tiny_runs, corpus_dir, tmp_path, name):
         assert out["memorised"]["extra"]["loss_matrix"][1:] != base["extra"]["loss_matrix"][1:]
     else:
         assert "memorised" not in out and all(cl == [] for cl in clocks) and base["extra"]["level_clocks_note"]
+
+
+def test_a_diverging_segment_is_skipped_and_recorded(tiny_runs, corpus_dir, tmp_path, monkeypatch):
+    from nested_learning.ops import NonFiniteInputError
+    from nested_learning.train.data import SPECIALS, TokenDocs
+    from nested_learning.train.optim import build_optimizer
+
+    model, tok = load_run(tiny_runs["hope"], device="cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def boom(*a, **k):
+        raise NonFiniteInputError("theta must lie in [0.0, 1.0], got values in [nan, nan]")
+
+    monkeypatch.setattr(model, "train_forward", boom)
+    seg = _segments(tmp_path, corpus_dir)[0]
+    opt = build_optimizer(model, {"name": "adamw", "lr": 3e-3})
+    out = C.train_segment(model, opt, TokenDocs.encode(seg.train, tok), 10, 2, 16, None, 0,
+                          tok.token_to_id(SPECIALS[1]), 1.0)
+    assert out["diverged_at_step"] == 3 and out["skipped_steps"] == 3 and out["level_clock"] == []
+    assert all((p == b).all() for p, b in zip(model.parameters(), before))  # no update was applied

@@ -142,3 +142,17 @@ def test_streaming_64k_tokens_in_bounded_state(task, name):
         bound = start + 2 * sum(c.cms_periods) * c.d_model * c.n_layers
     assert size(state) <= bound  # a constant, whatever the length
     assert all(torch.isfinite(t).all() for t in state.tensors() if t.is_floating_point())
+
+
+def test_a_prompt_that_makes_the_state_non_finite_is_a_wrong_answer(hope, task, monkeypatch):
+    import nested_learning.eval.needle as N
+    from nested_learning.ops import NonFiniteInputError
+
+    def boom(*a, **k):
+        raise NonFiniteInputError("theta must lie in [0.0, 1.0], got values in [nan, nan]")
+
+    monkeypatch.setattr(N, "stream_prompt", boom)
+    it = task.item("single", 700, 50, 0)
+    rec = score_item(task, hope[0], it, segment=64)
+    assert rec["exact"] is False and rec["ranks"] == [task.k + 1] and "nan" in rec["non_finite"]
+    assert rec["prompt_tokens"] == 700

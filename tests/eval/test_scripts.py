@@ -136,12 +136,14 @@ def test_continual_script(tiny_runs, corpus_dir, tmp_path, segments):
             dirs.append(str(d))
         segments = ",".join(dirs)
     out = tmp_path / "cl"
+    fresh = ["--fresh"] if "," in segments else []  # the local folders start from an untrained model
     r = run_python("scripts/eval/continual.py", "--run", tiny_runs["hope"], "--segments", segments,
                    "--steps-per-segment", "2", "--max-docs", "1", "--max-tokens", "300", "--prefix", "64",
-                   "--out", str(out), "--memorize", "--memory-lr", "0.1", "--no-progress")
+                   "--out", str(out), "--memorize", "--memory-lr", "0.1", "--no-progress", *fresh)
     assert r.returncode == 0, r.stderr
     res = _check(out / "continual.json", "continual")
     (block,) = res["tasks"].values()
+    assert block["extra"]["start"] == ("fresh" if fresh else "step 4")
     n = 5 if segments == "sotu-eras" else 2
     assert len(block["extra"]["loss_matrix"]) == n + 1 and block["extra"]["scored_tokens"] == [300 - 64] * n
     _check(out / "continual_memorize.json", "continual_memorize", memorised=True)
