@@ -56,7 +56,7 @@ class MemorizeTally:
 
 
 def has_cms(model) -> bool:
-    return any(hasattr(b, "cms") for b in model.blocks)
+    return model.has_cms()
 
 
 def segment_losses(model, tokens: Tensor, targets: Tensor, state: ModelState,

@@ -13,11 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..ops._checks import positive_int
+from ..checks import positive_int
+from ..reference.cms import OPTIMIZERS as INNER_OPTIMIZERS
 from .common import RMSNorm, dense, fast_weight
 from .teach import TeachCapture
-
-INNER_OPTIMIZERS = ("gd", "momentum", "dgd")
 
 
 def dgd_inputs(x: Tensor, delta: Tensor, optimizer: str) -> tuple[Tensor, Tensor]:
@@ -76,34 +75,71 @@ class CMSLevelState:
     down: ops.CMSState
 
 
-class CMSChain(nn.Module):
-    def __init__(self, d_model: int, periods=(1, 4, 16, 64), hidden_mult: int = 4,
-                 optimizer="gd", lr=1e-2, beta: float = 0.9, dgd_alpha: float = 1.0,
-                 teach_scale: float = 1.0, teach_clip: float | None = None,
-                 differentiable_writes: bool = False):
-        super().__init__()
-        periods = tuple(periods)
-        if not periods:
-            raise ValueError("periods must name at least one level")
-        for i, p in enumerate(periods):
-            positive_int(f"periods[{i}]", p)
-        n = len(periods)
-        self.optimizers = (optimizer,) * n if isinstance(optimizer, str) else tuple(optimizer)
-        self.lrs = (float(lr),) * n if isinstance(lr, (int, float)) else tuple(map(float, lr))
-        if len(self.optimizers) != n or len(self.lrs) != n:
-            raise ValueError(f"optimizer and lr need one entry per level ({n})")
-        for o in self.optimizers:
+@dataclass
+class CMSConfig:
+    """The CMS chain of one block, and the one place its settings are checked: a level per
+    period, each a residual MLP (d_model -> hidden_mult d_model -> d_model) whose two weights
+    are fast weights updated once per `period` tokens by `optimizer` ("gd", "momentum" or
+    "dgd"; one name, or one per level) at learning rate `lr` (one value, or one per level)."""
+
+    d_model: int
+    periods: tuple = (1, 4, 16, 64)
+    hidden_mult: int = 4
+    optimizer: str | tuple = "gd"
+    lr: float | tuple = 1e-2
+    beta: float = 0.9  # momentum's decay
+    dgd_alpha: float = 1.0  # DGD's retention
+    teach_scale: float = 1.0
+    teach_clip: float | None = None  # per-token L2 clip of the teach signal
+    differentiable_writes: bool = False
+    names: dict | None = field(default=None, repr=False, compare=False)  # field -> name in messages
+
+    def _n(self, f: str) -> str:
+        return (self.names or {}).get(f, f)
+
+    def __post_init__(self):
+        positive_int(self._n("d_model"), self.d_model)
+        positive_int(self._n("hidden_mult"), self.hidden_mult)
+        self.periods = tuple(self.periods)
+        if not self.periods:
+            raise ValueError(f"{self._n('periods')} must name at least one level")
+        for i, p in enumerate(self.periods):
+            positive_int(f"{self._n('periods')}[{i}]", p)
+        n = len(self.periods)
+        opts = (self.optimizer,) * n if isinstance(self.optimizer, str) else tuple(self.optimizer)
+        lrs = (self.lr,) * n if isinstance(self.lr, (int, float)) else tuple(self.lr)
+        if len(opts) != n or len(lrs) != n:
+            raise ValueError(f"{self._n('optimizer')} and {self._n('lr')} need one entry per level "
+                             f"({n} in {self._n('periods')})")
+        for o in opts:
             if o not in INNER_OPTIMIZERS:
-                raise ValueError(f"optimizer must be one of {INNER_OPTIMIZERS}, got {o!r}")
-        if teach_clip is not None and teach_clip <= 0:
-            raise ValueError(f"teach_clip must be positive or None, got {teach_clip}")
-        self.periods, self.beta, self.dgd_alpha = periods, beta, dgd_alpha
-        self.teach_scale, self.teach_clip = teach_scale, teach_clip
-        self.differentiable_writes = differentiable_writes
-        hid = hidden_mult * d_model
-        self.norms = nn.ModuleList(RMSNorm(d_model) for _ in periods)
-        self.up = nn.ParameterList(nn.Parameter(torch.randn(hid, d_model) / d_model**0.5) for _ in periods)
-        self.down = nn.ParameterList(nn.Parameter(torch.randn(d_model, hid) * 0.5 / hid**0.5) for _ in periods)
+                raise ValueError(f"{self._n('optimizer')} must be one of {INNER_OPTIMIZERS}, got {o!r}")
+        if any(not isinstance(x, (int, float)) or x < 0 for x in lrs):
+            raise ValueError(f"{self._n('lr')} must be non-negative numbers, got {self.lr!r}")
+        if self.teach_clip is not None and self.teach_clip <= 0:
+            raise ValueError(f"{self._n('teach_clip')} must be positive or None, got {self.teach_clip}")
+
+    @property
+    def level_optimizers(self) -> tuple[str, ...]:
+        return (self.optimizer,) * len(self.periods) if isinstance(self.optimizer, str) else tuple(self.optimizer)
+
+    @property
+    def level_lrs(self) -> tuple[float, ...]:
+        n = len(self.periods)
+        return (float(self.lr),) * n if isinstance(self.lr, (int, float)) else tuple(map(float, self.lr))
+
+
+class CMSChain(nn.Module):
+    def __init__(self, cfg: CMSConfig):
+        super().__init__()
+        self.optimizers, self.lrs = cfg.level_optimizers, cfg.level_lrs
+        self.periods, self.beta, self.dgd_alpha = cfg.periods, cfg.beta, cfg.dgd_alpha
+        self.teach_scale, self.teach_clip = cfg.teach_scale, cfg.teach_clip
+        self.differentiable_writes = cfg.differentiable_writes
+        d, hid = cfg.d_model, cfg.hidden_mult * cfg.d_model
+        self.norms = nn.ModuleList(RMSNorm(d) for _ in cfg.periods)
+        self.up = nn.ParameterList(nn.Parameter(torch.randn(hid, d) / d**0.5) for _ in cfg.periods)
+        self.down = nn.ParameterList(nn.Parameter(torch.randn(d, hid) * 0.5 / hid**0.5) for _ in cfg.periods)
 
     def init_state(self, batch: int, device, dtype) -> list[CMSLevelState]:
         out = []

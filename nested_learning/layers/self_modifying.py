@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..ops._checks import positive_int
+from ..checks import positive_int
 from .common import RMSNorm, dense, fast_weight
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..ops._checks import positive_int
+from ..checks import positive_int
 from .common import CausalDepthwiseConv, RMSNorm, dense, fast_weight
 
 # Largest |act'(x)| of each memory activation (every one also has |act(x)| <= |x|).

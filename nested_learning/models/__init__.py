@@ -1,67 +1,17 @@
-"""HOPE, Titans and Transformer language models: `build_model(name, size, **overrides)`."""
+"""HOPE, Titans and Transformer language models: `build_model(name, size, **overrides)`.
+Each model's config, block and model class live in one file (hope.py, titans.py,
+transformer.py) over the shared LanguageModel (lm.py); registry.py names them and the sizes."""
 
 from __future__ import annotations
 
-from dataclasses import fields
-
-from .blocks import HOPEBlock, TitansBlock, TransformerBlock
-from .config import HOPEConfig, ModelConfig, TitansConfig, TransformerConfig
-from .lm import LanguageModel, UpdateReport
+from .config import ModelConfig
+from .hope import HOPE, HOPEBlock, HOPEConfig
+from .lm import Block, LanguageModel, UpdateReport
+from .registry import MODELS, NOMINAL_PARAMETERS, SIZES, build_model, size_config
 from .state import ModelState
+from .titans import Titans, TitansBlock, TitansConfig
+from .transformer import Transformer, TransformerBlock, TransformerConfig
 
-
-class Transformer(LanguageModel):
-    block_class = TransformerBlock
-
-
-class Titans(LanguageModel):
-    block_class = TitansBlock
-
-
-class HOPE(LanguageModel):
-    block_class = HOPEBlock
-
-
-MODELS = {"hope": (HOPE, HOPEConfig), "titans": (Titans, TitansConfig),
-          "transformer": (Transformer, TransformerConfig)}
-
-# Sizes: shared dimensions, then per-model layer counts chosen so that every model's exact
-# parameter count is within 10% of the size's name (pilot ~160M, mid ~760M, target ~1.3B;
-# checked by tests/models/test_sizes.py). Model-specific fields keep their defaults.
-SIZES = {
-    "tiny": dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, mlp_mult=2),
-    "smoke": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4),
-    "pilot": dict(vocab_size=32000, d_model=768, n_heads=12,
-                  n_layers=dict(hope=13, titans=13, transformer=19)),
-    "mid": dict(vocab_size=32000, d_model=1536, n_heads=16,
-                n_layers=dict(hope=17, titans=18, transformer=25)),
-    "target": dict(vocab_size=32000, d_model=2048, n_heads=16,
-                   n_layers=dict(hope=16, titans=17, transformer=25)),
-}
-NOMINAL_PARAMETERS = {"pilot": 160e6, "mid": 760e6, "target": 1.3e9}
-
-
-def size_config(name: str, size: str) -> dict:
-    """The config fields of `size` for model `name`."""
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
-    return {k: (v[name] if isinstance(v, dict) else v) for k, v in SIZES[size].items()}
-
-
-def build_model(name: str, size: str = "smoke", **overrides) -> LanguageModel:
-    """build_model("hope" | "titans" | "transformer", size="tiny" | "smoke" | "pilot" | "mid" |
-    "target", **config fields). Build under `torch.device("meta")` to count parameters of the
-    large sizes without allocating them."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    cls, cfg_cls = MODELS[name]
-    base = size_config(name, size)
-    known = {f.name for f in fields(cfg_cls)}
-    bad = set(overrides) - known
-    if bad:
-        raise ValueError(f"{cfg_cls.__name__} has no field(s) {sorted(bad)}; fields: {sorted(known)}")
-    return cls(cfg_cls(**{**base, **overrides}))
-
-
-__all__ = ["HOPE", "HOPEConfig", "LanguageModel", "MODELS", "ModelConfig", "ModelState", "SIZES",
-           "Titans", "TitansConfig", "Transformer", "TransformerConfig", "UpdateReport", "build_model", "size_config", "NOMINAL_PARAMETERS"]
+__all__ = ["Block", "HOPE", "HOPEBlock", "HOPEConfig", "LanguageModel", "MODELS", "ModelConfig", "ModelState",
+           "NOMINAL_PARAMETERS", "SIZES", "Titans", "TitansBlock", "TitansConfig", "Transformer", "TransformerBlock",
+           "TransformerConfig", "UpdateReport", "build_model", "size_config"]

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..checks import positive_int
 from ..layers.cms import UpdateEvent, UpdateLog
 from ..layers.common import RMSNorm
 from ..layers.teach import TeachCapture
-from ..ops._checks import positive_int
 from .state import ModelState, reset_rows
 
 
@@ -44,6 +44,19 @@ class UpdateReport:
         self.surprise_passed += other.surprise_passed
         self.surprise_min = min(self.surprise_min, other.surprise_min)
         self.surprise_max = max(self.surprise_max, other.surprise_max)
+
+
+class Block(nn.Module):
+    """A pre-norm residual block: init_state(batch, device, dtype) -> dict, and
+    forward(x, state, pos, capture, index) -> (x, state). Blocks with CMS levels set has_cms
+    and override apply_updates (the second pass of a training step, and memorisation)."""
+
+    has_cms = False
+
+    def apply_updates(self, state: dict, capture: TeachCapture, index: int, log: UpdateLog, lr: float | None = None,
+                      levels=None, surprise_threshold: float = 0.0) -> tuple[dict, dict]:
+        """(new state, {level: (mean surprise, statistics)}) after this block's CMS updates."""
+        return state, {}
 
 
 class LanguageModel(nn.Module):
@@ -81,6 +94,10 @@ class LanguageModel(nn.Module):
     @staticmethod
     def _batch_of(state: ModelState) -> int:
         return state.tensors()[0].shape[0]
+
+    def has_cms(self) -> bool:
+        """Whether any block has CMS levels (fast weights that memorisation updates)."""
+        return any(b.has_cms for b in self.blocks)
 
     # ----- forward -------------------------------------------------------------------
     def hidden(self, tokens: Tensor, state: ModelState | None = None,
@@ -211,10 +228,8 @@ class LanguageModel(nn.Module):
         """Second pass: apply every CMS level's chunk updates from the captured teach signals."""
         log, layers, surprises = UpdateLog(), [], []
         for i, (blk, st) in enumerate(zip(self.blocks, state.layers)):
-            st = dict(st)
-            if hasattr(blk, "cms"):
-                st["cms"], s = blk.cms.update(st["cms"], capture, i, log, lr, levels, surprise_threshold)
-                surprises += list(s.values())
+            st, s = blk.apply_updates(dict(st), capture, i, log, lr, levels, surprise_threshold)
+            surprises += list(s.values())
             layers.append(st)
         events = log.events()
         report = UpdateReport(updates_applied=sum(e.update_norm > 0 for e in events), events=events)

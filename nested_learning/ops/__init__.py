@@ -1,6 +1,7 @@
 """The public op API (docs/MATH.md). Every op picks its backend per call: `backend=`,
 `use_backend(name)` or NL_BACKEND force one; otherwise the fastest available runs."""
 
+from ..checks import NonFiniteInputError, check_finite
 from ._backend import (
     BACKEND_ORDER,
     BackendUnavailableError,
@@ -9,7 +10,6 @@ from ._backend import (
     registered_backends,
     use_backend,
 )
-from ._checks import NonFiniteInputError, check_finite
 from .cms import CMSState, CMSUpdate, cms_update
 from .cross_entropy import linear_cross_entropy
 from .dgd import dgd_update

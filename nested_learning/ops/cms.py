@@ -7,9 +7,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from .. import checks as _checks
 from .._extension import extension_unavailable
 from ..reference.cms import OPTIMIZERS, cms_update_reference
-from . import _backend, _checks
+from . import _backend
 from ._define import define_op
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import checks as _checks
 from ..reference.cross_entropy import REDUCTIONS, linear_cross_entropy_reference
-from . import _backend, _checks
+from . import _backend
 from ._define import define_op
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import checks as _checks
 from .._extension import extension_unavailable
 from ..reference.dgd import dgd_update_reference
-from . import _backend, _checks
+from . import _backend
 from ._define import define_op
 
 OP = "dgd_update"

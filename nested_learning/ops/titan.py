@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import checks as _checks
 from .._extension import extension_unavailable
-from ..reference.titan import ACTIVATIONS, titan_linear_reference, titan_mlp_reference
-from . import _backend, _checks
+from ..reference.titan import ACTIVATIONS, titan_mlp_reference, titan_update_reference
+from . import _backend
 from ._define import define_op
 from ._titan_mlp import Inputs as MLPInputs
 from ._titan_mlp import TorchElementwise, TritonElementwise, mlp_backward, mlp_forward
@@ -26,7 +27,7 @@ def _linear_fake(q, k, v, theta, eta, alpha, M0, S0, chunk_size):
 
 def _linear_reference(q, k, v, theta, eta, alpha, M0, S0, chunk_size):
     init = None if M0 is None else (M0, S0)  # the public wrapper passes both or neither
-    return titan_linear_reference(q, k, v, theta, eta, alpha, init, chunk_size)
+    return titan_update_reference(q, k, v, theta, eta, alpha, init, chunk_size)
 
 
 _linear = define_op(

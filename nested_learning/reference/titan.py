@@ -73,7 +73,7 @@ def _split(x: Tensor, cdt) -> Tensor:
     return x.transpose(1, 2).to(cdt)  # [B,T,H,...] -> [B,H,T,...]
 
 
-def titan_linear_reference(
+def titan_update_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,

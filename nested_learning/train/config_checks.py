@@ -6,8 +6,8 @@ import math
 
 import torch
 
+from ..checks import positive_int
 from ..models import build_model
-from ..ops._checks import positive_int
 
 
 def _nonneg_int(name: str, v) -> int:

@@ -24,9 +24,9 @@ import warnings
 import numpy as np
 import torch
 
+from ..checks import NonFiniteInputError
 from ..eval.stream import validation_loss
 from ..models import build_model
-from ..ops._checks import NonFiniteInputError
 from . import checkpoint, distributed, run_dir
 from .config_checks import validate
 from .console import Console

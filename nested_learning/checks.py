@@ -1,4 +1,5 @@
-"""Input validation shared by the public ops: cheap, and every message names the argument.
+"""Argument checks shared by the ops, layers, models and training (public: `nested_learning.checks`):
+cheap, and every message names the argument.
 
 Value-range checks on gates cost one reduction per gate; they are skipped while
 torch.compile traces (they would need the data), on meta and fake tensors (which hold no

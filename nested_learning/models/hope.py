@@ -1,0 +1,81 @@
+"""HOPE, top to bottom: its config, its block, its model.
+
+A HOPE block is x + selfmod(norm x) (self-modifying Titans: the sequence mixer, whose
+projections are memories that learn in the forward pass), then the Continuum Memory System:
+a chain of MLP levels, each residual with its own pre-norm, whose fast weights are updated
+by the teach signal once per level period (the second pass of a training step, or
+`memorize` at test time). MATH sections 3-5; the layers live in `nested_learning.layers`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..layers.cms import CMSChain, CMSConfig
+from ..layers.common import RMSNorm
+from ..layers.self_modifying import SelfModifyingTitans
+from .config import ModelConfig, _pos_int
+from .lm import Block, LanguageModel
+
+
+@dataclass
+class HOPEConfig(ModelConfig):
+    # self-modifying Titans (the sequence mixer)
+    proj_chunk: int = 16  # the projection memories' chunk
+    memory_chunk: int = 64  # the main memory's chunk (parallel schedule only)
+    eta_max: float = 0.3
+    # the CMS chain (checked by CMSConfig)
+    cms_periods: tuple = (1, 4, 16, 64)
+    cms_hidden_mult: int = 2
+    cms_optimizer: str = "gd"  # or a tuple, one per level: "gd" | "momentum" | "dgd"
+    cms_lr: float = 1e-3  # or a tuple, one per level
+    cms_beta: float = 0.9
+    cms_dgd_alpha: float = 1.0
+    teach_scale: float = 1.0
+    teach_clip: float | None = None
+    # both: gradients of the outer loss through the in-context writes
+    differentiable_writes: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        for n in ("proj_chunk", "memory_chunk"):
+            _pos_int(self, n)
+        if not 0 < self.eta_max <= 1:
+            raise ValueError(f"HOPEConfig.eta_max must lie in (0, 1], got {self.eta_max}")
+        self.cms_periods = self.cms().periods  # checks every cms_* and teach_* field
+
+    def cms(self) -> CMSConfig:
+        """The CMS chain's config (raises ValueError on a bad cms_* or teach_* field)."""
+        fields = {"periods": "cms_periods", "hidden_mult": "cms_hidden_mult", "optimizer": "cms_optimizer",
+                  "lr": "cms_lr", "beta": "cms_beta", "dgd_alpha": "cms_dgd_alpha", "teach_scale": "teach_scale",
+                  "teach_clip": "teach_clip", "differentiable_writes": "differentiable_writes"}
+        return CMSConfig(self.d_model, **{f: getattr(self, h) for f, h in fields.items()},
+                         names={"d_model": "HOPEConfig.d_model", **{f: f"HOPEConfig.{h}" for f, h in fields.items()}})
+
+
+class HOPEBlock(Block):
+    has_cms = True
+
+    def __init__(self, cfg: HOPEConfig):
+        super().__init__()
+        self.n1 = RMSNorm(cfg.d_model)
+        self.mixer = SelfModifyingTitans(cfg.d_model, cfg.n_heads, proj_chunk=cfg.proj_chunk,
+                                         memory_chunk=cfg.memory_chunk, eta_max=cfg.eta_max,
+                                         differentiable_writes=cfg.differentiable_writes)
+        self.cms = CMSChain(cfg.cms())
+
+    def init_state(self, batch, device, dtype) -> dict:
+        return {"mixer": self.mixer.init_state(batch, device, dtype),
+                "cms": self.cms.init_state(batch, device, dtype)}
+
+    def forward(self, x, state, pos, capture=None, index=0):
+        m, mixer = self.mixer(self.n1(x), state["mixer"])
+        x = self.cms(x + m, state["cms"], index, capture)
+        return x, {"mixer": mixer, "cms": state["cms"]}
+
+    def apply_updates(self, state, capture, index, log, lr=None, levels=None, surprise_threshold=0.0):
+        cms, surprise = self.cms.update(state["cms"], capture, index, log, lr, levels, surprise_threshold)
+        return {**state, "cms": cms}, surprise
+
+
+class HOPE(LanguageModel):
+    block_class = HOPEBlock
