@@ -30,6 +30,8 @@ from .. import ops
 from ..checks import positive_int
 from .common import RMSNorm, dense, fast_weight
 
+MEMORY_TARGETS = ("self", "values")
+
 
 @dataclass
 class SelfModifyingState:
@@ -41,8 +43,15 @@ class SelfModifyingState:
 
 class SelfModifyingTitans(nn.Module):
     def __init__(self, d_model: int, n_heads: int, proj_chunk: int = 16, memory_chunk: int = 64,
-                 eta_max: float = 0.3, differentiable_writes: bool = False):
+                 eta_max: float = 0.3, differentiable_writes: bool = False, self_modifying: bool = True,
+                 memory_target: str = "self"):
+        """self_modifying=False: the projections are ordinary slow linear maps (P0, never
+        written); memory_target: the main memory's target, "self" (self-generated values:
+        a = 2k - v, w = 0) or "values" (the given values, NL Eq. 28: a = 2k, w = eta v)."""
         super().__init__()
+        if memory_target not in MEMORY_TARGETS:
+            raise ValueError(f"memory_target must be one of {MEMORY_TARGETS}, got {memory_target!r}")
+        self.self_modifying, self.memory_target = bool(self_modifying), memory_target
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         positive_int("proj_chunk", proj_chunk)
@@ -90,13 +99,17 @@ class SelfModifyingTitans(nn.Module):
             s1 = min(s0 + C, L)
             q, k, v, eta, alpha = self._project(xs[:, s0:s1], P)
             parts.append((q, k, v, eta, alpha))
-            if s1 - s0 == C:  # a complete chunk advances the projection memory
+            if s1 - s0 == C and self.self_modifying:  # a complete chunk advances the projection memory
                 ok = valid[:, s0:s1, None]
                 P = self._write(P, k, v, torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0))
         q, k, v, eta, alpha = (torch.cat(t, 1)[:, Pn:] for t in zip(*parts))
         M = fast_weight(self.M0, state.memory, False)
-        o, M = ops.dgd_update(q, k, torch.zeros_like(v), alpha, eta, a=2 * k - v, initial_state=M,
-                              read="before", chunk_size=self.memory_chunk)
+        if self.memory_target == "self":
+            w, a = torch.zeros_like(v), 2 * k - v
+        else:
+            w, a = eta[..., None] * v, 2 * k
+        o, M = ops.dgd_update(q, k, w, alpha, eta, a=a, initial_state=M, read="before",
+                              chunk_size=self.memory_chunk)
         y = self.norm(o).reshape(B, T, D) * torch.sigmoid(self.gate(x))
         full = (L // C) * C
         return self.out(y), SelfModifyingState(P, M, xs[:, full:], valid[:, full:])

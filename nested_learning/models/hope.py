@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..layers.cms import CMSChain, CMSConfig
 from ..layers.common import RMSNorm
-from ..layers.self_modifying import SelfModifyingTitans
+from ..layers.self_modifying import MEMORY_TARGETS, SelfModifyingTitans
 from .config import ModelConfig, _pos_int
 from .lm import Block, LanguageModel
 
@@ -23,6 +23,8 @@ class HOPEConfig(ModelConfig):
     proj_chunk: int = 16  # the projection memories' chunk
     memory_chunk: int = 64  # the main memory's chunk (parallel schedule only)
     eta_max: float = 0.3
+    self_modifying: bool = True  # False: q, k, v and the gates are ordinary slow linear maps
+    memory_target: str = "self"  # the main memory's target: "self" (a = 2k - v, w = 0) | "values" (Eq. 28)
     # the CMS chain (checked by CMSConfig)
     cms_periods: tuple = (1, 4, 16, 64)
     cms_hidden_mult: int = 2
@@ -41,6 +43,10 @@ class HOPEConfig(ModelConfig):
             _pos_int(self, n)
         if not 0 < self.eta_max <= 1:
             raise ValueError(f"HOPEConfig.eta_max must lie in (0, 1], got {self.eta_max}")
+        if self.memory_target not in MEMORY_TARGETS:
+            raise ValueError(f"HOPEConfig.memory_target must be one of {MEMORY_TARGETS}, got {self.memory_target!r}")
+        if not isinstance(self.self_modifying, bool):
+            raise ValueError(f"HOPEConfig.self_modifying must be true or false, got {self.self_modifying!r}")
         self.cms_periods = self.cms().periods  # checks every cms_* and teach_* field
 
     def cms(self) -> CMSConfig:
@@ -60,7 +66,8 @@ class HOPEBlock(Block):
         self.n1 = RMSNorm(cfg.d_model)
         self.mixer = SelfModifyingTitans(cfg.d_model, cfg.n_heads, proj_chunk=cfg.proj_chunk,
                                          memory_chunk=cfg.memory_chunk, eta_max=cfg.eta_max,
-                                         differentiable_writes=cfg.differentiable_writes)
+                                         differentiable_writes=cfg.differentiable_writes,
+                                         self_modifying=cfg.self_modifying, memory_target=cfg.memory_target)
         self.cms = CMSChain(cfg.cms())
 
     def init_state(self, batch, device, dtype) -> dict:

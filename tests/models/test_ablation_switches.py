@@ -1,0 +1,118 @@
+"""HOPE's ablation switches: each builds, trains a step, and differs from the default where
+it should; every configs/experiment/ entry trains two steps through train.py's config."""
+
+import os
+
+import pytest
+import torch
+
+from nested_learning.models import build_model
+from tests.train.conftest import corpus_dir  # noqa: F401 (fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs", "experiment")) if f.endswith(".yaml"))
+
+
+def _pair(**switch):
+    """The default tiny HOPE and the switched one, from the same seed (same slow weights)."""
+    torch.manual_seed(0)
+    base = build_model("hope", "tiny")
+    torch.manual_seed(0)
+    return base, build_model("hope", "tiny", **switch)
+
+
+def _step(model):
+    """One training step (outer step and CMS update pass): the loss, and the new state."""
+    tok = torch.randint(0, 64, (2, 128), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss, cap, st = model.train_forward(tok)
+    loss.backward()
+    opt.step()
+    st, rep = model.apply_updates(st, cap)
+    assert torch.isfinite(loss) and all(torch.isfinite(t).all() for t in st.tensors() if t.is_floating_point())
+    return float(loss), st, rep
+
+
+def test_self_modification_off_keeps_the_projections_slow():
+    base, off = _pair(self_modifying=False)
+    P0, M0 = (p.detach().clone() for p in (off.blocks[0].mixer.P0, off.blocks[0].mixer.M0))  # before the step
+    _, st_b, _ = _step(base)
+    _, st_o, _ = _step(off)
+    proj, mem = st_o.layers[0]["mixer"].proj, st_o.layers[0]["mixer"].memory
+    assert torch.equal(proj, P0.expand_as(proj))  # never written in context...
+    assert not torch.allclose(st_b.layers[0]["mixer"].proj, P0.expand_as(proj))
+    assert not torch.allclose(mem, M0.expand_as(mem))  # ...while the main memory still learns in context
+
+
+def test_memory_target_values_follows_eq_28():
+    """One token through the main memory: W1 = W0 (alpha I - 2 eta k k^T) + eta v k^T."""
+    from nested_learning.layers.self_modifying import SelfModifyingTitans
+
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(8, 1, proj_chunk=1, memory_chunk=1, memory_target="values").double()
+    x = torch.randn(1, 1, 8, dtype=torch.float64)
+    st = layer.init_state(1, "cpu", torch.float64)
+    q, k, v, eta, alpha = layer._project(x.view(1, 1, 1, 8), st.proj)
+    _, new = layer(x, st)
+    k, v, eta, alpha, W0 = k[0, 0, 0], v[0, 0, 0], eta[0, 0, 0], alpha[0, 0, 0], layer.M0[0].detach()
+    want = W0 @ (alpha * torch.eye(8, dtype=torch.float64) - 2 * eta * torch.outer(k, k)) + eta * torch.outer(v, k)
+    assert torch.allclose(new.memory[0, 0], want, atol=1e-10)
+    base, vals = _pair(memory_target="values")
+    assert _step(base)[0] != _step(vals)[0]
+
+
+@pytest.mark.parametrize("periods", [(16,), (1, 8, 64), (1, 4, 16, 64, 128)])
+def test_cms_depth(periods):
+    base, m = _pair(cms_periods=periods)
+    assert all(b.cms.periods == periods and len(b.cms.up) == len(periods) for b in m.blocks)
+    _, _, rep = _step(m)
+    assert {e.level for e in rep.events} == set(range(len(periods)))
+
+
+@pytest.mark.parametrize("opt", ["momentum", "dgd", ("gd", "momentum", "dgd", "dgd")])
+def test_inner_optimizer_per_level(opt):
+    base, m = _pair(cms_optimizer=opt)
+    want = (opt,) * 4 if isinstance(opt, str) else opt
+    assert all(b.cms.optimizers == want for b in m.blocks)
+    _, st_b, _ = _step(base)
+    _, st_m, _ = _step(m)
+    w = lambda st: st.layers[0]["cms"][-1].up.weight  # noqa: E731 (the slowest level's fast weight)
+    assert not torch.allclose(w(st_b), w(st_m))
+
+
+def test_bad_switches_name_the_field():
+    with pytest.raises(ValueError, match="HOPEConfig.memory_target"):
+        build_model("hope", "tiny", memory_target="given")
+    with pytest.raises(ValueError, match="HOPEConfig.cms_optimizer"):
+        build_model("hope", "tiny", cms_optimizer=("gd", "dgd"))
+    with pytest.raises(ValueError, match="HOPEConfig.cms_optimizer must be one of"):
+        build_model("hope", "tiny", cms_optimizer="adam")
+    with pytest.raises(ValueError, match="HOPEConfig.self_modifying"):
+        build_model("hope", "tiny", self_modifying="no")
+
+
+@pytest.fixture(scope="module")
+def experiment_data(tmp_path_factory, corpus_dir):  # noqa: F811
+    return corpus_dir, str(tmp_path_factory.mktemp("experiment_data"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_config_trains_two_steps(name, experiment_data, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from nested_learning.train.loop import run
+
+    corpus, data_dir = experiment_data
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"experiment={name}", "size=tiny", "data=local", f"data.path={corpus}", "data.vocab_size=300",
+            f"data.data_dir={data_dir}", "train.steps=2", "train.batch_size=2", "train.eval_every=0",
+            "train.save_every=0", f"train.out_dir={tmp_path / name}", "train.progress=false", "train.device=cpu"])
+    cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    summary = run(cfg)
+    assert len(summary["tokens_per_s"]) == 2 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    with open(tmp_path / name / "config.json") as f:
+        import json
+
+        assert json.load(f)["model"]["overrides"] == cfg["model"]["overrides"]
