@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..layers.attention import CausalSelfAttention
 from ..layers.cms import CMSChain, CMSConfig
 from ..layers.common import RMSNorm
+from ..layers.deltanet import GatedDeltaNet
 from ..layers.self_modifying import MEMORY_TARGETS, SelfModifyingTitans
 from .config import ModelConfig, _pos_int
 from .lm import Block, LanguageModel
+
+MIXERS = ("selfmod", "attention", "sliding_window", "deltanet")
 
 
 @dataclass
@@ -23,6 +27,8 @@ class HOPEConfig(ModelConfig):
     proj_chunk: int = 16  # the projection memories' chunk
     memory_chunk: int = 64  # the main memory's chunk (parallel schedule only)
     eta_max: float = 0.3
+    mixer: str = "selfmod"  # the sequence mixer: "selfmod" | "attention" | "sliding_window" | "deltanet"
+    mixer_window: int = 64  # keys attended by mixer="sliding_window"
     self_modifying: bool = True  # False: q, k, v and the gates are ordinary slow linear maps
     memory_target: str = "self"  # the main memory's target: "self" (a = 2k - v, w = 0) | "values" (Eq. 28)
     # the CMS chain (checked by CMSConfig)
@@ -39,8 +45,10 @@ class HOPEConfig(ModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for n in ("proj_chunk", "memory_chunk"):
+        for n in ("proj_chunk", "memory_chunk", "mixer_window"):
             _pos_int(self, n)
+        if self.mixer not in MIXERS:
+            raise ValueError(f"HOPEConfig.mixer must be one of {MIXERS}, got {self.mixer!r}")
         if not 0 < self.eta_max <= 1:
             raise ValueError(f"HOPEConfig.eta_max must lie in (0, 1], got {self.eta_max}")
         if self.memory_target not in MEMORY_TARGETS:
@@ -64,10 +72,16 @@ class HOPEBlock(Block):
     def __init__(self, cfg: HOPEConfig):
         super().__init__()
         self.n1 = RMSNorm(cfg.d_model)
-        self.mixer = SelfModifyingTitans(cfg.d_model, cfg.n_heads, proj_chunk=cfg.proj_chunk,
-                                         memory_chunk=cfg.memory_chunk, eta_max=cfg.eta_max,
-                                         differentiable_writes=cfg.differentiable_writes,
-                                         self_modifying=cfg.self_modifying, memory_target=cfg.memory_target)
+        if cfg.mixer == "selfmod":
+            self.mixer = SelfModifyingTitans(cfg.d_model, cfg.n_heads, proj_chunk=cfg.proj_chunk,
+                                             memory_chunk=cfg.memory_chunk, eta_max=cfg.eta_max,
+                                             differentiable_writes=cfg.differentiable_writes,
+                                             self_modifying=cfg.self_modifying, memory_target=cfg.memory_target)
+        elif cfg.mixer == "deltanet":
+            self.mixer = GatedDeltaNet(cfg.d_model, cfg.n_heads, chunk_size=cfg.memory_chunk)
+        else:  # full causal or sliding-window attention, with its KV cache as the mixer's state
+            window = cfg.mixer_window if cfg.mixer == "sliding_window" else cfg.window
+            self.mixer = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.rope_theta, window, cfg.use_flash)
         self.cms = CMSChain(cfg.cms())
 
     def init_state(self, batch, device, dtype) -> dict:
@@ -75,7 +89,10 @@ class HOPEBlock(Block):
                 "cms": self.cms.init_state(batch, device, dtype)}
 
     def forward(self, x, state, pos, capture=None, index=0):
-        m, mixer = self.mixer(self.n1(x), state["mixer"])
+        if isinstance(self.mixer, CausalSelfAttention):
+            m, mixer = self.mixer(self.n1(x), state["mixer"], pos)
+        else:
+            m, mixer = self.mixer(self.n1(x), state["mixer"])
         x = self.cms(x + m, state["cms"], index, capture)
         return x, {"mixer": mixer, "cms": state["cms"]}
 

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..layers.attention import KVCache
+
 
 def map_structure(fn: Callable, *trees: Any) -> Any:
     """fn over corresponding leaves of trees of one structure (nested dataclasses, lists,
@@ -64,8 +66,7 @@ def reset_rows(state: ModelState, fresh: ModelState, mask: Tensor) -> ModelState
 
     out = zip_tensors(state, fresh, pick)
     for layer in out.layers:
-        cache = layer.get("attn")
-        if cache is not None:
+        for cache in [c for c in layer.values() if isinstance(c, KVCache)]:
             cache.start = torch.where(mask, torch.full_like(cache.start, state.position), cache.start)
             # drop keys no sequence may attend to any more, so the cache stays bounded
             keep = state.position - int(cache.start.min())

@@ -116,3 +116,49 @@ def test_every_experiment_config_trains_two_steps(name, experiment_data, tmp_pat
         import json
 
         assert json.load(f)["model"]["overrides"] == cfg["model"]["overrides"]
+
+
+@pytest.mark.parametrize("mixer", ["attention", "sliding_window", "deltanet"])
+def test_sequence_mixer_swap(mixer):
+    base, m = _pair(mixer=mixer, mixer_window=8)
+    tok = torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole, _ = m(tok)
+        st, parts = m.init_state(2), []
+        for s in range(0, 96, 32):  # streaming in segments equals the whole sequence
+            o, st = m(tok[:, s:s + 32], st)
+            parts.append(o)
+        assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-5)
+        changed = tok.clone()
+        changed[:, 40] = (changed[:, 40] + 1) % 64
+        diff = (m(changed)[0] - whole).abs().amax(-1)[0]
+        assert diff[:40].max() == 0 and diff[40] > 0  # causal
+        if mixer == "sliding_window":  # 2 layers of 8-key windows: position 40 is out of reach from 55 on
+            assert diff[55:].max() < 1e-6 and diff[41:55].max() > 0
+        else:
+            assert diff[60:].max() > 0
+        # a reset row streams as from a fresh state (the KV cache or delta state of the mixer too)
+        st = m.reset_state(st, torch.tensor([True, False]))
+        fresh, _ = m(tok[:1, :32])
+        again, _ = m(tok[:, :32], st)
+        assert torch.allclose(again[:1], fresh, atol=1e-5) and not torch.allclose(again[1:], whole[1:, :32])
+    assert _step(base)[0] != _step(m)[0]
+
+
+def test_deltanet_follows_the_gated_delta_rule():
+    """Two tokens: S_1 = b1 v1 k1^T, S_2 = S_1 (a2 I - b2 k2 k2^T) + b2 v2 k2^T, o_t = S_t q_t."""
+    import torch.nn.functional as F
+
+    from nested_learning.layers.deltanet import GatedDeltaNet
+
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(8, 1, chunk_size=2).double()
+    x = torch.randn(1, 2, 8, dtype=torch.float64)
+    _, S = layer(x, layer.init_state(1, "cpu", torch.float64))
+    q, k, v = layer.qkv(x).view(1, 2, 3, 1, 8).unbind(2)
+    q, k = F.normalize(q, dim=-1)[0, :, 0], F.normalize(k, dim=-1)[0, :, 0]
+    b, a = torch.sigmoid(layer.gates(x))[0].unbind(-1)
+    v = v[0, :, 0]
+    S1 = b[0] * torch.outer(v[0], k[0])
+    S2 = S1 @ (a[1] * torch.eye(8, dtype=torch.float64) - b[1] * torch.outer(k[1], k[1])) + b[1] * torch.outer(v[1], k[1])
+    assert torch.allclose(S[0, 0], S2, atol=1e-10)
