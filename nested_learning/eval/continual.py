@@ -103,7 +103,10 @@ def transfer_metrics(R: list[list[float]]) -> dict:
     """ACC, BWT, FWT and average forgetting of R [(T+1) x T] (row 0: the starting model, row
     i: after training through segment i; higher is better):
         ACC = mean_j R[T][j];  BWT = mean_{j<T} R[T][j] - R[j][j];  FWT = mean_{j>1} R[j-1][j] - R[0][j];
-        forgetting = mean_{j<T} max_{j<=i<T} R[i][j] - R[T][j]   (segments and rows 1-based)."""
+        forgetting = mean_{j<T} max_{j<=i<T} R[i][j] - R[T][j]   (segments and rows 1-based).
+    Forgetting takes the best score after segment j was learnt (rows j .. T-1), not the starting
+    model's: Chaudhry et al. take every earlier row, which differs only when the starting model
+    scores a segment better than any later stage."""
     T = len(R[0])
     if len(R) != T + 1 or any(len(r) != T for r in R):
         raise ValueError(f"R must have T+1 rows of T scores (row 0: the starting model), got {[len(r) for r in R]}")
@@ -117,11 +120,12 @@ def transfer_metrics(R: list[list[float]]) -> dict:
 
 
 # ---------------------------------------------------------------------------- scoring
-def held_out_ids(tok, seg: Segment, max_docs: int, max_tokens: int) -> list[list[int]]:
-    """Token ids of the first max_docs held-out documents, each after an end-of-text token and
-    cut to max_tokens."""
+def held_out_ids(tok, seg: Segment, max_docs: int, max_tokens: int, prefix: int = 0) -> list[list[int]]:
+    """Token ids of the first max_docs held-out documents longer than the context prefix, each
+    after an end-of-text token and cut to max_tokens."""
     eot = tok.token_to_id(SPECIALS[0])
-    return [[eot, *e.ids][:max_tokens] for e in tok.encode_batch([t for _, t in seg.held_out[:max_docs]])]
+    docs = [[eot, *e.ids][:max_tokens] for e in tok.encode_batch([t for _, t in seg.held_out])]
+    return [d for d in docs if len(d) > prefix][:max_docs]
 
 
 def score_document(model, ids: list[int], prefix: int, segment: int, memorize: Memorize | None,
@@ -249,7 +253,7 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: in
     pad = tok.token_to_id(SPECIALS[1])
     segment = model.prefill_segment()
     train_docs = [TokenDocs.encode(s.train, tok) for s in segments]
-    evals = [held_out_ids(tok, s, max_docs, max_tokens) for s in segments]
+    evals = [held_out_ids(tok, s, max_docs, max_tokens, prefix) for s in segments]
     opt = build_optimizer(model, optim_cfg)
     modes = {"baseline": None, **({"memorised": memorize} if memorize is not None and has_cms(model) else {})}
 

@@ -11,15 +11,22 @@ a seeded starting sentence and cut to fit; needles go in at sentence boundaries,
     multivalue  several needles with one key; every value must be returned
     multiquery  several needles with different keys; all keys queried, all values returned
 
-Scores of an item: `exact` (greedy generation contains every expected value, RULER's string
-match) and, per expected value, the rank of its log-likelihood as the prompt's continuation
-among K seeded distractor values (1 = above every distractor; chance of rank 1: 1/(K+1)).
+Scores of an item: `exact` (the greedy generation contains every expected value as a whole
+number: all or nothing), `found` (the fraction of expected values it contains: RULER's
+`string_match_all` partial credit) and, per expected value, the rank of its log-likelihood as
+the prompt's continuation among the distractor values: K seeded random values, plus in
+multikey the other keys' needle values (so copying any number from the context does not
+score). Rank 1 = above every distractor (a tie is not a win; a non-finite score is the worst
+rank); chance of rank 1: 1/(distractors + 1). The haystack text of a (length, seed) cell is
+the same at every depth. Depth is a percentage of the haystack's tokens (needles excluded),
+snapped to the nearest sentence start; the haystack's end (depth 100) is cut mid-sentence.
 The prompt streams through the fast state in segments; attention layers keep at most
 `window` keys (their KV cache), and a result says when that windowed the prompt."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -45,12 +52,16 @@ def parse_series(spec: str, geometric: bool) -> list[float]:
         return float(x[:-1]) * 1024 if x.endswith("k") else float(x)
 
     parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"{spec!r}: give at least one value")
     if "..." not in parts:
         return [num(p) for p in parts]
     i = parts.index("...")
     if i < 2 or i != len(parts) - 2:
         raise ValueError(f"{spec!r}: write a series as a,b,...,z (two terms, '...', the last term)")
     head, a, b, end = [num(p) for p in parts[:i]], num(parts[i - 2]), num(parts[i - 1]), num(parts[-1])
+    if end < b:
+        raise ValueError(f"{spec!r}: the last term must not be below the second")
     out = head
     if geometric:
         if not (a > 0 and b > a):
@@ -126,7 +137,7 @@ class Item:
     depth: float
     ids: list[int]
     expected: list[str]
-    distractor_values: list[str]
+    distractor_values: list[str]  # the other keys' needle values first (multikey), then seeded random ones
     needles: list[dict] = field(default_factory=list)  # {key, value, position (token), tokens, queried}
     haystack_wraps: int = 0
 
@@ -202,7 +213,8 @@ class NeedleTask:
         if room < 1:
             raise ValueError(f"{length} tokens cannot hold the needles and question "
                              f"({length - room + 1} tokens with one haystack token)")
-        hay, starts, wraps = self.haystack.take(room, rng)
+        # the haystack text depends on (kind, length, seed) only: every depth of a cell reads the same prose
+        hay, starts, wraps = self.haystack.take(room, random.Random(f"{self.kind}|{length}|{seed}"))
         first = min(starts, key=lambda s: abs(s - depth / 100 * room))
         cuts = [first] + [rng.choice(starts) for _ in needles[1:]]
         order = sorted(range(len(needles)), key=lambda i: (cuts[i], i))
@@ -214,7 +226,8 @@ class NeedleTask:
             ids += n_ids[i]
         ids += hay[prev:] + q_ids
         taken = {v for _, v, _ in needles}
-        return Item(variant, length, depth, ids, expected, [self._value(rng, taken) for _ in range(self.k)],
+        hard = [v for _, v, q in needles if not q]  # values of the other keys' needles (multikey)
+        return Item(variant, length, depth, ids, expected, hard + [self._value(rng, taken) for _ in range(self.k)],
                     [{"key": k, "value": v, "queried": qd, "position": placed[i], "tokens": len(n_ids[i])}
                      for i, (k, v, qd) in enumerate(needles)], wraps)
 
@@ -268,7 +281,8 @@ def score_item(task: NeedleTask, model, item: Item, segment: int, max_new_tokens
     try:
         return {**record, **_answer(task, model, item, segment, max_new_tokens, memorize, reports)}
     except NonFiniteInputError as err:  # the model's state diverged on this prompt: it cannot answer
-        return {**record, "generated": "", "exact": False, "ranks": [task.k + 1] * len(item.expected), "rank1": 0.0,
+        worst = 1 + len(item.distractor_values)
+        return {**record, "generated": "", "exact": False, "found": 0.0, "ranks": [worst] * len(item.expected), "rank1": 0.0,
                 "non_finite": str(err)}
 
 
@@ -278,7 +292,9 @@ def _answer(task, model, item, segment, max_new_tokens, memorize, reports) -> di
     scored = score_rows(model, state, [item.ids[-1]], [(0, task._enc(" " + v)) for v in cands])
     ll = [s.loglik for s in scored]
     distract = ll[len(item.expected):]
-    ranks = [1 + sum(d > ll[i] for d in distract) for i in range(len(item.expected))]
+    # 1 + the distractors scoring at least as high (a tie is not a win); a non-finite score is the worst rank
+    ranks = [1 + sum(not (d < ll[i]) for d in distract) if math.isfinite(ll[i]) else 1 + len(distract)
+             for i in range(len(item.expected))]
     per_value = max(len(task._enc(" " + v)) for v in item.expected) + 2
     new = max_new_tokens or per_value * len(item.expected)
     dev = model.embed.weight.device
@@ -286,5 +302,6 @@ def _answer(task, model, item, segment, max_new_tokens, memorize, reports) -> di
     text = task.tok.decode(gen[0].tolist())
     found = set(re.findall(r"\d+", text))
     return {"generated": text, "exact": all(v in found for v in item.expected),
+            "found": sum(v in found for v in item.expected) / len(item.expected),
             "ranks": ranks, "rank1": sum(r == 1 for r in ranks) / len(ranks),
             "loglik_true": ll[: len(item.expected)], "loglik_distractors_max": max(distract)}

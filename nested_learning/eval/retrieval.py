@@ -11,12 +11,13 @@ from .needle import NeedleTask, attended_keys, attention_window, has_attention, 
 from .results import mean_stderr
 
 
-def kv_bytes(model, length: int) -> int:
-    """Bytes of the KV caches at `length` keys per attention layer (float32)."""
+def kv_bytes(model, length: int, rows: int = 1) -> int:
+    """Bytes of the KV caches at `length` keys per attention layer, for `rows` copies of the
+    state (scoring repeats the prompt's state once per candidate value), in the weights' dtype."""
     from ..layers.attention import CausalSelfAttention
 
-    n = sum(1 for m in model.modules() if isinstance(m, CausalSelfAttention))
-    return n * 2 * length * model.config.d_model * model.embed.weight.element_size()
+    per_key = sum(2 * m.h * m.d for m in model.modules() if isinstance(m, CausalSelfAttention))
+    return rows * length * per_key * model.embed.weight.element_size()
 
 
 def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], depths: list[float], samples: int,
@@ -35,9 +36,12 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
                  "attended_keys": (min(L, keys) if keys else L) if attn else None}
         todo = len(depths) * samples
         reason = None
-        if attn and keys is None and kv_bytes(model, L) > max_kv_gib * 2**30:
-            reason = (f"full attention at {L} tokens needs {kv_bytes(model, L) / 2**30:.1f} GiB of KV cache "
-                      f"> --max-kv-gib {max_kv_gib}: pass --attention-window N to window it")
+        rows = 2 + task.k + task.n  # the prompt's state and its copies for the candidate values
+        need = kv_bytes(model, min(L, keys) if keys else L, rows)
+        if attn and need > max_kv_gib * 2**30:
+            reason = (f"attention over {min(L, keys) if keys else L} keys needs {need / 2**30:.1f} GiB of KV cache "
+                      f"({rows} copies of the state while scoring) > --max-kv-gib {max_kv_gib}: "
+                      "pass a smaller --attention-window")
         elif time_budget is not None and rate is not None and spent + todo * L / rate > time_budget:
             reason = (f"estimated {todo * L / rate:.0f} s for {todo} prompts at the measured {rate:.0f} tokens/s "
                       f"exceeds what is left of --time-budget {time_budget:.0f} s ({time_budget - spent:.0f} s)")
@@ -64,6 +68,7 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
         ex, ex_se = mean_stderr([float(r["exact"]) for r in recs])
         r1, r1_se = mean_stderr([r["rank1"] for r in recs])
         entry.update(items=len(recs), exact=ex, exact_stderr=ex_se, rank1=r1, rank1_stderr=r1_se,
+                     found=mean_stderr([r["found"] for r in recs])[0],
                      mean_rank=sum(sum(r["ranks"]) / len(r["ranks"]) for r in recs) / len(recs),
                      seconds=dt, prompt_tokens_per_s=rate, non_finite=sum("non_finite" in r for r in recs),
                      by_depth={str(d): {"exact": mean_stderr([float(r["exact"]) for r in recs if r["depth"] == d])[0],
@@ -73,13 +78,17 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
         records += [{**r, "windowed": entry["windowed"]} for r in recs]
     ex, ex_se = mean_stderr([float(r["exact"]) for r in records])
     r1, r1_se = mean_stderr([r["rank1"] for r in records])
+    fd, fd_se = mean_stderr([r["found"] for r in records])
     n_values = max((len(r["expected"]) for r in records), default=1)
+    n_distract = task.k + (task.n - 1 if variant == "multikey" else 0)
     return {"metrics": {"exact": {"value": ex if records else None, "stderr": ex_se},
+                        "found": {"value": fd if records else None, "stderr": fd_se},
                         "rank1": {"value": r1 if records else None, "stderr": r1_se}},
-            "n_items": len(records), "chance": 1.0 / (task.k + 1),
-            "extra": {"chance_note": f"chance of rank1 (a value's log-likelihood above all {task.k} distractors): "
-                                     f"1/{task.k + 1}; of exact (generating a {task.digits}-digit value): "
-                                     f"~{n_values} in 10^{task.digits - 1}",
+            "n_items": len(records), "chance": 1.0 / (n_distract + 1),
+            "extra": {"chance_note": f"chance of rank1 (a value's log-likelihood above all {n_distract} distractors"
+                                     f"{', the other keys values among them' if variant == 'multikey' else ''}): "
+                                     f"1/{n_distract + 1}; of exact by guessing: about (1/{9 * 10 ** (task.digits - 1)})"
+                                     f"^{n_values}",
                       "variant": variant, "depths": depths, "samples_per_cell": samples, "segment": segment,
                       "attention_window": window, "haystack": task.haystack.name,
                       "haystack_tokens": task.haystack.tokens, "distractors": task.k, "digits": task.digits,
@@ -196,12 +205,19 @@ def main(kind: str, argv=None) -> dict:
         raise SystemExit(f"--variants: unknown {bad}; choose from {list(allowed)}")
     if a.samples < 1:
         raise SystemExit(f"--samples must be >= 1, got {a.samples}")
-    window = None if a.attention_window.lower() == "none" else int(a.attention_window)
+    try:
+        window = None if a.attention_window.lower() == "none" else int(a.attention_window)
+    except ValueError:
+        raise SystemExit(f"--attention-window must be a positive integer or 'none', got {a.attention_window!r}") from None
+    if (window is not None and window < 1) or (a.segment is not None and a.segment < 1):
+        raise SystemExit("--attention-window and --segment must be >= 1")
     curves: dict[str, dict[str, dict]] = {v: {} for v in variants}
     out_all = {}
     for run in [r for r in a.run.split(",") if r]:
         model, tok = load_run(run, a.step, a.device)
         label = os.path.basename(os.path.normpath(model.run_info.run_dir or run))
+        while f"{kind}_{label}" in out_all:
+            label += "-2"  # two runs of the same name: keep both
         if kind == "passkey":
             hay = Haystack.from_texts(tok, [PASSKEY_FILLER], "passkey filler (Mohtashami & Jaggi, 2023)")
         elif a.haystack:
@@ -233,7 +249,7 @@ def main(kind: str, argv=None) -> dict:
                 plot_heatmap(block, os.path.join(a.out, f"{name}_{v}_heatmap.png"),
                              f"{kind} {v}: {info.model} {info.size} step {info.step} ({tag})")
                 _print(name, v, block)
-        del model
+        del model, task, evaluate, res  # free this model before the next is loaded
     for v, blocks in curves.items():
         png = plot_vs_length(blocks, os.path.join(a.out, f"{kind}_{v}_accuracy_vs_length.png"),
                              f"{kind} {v}: accuracy by prompt length", 1.0 / (a.distractors + 1))
@@ -242,11 +258,13 @@ def main(kind: str, argv=None) -> dict:
 
 
 def _print(name: str, variant: str, block: dict) -> None:
-    print(f"{name} {variant}: exact {block['metrics']['exact']['value']} | rank1 {block['metrics']['rank1']['value']} "
+    print(f"{name} {variant}: exact {block['metrics']['exact']['value']} | found {block['metrics']['found']['value']} | "
+          f"rank1 {block['metrics']['rank1']['value']} "
           f"(chance {block['chance']:.3f}) over {block['n_items']} prompts")
     for e in block["extra"]["by_length"]:
         if e["status"] == "run":
-            print(f"    {e['name']:>6}: exact {e['exact']:.3f} | rank1 {e['rank1']:.3f} ± {e['rank1_stderr'] or 0:.3f} | "
+            print(f"    {e['name']:>6}: exact {e['exact']:.3f} | found {e['found']:.3f} | "
+                  f"rank1 {e['rank1']:.3f} ± {e['rank1_stderr'] or 0:.3f} | "
                   f"mean rank {e['mean_rank']:.2f} | {e['items']} prompts, {e['prompt_tokens_per_s']:.0f} tok/s"
                   + (f" | attention windowed to {e['attended_keys']} keys" if e["windowed"] else "")
                   + (f" | {e['non_finite']} prompts made the state non-finite (scored wrong)" if e["non_finite"] else ""))

@@ -87,7 +87,8 @@ def main(argv=None) -> dict:
     if ctx is not None and ctx % seq:
         ctx = None
     n = len(segments)
-    bar = R.progress_bar(n * a.steps_per_segment + (n + 1) * n * (2 if settings else 1), "continual", "step",
+    bar = R.progress_bar(n * a.steps_per_segment + (n + 1) * n * (2 if settings and model.has_cms() else 1),
+                         "continual", "step",
                          a.no_progress)
     tally = MemorizeTally()
     blocks = C.run_protocol(model, tok, segments, optim, a.steps_per_segment, batch, seq, ctx, a.seed, a.prefix,

@@ -106,7 +106,9 @@ def test_score_item_ranks_the_models_own_logliks(hope, task):
 
 def test_grid_records_not_run_lengths_with_reasons(tiny_runs, task):
     model, _ = load_run(tiny_runs["transformer"], device="cpu")
-    kv = 900 * 2 * 2 * 32 * 4 / 2**30  # the KV cache of 900 keys: 2 layers, K and V, d_model 32, float32
+    # the KV caches of 900 keys (2 layers, K and V, d_model 32, float32) for the 10 rows of scoring
+    # (the prompt's state, its copy, and one per candidate: 5 distractors and up to 3 values)
+    kv = 900 * 2 * 2 * 32 * 4 * 10 / 2**30
     block = evaluate_grid(task, model, "single", [16, 600, 1200], [0, 100], 1, 64, None, max_kv_gib=kv,
                           time_budget=None, seed=0)
     rows = {e["length"]: e for e in block["extra"]["by_length"]}
@@ -156,3 +158,23 @@ def test_a_prompt_that_makes_the_state_non_finite_is_a_wrong_answer(hope, task, 
     rec = score_item(task, hope[0], it, segment=64)
     assert rec["exact"] is False and rec["ranks"] == [task.k + 1] and "nan" in rec["non_finite"]
     assert rec["prompt_tokens"] == 700
+
+
+def test_multikey_ranks_the_other_keys_values_and_depths_share_the_haystack(task):
+    it = task.item("multikey", 1500, 50, 0)
+    others = [n["value"] for n in it.needles if not n["queried"]]
+    assert it.distractor_values[:2] == others and len(it.distractor_values) == task.k + 2
+    a, b = task.item("single", 1500, 0, 4), task.item("single", 1500, 100, 4)
+    strip = lambda it: it.ids[:it.needles[0]["position"]] + it.ids[it.needles[0]["position"] + it.needles[0]["tokens"]:]  # noqa: E731
+    assert strip(a)[:1000] == strip(b)[:1000]  # the same prose at both depths, the needle aside
+
+
+def test_ties_and_non_finite_scores_never_win(hope, task, monkeypatch):
+    import nested_learning.eval.needle as N
+    from nested_learning.eval.loglik import Scored
+
+    it = task.item("single", 700, 50, 0)
+    for true, want in ((float("nan"), task.k + 1), (-1.0, task.k + 1), (0.0, 1)):
+        monkeypatch.setattr(N, "score_rows", lambda m, st, last, rows, t=true: [Scored(t, False, 1)] + [
+            Scored(-1.0, False, 1)] * (len(rows) - 1))
+        assert score_item(task, hope[0], it, segment=64)["ranks"] == [want]
