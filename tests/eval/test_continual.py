@@ -82,6 +82,9 @@ def test_protocol_end_to_end(tiny_runs, corpus_dir, tmp_path, name):
     assert len(base["extra"]["loss_matrix"]) == 4 and all(len(r) == 3 for r in base["extra"]["loss_matrix"])
     assert base["extra"]["R"][2][1] == -base["extra"]["loss_matrix"][2][1]
     assert set(base["metrics"]) == {"ACC", "BWT", "FWT", "forgetting"}
+    se = base["extra"]["loss_stderr"]  # the spread over the 2 held-out documents of every entry
+    assert len(se) == 4 and all(len(r) == 3 and all(x is not None and x >= 0 for x in r) for r in se)
+    assert base["metrics"]["ACC"]["stderr"] == pytest.approx(sum(x * x for x in se[-1]) ** 0.5 / 3)
     assert base["extra"]["loss_matrix"][0] != base["extra"]["loss_matrix"][1]  # training moved the scores
     clocks = [s["level_clock"] for s in base["extra"]["stages"]]
     if name == "hope":  # every level of every layer updates in every era; memorisation changes the scores
