@@ -103,7 +103,9 @@ def test_niah_and_passkey_scripts(tiny_runs, tmp_path):
     for v in ("single", "multikey"):
         block = res["tasks"][v]
         assert block["n_items"] == 4 and {x["prompt_tokens"] for x in block["records"]} == {700, 1400}
-        assert block["chance"] == 0.1 and block["extra"]["haystack"] == "local-validation"
+        # rank1 chance: 1 in (9 distractors + 1); multikey also ranks the other 2 keys' values
+        assert block["chance"] == pytest.approx(1 / (10 if v == "single" else 12))
+        assert block["extra"]["haystack"] == "local-validation"
         assert os.path.getsize(out / f"niah_hope_{v}_heatmap.png") > 1000
         assert os.path.getsize(out / f"niah_{v}_accuracy_vs_length.png") > 1000
     _check(out / "niah_hope_memorize.json", "niah_hope_memorize", memorised=True)
@@ -119,6 +121,11 @@ def test_niah_and_passkey_scripts(tiny_runs, tmp_path):
     assert res["tasks"]["single"]["n_items"] == 4 and "filler" in res["tasks"]["single"]["extra"]["haystack"]
     r = run_python("scripts/eval/niah.py", "--run", tiny_runs["hope"], "--variants", "nope", "--out", str(out))
     assert r.returncode != 0 and "choose from" in r.stderr
+    r = run_python("scripts/eval/report.py", str(out), "--out", str(out / "REPORT.md"))
+    assert r.returncode == 0, r.stderr
+    report = (out / "REPORT.md").read_text()
+    assert "**niah_hope, multikey**" in report and "**passkey_hope, single**" in report
+    assert "| 1400 | 2 |" in report and "attention windowed to 1024 keys" in report
 
 
 @pytest.mark.parametrize("segments", ["local", "sotu-eras"])
@@ -150,3 +157,5 @@ def test_continual_script(tiny_runs, corpus_dir, tmp_path, segments):
     for png in ("matrix", "stages", "level_clocks"):
         assert os.path.getsize(out / f"continual_{png}.png") > 1000
     assert "BWT" in r.stdout and "FWT" in r.stdout
+    r = run_python("scripts/eval/report.py", str(out))
+    assert r.returncode == 0 and "ACC" in r.stdout and f"| after {block['extra']['segments'][-1]} |" in r.stdout
