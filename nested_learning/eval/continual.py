@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..train.data import SPECIALS, DocumentStreams, TokenDocs, read_local, split_documents
+from .plots import finish, pyplot
 from .results import mean_stderr
 from .stream import Memorize, has_cms, segment_losses
 
@@ -310,20 +311,11 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: in
 
 
 # ---------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_matrix(block: dict, path: str, title: str) -> str:
     """The held-out loss matrix (rows: stages, columns: segments), annotated."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     ex = block["extra"]
     M = np.array(ex["loss_matrix"])
     fig, ax = plt.subplots(figsize=(1.8 + 1.1 * M.shape[1], 1.2 + 0.45 * M.shape[0]), dpi=120)
@@ -345,7 +337,7 @@ def plot_matrix(block: dict, path: str, title: str) -> str:
 
 def plot_stages(blocks: dict[str, dict], path: str, title: str) -> str:
     """Loss on each segment across the training stages (solid: baseline; dashed: memorised)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (label, block), style in zip(blocks.items(), ("-", "--")):
@@ -355,14 +347,7 @@ def plot_stages(blocks: dict[str, dict], path: str, title: str) -> str:
                     color=colors[j % len(colors)], label=f"{seg} ({label})")
     ex = next(iter(blocks.values()))["extra"]
     ax.set_xticks(range(len(ex["rows"])), ex["rows"], fontsize=7, rotation=20)
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, title, "held-out loss (nats/token)")
 
 
 def plot_level_clocks(block: dict, path: str, title: str) -> str | None:
@@ -374,7 +359,7 @@ def plot_level_clocks(block: dict, path: str, title: str) -> str | None:
     levels = sorted({c["level"] for s in stages for c in s["level_clock"]})
     if not levels:
         return None
-    plt = _plt()
+    plt = pyplot()
     norm = np.zeros((len(levels), len(stages)))
     count = np.zeros_like(norm, dtype=int)
     for j, s in enumerate(stages):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from .needle import NeedleTask, attended_keys, attention_window, has_attention, length_name, score_item
+from .plots import finish, pyplot
 from .results import mean_stderr
 
 
@@ -96,21 +97,12 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
             "records": records}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_heatmap(block: dict, path: str, title: str) -> str:
     """Depth (rows) x length (columns) accuracy, exact match and rank1 side by side; grey
     columns are lengths not run."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     ex = block["extra"]
     lengths, depths = ex["by_length"], ex["depths"]
     w = max(2.6, 0.9 + 0.5 * len(lengths))
@@ -140,7 +132,7 @@ def plot_heatmap(block: dict, path: str, title: str) -> str:
 
 def plot_vs_length(blocks: dict[str, dict], path: str, title: str, chance: float | None = None) -> str:
     """Accuracy (exact, solid; rank1, dashed) against length, one line per labelled block."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
     for label, block in blocks.items():
         rows = [e for e in block["extra"]["by_length"] if e["status"] == "run"]
@@ -153,14 +145,7 @@ def plot_vs_length(blocks: dict[str, dict], path: str, title: str, chance: float
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, title, "accuracy")
 
 
 # ---------------------------------------------------------------------------- command line
