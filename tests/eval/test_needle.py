@@ -132,10 +132,12 @@ def test_streaming_64k_tokens_in_bounded_state(task, name):
     it = task.item("single", 65536, 50, 0)
     size = lambda st: sum(t.numel() for t in st.tensors())  # noqa: E731
     start = size(model.init_state(1))
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     with attention_window(model, 256):
         state = stream_prompt(model, it.ids, segment=model.prefill_segment())
-    assert time.perf_counter() - t0 < 60
+    # CPU seconds of this process (its threads summed): under a minute of wall time on an idle
+    # 2-core machine (about 15-25 s measured), and unaffected by other jobs sharing the cores
+    assert time.process_time() - t0 < 120
     assert state.position == 65535 and len(it.ids) == 65536
     c = model.config
     if name == "titans":  # plus a KV cache of at most 256 keys and the memory's unfinished chunk
