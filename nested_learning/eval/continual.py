@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..train.data import SPECIALS, DocumentStreams, TokenDocs, read_local, split_documents
-from .plots import finish, pyplot
+from .plots import annotated_heatmap, finish, pyplot
 from .results import mean_stderr
 from .stream import Memorize, has_cms, segment_losses
 
@@ -315,24 +315,11 @@ def plot_matrix(block: dict, path: str, title: str) -> str:
     """The held-out loss matrix (rows: stages, columns: segments), annotated."""
     import numpy as np
 
-    plt = pyplot()
     ex = block["extra"]
     M = np.array(ex["loss_matrix"])
-    fig, ax = plt.subplots(figsize=(1.8 + 1.1 * M.shape[1], 1.2 + 0.45 * M.shape[0]), dpi=120)
-    im = ax.imshow(M, cmap="magma_r", aspect="auto")
-    for i in range(M.shape[0]):
-        for j in range(M.shape[1]):
-            ax.text(j, i, f"{M[i, j]:.3f}", ha="center", va="center", fontsize=7,
-                    color="white" if M[i, j] > M.mean() else "black")
-    ax.set_xticks(range(M.shape[1]), ex["segments"], fontsize=7, rotation=20)
-    ax.set_yticks(range(M.shape[0]), ex["rows"], fontsize=7)
-    ax.set_xlabel("held-out segment")
-    ax.set_title(title, fontsize=8)
-    fig.colorbar(im, ax=ax, label="held-out loss (nats/token)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return annotated_heatmap(M, [[f"{x:.3f}" for x in r] for r in M], ex["segments"], ex["rows"], path, title,
+                             "held-out segment", "held-out loss (nats/token)", cmap="magma_r",
+                             text_color=lambda v: "white" if v > M.mean() else "black")
 
 
 def plot_stages(blocks: dict[str, dict], path: str, title: str) -> str:
@@ -359,7 +346,6 @@ def plot_level_clocks(block: dict, path: str, title: str) -> str | None:
     levels = sorted({c["level"] for s in stages for c in s["level_clock"]})
     if not levels:
         return None
-    plt = pyplot()
     norm = np.zeros((len(levels), len(stages)))
     count = np.zeros_like(norm, dtype=int)
     for j, s in enumerate(stages):
@@ -367,17 +353,6 @@ def plot_level_clocks(block: dict, path: str, title: str) -> str | None:
             cs = [c for c in s["level_clock"] if c["level"] == lv]
             count[i, j] = sum(c["updates"] for c in cs)
             norm[i, j] = sum(c["mean_update_norm"] for c in cs) / len(cs) if cs else 0.0
-    fig, ax = plt.subplots(figsize=(1.8 + 1.1 * len(stages), 1.2 + 0.5 * len(levels)), dpi=120)
-    im = ax.imshow(norm, cmap="viridis", aspect="auto")
-    for i in range(len(levels)):
-        for j in range(len(stages)):
-            ax.text(j, i, str(count[i, j]), ha="center", va="center", fontsize=7, color="white")
-    ax.set_xticks(range(len(stages)), [s["segment"] for s in stages], fontsize=7, rotation=20)
-    ax.set_yticks(range(len(levels)), [f"level {lv}" for lv in levels], fontsize=7)
-    ax.set_xlabel("training segment (numbers: CMS updates, all layers)")
-    ax.set_title(title, fontsize=8)
-    fig.colorbar(im, ax=ax, label="mean update norm ||dW||")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return annotated_heatmap(norm, [[str(c) for c in r] for r in count], [s["segment"] for s in stages],
+                             [f"level {lv}" for lv in levels], path, title,
+                             "training segment (numbers: CMS updates, all layers)", "mean update norm ||dW||")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layers.attention import CausalSelfAttention
-from .loglik import score_rows
+from .loglik import consume_context, score_rows
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 ADJECTIVES = ("amber quiet golden hidden silver northern bitter gentle crimson hollow frozen ancient "
@@ -261,8 +261,6 @@ def attended_keys(model) -> int | None:
 def stream_prompt(model, ids: list[int], segment: int, memorize=None, reports=None):
     """The state after every prompt token but the last (streamed or memorised in segments;
     memorisation sees only the prompt's own next tokens)."""
-    from .loglik import consume_context
-
     with torch.no_grad():
         return consume_context(model, torch.tensor([ids], device=model.embed.weight.device), memorize,
                                reports, segment)
