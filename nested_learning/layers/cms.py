@@ -79,8 +79,9 @@ class CMSLevelState:
 class CMSConfig:
     """The CMS chain of one block, and the one place its settings are checked: a level per
     period, each a residual MLP (d_model -> hidden_mult d_model -> d_model) whose two weights
-    are fast weights updated once per `period` tokens by `optimizer` ("gd", "momentum" or
-    "dgd"; one name, or one per level) at learning rate `lr` (one value, or one per level)."""
+    are fast weights updated once per `period` tokens by `optimizer` ("gd", "momentum", "dgd" or
+    "deep_momentum"; one name, or one per level) at learning rate `lr` (one value, or one per
+    level). Deep momentum's MLP memory has `deep_momentum_hidden` hidden units."""
 
     d_model: int
     periods: tuple = (1, 4, 16, 64)
@@ -89,6 +90,7 @@ class CMSConfig:
     lr: float | tuple = 1e-2
     beta: float = 0.9  # momentum's decay
     dgd_alpha: float = 1.0  # DGD's retention
+    deep_momentum_hidden: int = 16  # H of deep momentum's memory (reference/deep_momentum.py)
     teach_scale: float = 1.0
     teach_clip: float | None = None  # per-token L2 clip of the teach signal
     differentiable_writes: bool = False
@@ -100,6 +102,7 @@ class CMSConfig:
     def __post_init__(self):
         positive_int(self._n("d_model"), self.d_model)
         positive_int(self._n("hidden_mult"), self.hidden_mult)
+        positive_int(self._n("deep_momentum_hidden"), self.deep_momentum_hidden)
         self.periods = tuple(self.periods)
         if not self.periods:
             raise ValueError(f"{self._n('periods')} must name at least one level")
@@ -134,6 +137,7 @@ class CMSChain(nn.Module):
         super().__init__()
         self.optimizers, self.lrs = cfg.level_optimizers, cfg.level_lrs
         self.periods, self.beta, self.dgd_alpha = cfg.periods, cfg.beta, cfg.dgd_alpha
+        self.deep_momentum_hidden = cfg.deep_momentum_hidden
         self.teach_scale, self.teach_clip = cfg.teach_scale, cfg.teach_clip
         self.differentiable_writes = cfg.differentiable_writes
         d, hid = cfg.d_model, cfg.hidden_mult * cfg.d_model
@@ -144,7 +148,8 @@ class CMSChain(nn.Module):
     def init_state(self, batch: int, device, dtype) -> list[CMSLevelState]:
         out = []
         for up, down, period, opt in zip(self.up, self.down, self.periods, self.optimizers):
-            mk = lambda w: ops.CMSState.create(dense(w).to(device, dtype), period, batch, opt)  # noqa: E731
+            mk = lambda w: ops.CMSState.create(dense(w).to(device, dtype), period, batch, opt,  # noqa: E731
+                                               self.deep_momentum_hidden)
             out.append(CMSLevelState(mk(up), mk(down)))
         return out
 

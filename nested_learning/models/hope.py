@@ -34,10 +34,11 @@ class HOPEConfig(ModelConfig):
     # the CMS chain (checked by CMSConfig)
     cms_periods: tuple = (1, 4, 16, 64)
     cms_hidden_mult: int = 2
-    cms_optimizer: str = "gd"  # or a tuple, one per level: "gd" | "momentum" | "dgd"
+    cms_optimizer: str = "gd"  # or a tuple, one per level: "gd" | "momentum" | "dgd" | "deep_momentum"
     cms_lr: float = 1e-3  # or a tuple, one per level
     cms_beta: float = 0.9
     cms_dgd_alpha: float = 1.0
+    cms_deep_momentum_hidden: int = 16
     teach_scale: float = 1.0
     teach_clip: float | None = None
     # both: gradients of the outer loss through the in-context writes
@@ -60,7 +61,8 @@ class HOPEConfig(ModelConfig):
     def cms(self) -> CMSConfig:
         """The CMS chain's config (raises ValueError on a bad cms_* or teach_* field)."""
         fields = {"periods": "cms_periods", "hidden_mult": "cms_hidden_mult", "optimizer": "cms_optimizer",
-                  "lr": "cms_lr", "beta": "cms_beta", "dgd_alpha": "cms_dgd_alpha", "teach_scale": "teach_scale",
+                  "lr": "cms_lr", "beta": "cms_beta", "dgd_alpha": "cms_dgd_alpha",
+                  "deep_momentum_hidden": "cms_deep_momentum_hidden", "teach_scale": "teach_scale",
                   "teach_clip": "teach_clip", "differentiable_writes": "differentiable_writes"}
         return CMSConfig(self.d_model, **{f: getattr(self, h) for f, h in fields.items()},
                          names={"d_model": "HOPEConfig.d_model", **{f: f"HOPEConfig.{h}" for f, h in fields.items()}})

@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import checks as _checks
 from .._extension import extension_unavailable
 from ..reference.cms import OPTIMIZERS, cms_update_reference
+from ..reference.deep_momentum import deep_momentum_reference, initial_keys
 from . import _backend
 from ._define import define_op
 
@@ -20,8 +21,9 @@ class CMSState:
 
     weight [B, Dout, Din]; buffer_x [B, C, Din] and buffer_delta [B, C, Dout] are the ring
     buffer of the unfinished chunk (C = the level's period), `filled` of its slots valid;
-    momentum [B, Dout, Din] for the "momentum" optimizer, else None; `updates` counts the
-    updates applied so far."""
+    momentum [B, Dout, Din] for "momentum" and "deep_momentum" (its linear part M0), else None;
+    deep = (keys [B, H, Din], values [B, Dout, H]), deep momentum's hidden layer, else None;
+    `updates` counts the updates applied so far."""
 
     weight: Tensor
     buffer_x: Tensor
@@ -29,13 +31,15 @@ class CMSState:
     filled: int = 0
     momentum: Tensor | None = None
     updates: int = 0
+    deep: tuple | None = None
 
     @classmethod
     def create(cls, weight: Tensor, period: int, batch_size: int | None = None,
-               optimizer: str = "gd") -> CMSState:
+               optimizer: str = "gd", hidden: int = 16) -> CMSState:
         """Fresh state from a slow weight [Dout, Din] (broadcast to the batch) or a
-        per-sequence weight [B, Dout, Din]."""
+        per-sequence weight [B, Dout, Din]. `hidden`: deep momentum's hidden width H."""
         _checks.positive_int("period", period)
+        _checks.positive_int("hidden", hidden)
         _checks.choice("optimizer", optimizer, OPTIMIZERS)
         _checks.tensor("weight", weight)
         if weight.dim() == 2:
@@ -48,7 +52,9 @@ class CMSState:
             weight=weight,
             buffer_x=weight.new_zeros(B, period, Din),
             buffer_delta=weight.new_zeros(B, period, Dout),
-            momentum=torch.zeros_like(weight) if optimizer == "momentum" else None,
+            momentum=torch.zeros_like(weight) if optimizer in ("momentum", "deep_momentum") else None,
+            deep=(initial_keys(hidden, Din, weight.dtype, weight.device).expand(B, -1, -1).clone(),
+                  weight.new_zeros(B, Dout, hidden)) if optimizer == "deep_momentum" else None,
         )
 
     @property
@@ -187,7 +193,8 @@ def cms_update(
 ) -> tuple[CMSState, CMSUpdate]:
     """Feed tokens to one linear layer y = W x of a CMS level and apply every completed
     chunk's update (MATH section 4): G = sum_t delta_t x_t^T over the chunk's C tokens, then
-    gd: W -= lr G; momentum: m = beta m - lr G, W += m; dgd: W = W (alpha I - lr X^T X) - lr G.
+    gd: W -= lr G; momentum: m = beta m - lr G, W += m; dgd: W = W (alpha I - lr X^T X) - lr G;
+    deep_momentum: the MLP memory of reference/deep_momentum.py.
 
     x [B, T, Din] are the layer's inputs and delta [B, T, Dout] the teach signal at its
     output. Leftover tokens stay in the state's ring buffer for the next call, so streaming a
@@ -202,18 +209,24 @@ def cms_update(
     _checks.shape("delta", delta, (B, T, Dout), "[B, T, Dout] matching x and state.weight")
     _checks.same_dtype({"state.weight": state.weight, "x": x, "delta": delta})
     _checks.choice("optimizer", optimizer, OPTIMIZERS)
-    if optimizer == "momentum" and state.momentum is None:
-        raise ValueError("optimizer='momentum' needs state.momentum (CMSState.create(..., optimizer='momentum'))")
+    if optimizer in ("momentum", "deep_momentum") and state.momentum is None:
+        raise ValueError(f"optimizer={optimizer!r} needs state.momentum (CMSState.create(..., optimizer={optimizer!r}))")
+    if optimizer == "deep_momentum" and state.deep is None:
+        raise ValueError("optimizer='deep_momentum' needs state.deep (CMSState.create(..., optimizer='deep_momentum'))")
     if not (isinstance(lr, (int, float)) and lr >= 0):
         raise ValueError(f"lr must be a non-negative float, got {lr!r}")
     if optimizer == "dgd" and not 0 < alpha <= 1:
         raise ValueError(f"alpha must lie in (0, 1] for optimizer='dgd', got {alpha!r}")
     dev = _checks.same_device({"state.weight": state.weight, "x": x, "delta": delta})
     _checks.finite({"state.weight": state.weight, "state.momentum": state.momentum, "x": x, "delta": delta})
-    name = _backend.resolve("cms_update", dev.type, backend)
     C = state.period
     if state.filled + T < C:  # no chunk completes: only the buffer changes, the weights are kept
         return _buffered(state, x, delta), CMSUpdate(state.weight.new_zeros(B, 0), ())
+    if optimizer == "deep_momentum":
+        if backend not in (None, "reference"):
+            raise ValueError(f"optimizer='deep_momentum' runs only as its reference (no fused kernel), got backend={backend!r}")
+        return _deep_momentum_update(state, x, delta, float(lr), float(beta))
+    name = _backend.resolve("cms_update", dev.type, backend)
     mom = state.momentum if optimizer == "momentum" else None
     W, m, bx, bd, norms = _op(
         state.weight, x, delta, state.buffer_x, state.buffer_delta, mom, state.filled,
@@ -230,4 +243,20 @@ def cms_update(
         momentum=m if optimizer == "momentum" else state.momentum,
         updates=state.updates + n_up,
     )
+    return new, CMSUpdate(norms, tuple(first + i * C for i in range(n_up)))
+
+
+def _deep_momentum_update(state: CMSState, x: Tensor, delta: Tensor, lr: float, beta: float):
+    """Deep momentum runs as its reference on every device: per chunk three small matrix
+    products on the [H, Din] / [Dout, H] hidden layer besides the weight-sized ones, sequential
+    over chunks like momentum. No fused kernel; gradients flow through ordinary autograd where
+    the inputs carry them (differentiable_writes), as the other optimizers' reference does."""
+    keys, values = state.deep
+    W, m0, keys, values, bx, bd, norms = deep_momentum_reference(
+        state.weight, x, delta, state.buffer_x, state.buffer_delta, state.filled, state.momentum, keys,
+        values, lr, beta)
+    n_up, C = norms.shape[1], state.period
+    first = C - state.filled - 1
+    new = replace(state, weight=W, buffer_x=bx, buffer_delta=bd, filled=(state.filled + x.shape[1]) % C,
+                  momentum=m0, deep=(keys, values), updates=state.updates + n_up)
     return new, CMSUpdate(norms, tuple(first + i * C for i in range(n_up)))

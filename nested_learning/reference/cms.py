@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-OPTIMIZERS = ("gd", "momentum", "dgd")
+FUSED_OPTIMIZERS = ("gd", "momentum", "dgd")  # the ones the C++ and Triton kernels fuse
+OPTIMIZERS = FUSED_OPTIMIZERS + ("deep_momentum",)  # deep momentum: reference/deep_momentum.py
 
 
 def cms_update_reference(
@@ -57,7 +58,8 @@ def cms_update_reference(
         elif optimizer == "dgd":
             W_new = alpha * W - lr * (W @ (xc.transpose(1, 2) @ xc)) - lr * G
         else:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+            raise ValueError(f"optimizer must be one of {FUSED_OPTIMIZERS} (deep_momentum: "
+                             f"deep_momentum_reference), got {optimizer!r}")
         norms.append((W_new - W).flatten(1).norm(dim=1))
         W = W_new
     rest = xs.shape[1] - n_up * C

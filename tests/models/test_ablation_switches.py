@@ -69,7 +69,7 @@ def test_cms_depth(periods):
     assert {e.level for e in rep.events} == set(range(len(periods)))
 
 
-@pytest.mark.parametrize("opt", ["momentum", "dgd", ("gd", "momentum", "dgd", "dgd")])
+@pytest.mark.parametrize("opt", ["momentum", "dgd", "deep_momentum", ("gd", "momentum", "dgd", "deep_momentum")])
 def test_inner_optimizer_per_level(opt):
     base, m = _pair(cms_optimizer=opt)
     want = (opt,) * 4 if isinstance(opt, str) else opt
@@ -162,3 +162,14 @@ def test_deltanet_follows_the_gated_delta_rule():
     S1 = b[0] * torch.outer(v[0], k[0])
     S2 = S1 @ (a[1] * torch.eye(8, dtype=torch.float64) - b[1] * torch.outer(k[1], k[1])) + b[1] * torch.outer(v[1], k[1])
     assert torch.allclose(S[0, 0], S2, atol=1e-10)
+
+
+def test_deep_momentum_differs_from_momentum_and_carries_its_memory():
+    _, mom = _pair(cms_optimizer="momentum")
+    _, deep = _pair(cms_optimizer="deep_momentum", cms_deep_momentum_hidden=8)
+    _, st_m, _ = _step(mom)
+    _, st_d, _ = _step(deep)
+    lvl_m, lvl_d = st_m.layers[0]["cms"][0].up, st_d.layers[0]["cms"][0].up  # period 1: 128 updates
+    keys, values = lvl_d.deep
+    assert keys.shape[1] == 8 and values.shape[2] == 8 and values.abs().sum() > 0
+    assert lvl_m.deep is None and not torch.allclose(lvl_m.weight, lvl_d.weight)
