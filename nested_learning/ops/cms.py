@@ -222,16 +222,21 @@ def cms_update(
     C = state.period
     if state.filled + T < C:  # no chunk completes: only the buffer changes, the weights are kept
         return _buffered(state, x, delta), CMSUpdate(state.weight.new_zeros(B, 0), ())
-    if optimizer == "deep_momentum":
+    deep = state.deep
+    if optimizer == "deep_momentum":  # no fused kernel: its reference on every device
         if backend not in (None, "reference"):
             raise ValueError(f"optimizer='deep_momentum' runs only as its reference (no fused kernel), got backend={backend!r}")
-        return _deep_momentum_update(state, x, delta, float(lr), float(beta))
-    name = _backend.resolve("cms_update", dev.type, backend)
-    mom = state.momentum if optimizer == "momentum" else None
-    W, m, bx, bd, norms = _op(
-        state.weight, x, delta, state.buffer_x, state.buffer_delta, mom, state.filled,
-        float(lr), optimizer, float(beta), float(alpha), name,
-    )
+        W, m, keys, values, bx, bd, norms = deep_momentum_reference(
+            state.weight, x, delta, state.buffer_x, state.buffer_delta, state.filled, state.momentum, *deep,
+            float(lr), float(beta))
+        deep = (keys, values)
+    else:
+        name = _backend.resolve("cms_update", dev.type, backend)
+        mom = state.momentum if optimizer == "momentum" else None
+        W, m, bx, bd, norms = _op(
+            state.weight, x, delta, state.buffer_x, state.buffer_delta, mom, state.filled,
+            float(lr), optimizer, float(beta), float(alpha), name,
+        )
     n_up = norms.shape[1]
     first = C - state.filled - 1  # index in this call of the token completing the first chunk
     new = replace(
@@ -240,23 +245,8 @@ def cms_update(
         buffer_x=bx,
         buffer_delta=bd,
         filled=(state.filled + T) % C,
-        momentum=m if optimizer == "momentum" else state.momentum,
+        momentum=m if optimizer in ("momentum", "deep_momentum") else state.momentum,
+        deep=deep,
         updates=state.updates + n_up,
     )
-    return new, CMSUpdate(norms, tuple(first + i * C for i in range(n_up)))
-
-
-def _deep_momentum_update(state: CMSState, x: Tensor, delta: Tensor, lr: float, beta: float):
-    """Deep momentum runs as its reference on every device: per chunk three small matrix
-    products on the [H, Din] / [Dout, H] hidden layer besides the weight-sized ones, sequential
-    over chunks like momentum. No fused kernel; gradients flow through ordinary autograd where
-    the inputs carry them (differentiable_writes), as the other optimizers' reference does."""
-    keys, values = state.deep
-    W, m0, keys, values, bx, bd, norms = deep_momentum_reference(
-        state.weight, x, delta, state.buffer_x, state.buffer_delta, state.filled, state.momentum, keys,
-        values, lr, beta)
-    n_up, C = norms.shape[1], state.period
-    first = C - state.filled - 1
-    new = replace(state, weight=W, buffer_x=bx, buffer_delta=bd, filled=(state.filled + x.shape[1]) % C,
-                  momentum=m0, deep=(keys, values), updates=state.updates + n_up)
     return new, CMSUpdate(norms, tuple(first + i * C for i in range(n_up)))

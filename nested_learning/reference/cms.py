@@ -23,6 +23,24 @@ FUSED_OPTIMIZERS = ("gd", "momentum", "dgd")  # the ones the C++ and Triton kern
 OPTIMIZERS = FUSED_OPTIMIZERS + ("deep_momentum",)  # deep momentum: reference/deep_momentum.py
 
 
+def buffered_tokens(buffer_x: Tensor, buffer_delta: Tensor, filled: int, x: Tensor,
+                    delta: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The buffered then the new tokens (xs, ds) and how many complete chunks they make."""
+    xs = torch.cat([buffer_x[:, :filled], x], 1)
+    ds = torch.cat([buffer_delta[:, :filled], delta], 1)
+    return xs, ds, xs.shape[1] // buffer_x.shape[1]
+
+
+def leftover(xs: Tensor, ds: Tensor, n_up: int, C: int, norms: list, weight: Tensor
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """The new ring buffers (the tokens after the last complete chunk, then zeros) and the
+    per-update norms stacked to [B, n_up]."""
+    rest = xs.shape[1] - n_up * C
+    bx = torch.cat([xs[:, n_up * C :], xs.new_zeros(xs.shape[0], C - rest, xs.shape[2])], 1)
+    bd = torch.cat([ds[:, n_up * C :], ds.new_zeros(ds.shape[0], C - rest, ds.shape[2])], 1)
+    return bx, bd, torch.stack(norms, 1) if norms else weight.new_zeros(weight.shape[0], 0)
+
+
 def cms_update_reference(
     weight: Tensor,
     x: Tensor,
@@ -42,9 +60,7 @@ def cms_update_reference(
     Returns (weight, momentum (empty unless used), buffer_x, buffer_delta, norms [B, n_updates]); the new
     buffers hold the (filled + T) % C leftover tokens in their first slots, zeros after."""
     C = buffer_x.shape[1]
-    xs = torch.cat([buffer_x[:, :filled], x], 1)
-    ds = torch.cat([buffer_delta[:, :filled], delta], 1)
-    n_up = xs.shape[1] // C
+    xs, ds, n_up = buffered_tokens(buffer_x, buffer_delta, filled, x, delta)
     W = weight
     norms = []
     for c in range(n_up):
@@ -62,10 +78,7 @@ def cms_update_reference(
                              f"deep_momentum_reference), got {optimizer!r}")
         norms.append((W_new - W).flatten(1).norm(dim=1))
         W = W_new
-    rest = xs.shape[1] - n_up * C
-    bx = torch.cat([xs[:, n_up * C :], xs.new_zeros(xs.shape[0], C - rest, xs.shape[2])], 1)
-    bd = torch.cat([ds[:, n_up * C :], ds.new_zeros(ds.shape[0], C - rest, ds.shape[2])], 1)
-    norms_t = torch.stack(norms, 1) if norms else weight.new_zeros(weight.shape[0], 0)
+    bx, bd, norms_t = leftover(xs, ds, n_up, C, norms, weight)
     if momentum is None:
         momentum = weight.new_empty(0)
     return W, momentum, bx, bd, norms_t

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .cms import buffered_tokens, leftover
+
 
 def initial_keys(hidden: int, d_in: int, dtype: torch.dtype, device) -> Tensor:
     """K0 [hidden, d_in]: N(0, 1/d_in) entries from a fixed seed (rows of norm ~1), drawn on the
@@ -55,17 +57,12 @@ def deep_momentum_reference(
     Returns (weight, m0, keys, values, buffer_x, buffer_delta, norms [B, n_updates]), G of each
     chunk being sum_t delta_t x_t^T at the chunk-start state."""
     C = buffer_x.shape[1]
-    xs = torch.cat([buffer_x[:, :filled], x], 1)
-    ds = torch.cat([buffer_delta[:, :filled], delta], 1)
-    n_up = xs.shape[1] // C
+    xs, ds, n_up = buffered_tokens(buffer_x, buffer_delta, filled, x, delta)
     W, norms = weight, []
     for c in range(n_up):
         G = ds[:, c * C:(c + 1) * C].transpose(1, 2) @ xs[:, c * C:(c + 1) * C]
         W_new, m0, keys, values = deep_momentum_step(W, m0, keys, values, G, lr, beta)
         norms.append((W_new - W).flatten(1).norm(dim=1))
         W = W_new
-    rest = xs.shape[1] - n_up * C
-    bx = torch.cat([xs[:, n_up * C:], xs.new_zeros(xs.shape[0], C - rest, xs.shape[2])], 1)
-    bd = torch.cat([ds[:, n_up * C:], ds.new_zeros(ds.shape[0], C - rest, ds.shape[2])], 1)
-    norms_t = torch.stack(norms, 1) if norms else weight.new_zeros(weight.shape[0], 0)
+    bx, bd, norms_t = leftover(xs, ds, n_up, C, norms, weight)
     return W, m0, keys, values, bx, bd, norms_t
