@@ -22,19 +22,16 @@ sys.path.insert(0, ROOT)
 
 
 def main() -> None:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from bench.variant_stability import raw_rules
     from nested_learning.layers import titans
+    from nested_learning.train.config import compose_config
     from nested_learning.train.loop import TrainingDiverged, run
 
     args = sys.argv[1:]
     raw = "--raw" in args
     over = ["model=titans", f"train.out_dir={tempfile.mkdtemp(prefix='trace-')}", "train.eval_every=0",
             "train.save_every=0", "train.progress=false"] + [a for a in args if a != "--raw"]
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose("config", overrides=over), resolve=True)
+    cfg = compose_config(over)
     calls = []
     real = titans.TitansMemory._run
 

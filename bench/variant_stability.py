@@ -63,17 +63,14 @@ def train_in_process(overrides: list[str], steps: int, eval_every: int = 0, raw:
                      label: str = "run") -> tuple[list[dict], str, float]:
     """(metrics.jsonl records, "completed" or "diverged (...)", seconds) of `python train.py
     <overrides> train.steps=N` run in-process in a fresh temporary out_dir (no saves)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
+    from nested_learning.train.config import compose_config
     from nested_learning.train.loop import TrainingDiverged, run
     from nested_learning.train.metrics import read_records
 
     out = tempfile.mkdtemp(prefix=f"{label}-")
     over = overrides + [f"train.steps={steps}", f"train.out_dir={out}", f"train.eval_every={eval_every}",
                         "train.save_every=0", "train.progress=false"]
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose("config", overrides=over), resolve=True)
+    cfg = compose_config(over)
     t0, status = time.perf_counter(), "completed"
     with ExitStack() as stack:
         if raw:

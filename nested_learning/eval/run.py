@@ -12,6 +12,7 @@ import torch
 from ..models import MODELS
 from ..train import checkpoint
 from ..train.checkpoint import CheckpointError
+from ..train.checkpointer import load_whole_model
 from ..train.data import TOKENIZER_FILE
 
 
@@ -81,9 +82,8 @@ def load_run(path: str, step: int | None = None, device: str | torch.device | No
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{ck}: the recorded model config does not build with this version of the "
                               f"package ({err}); evaluate it with the version that trained it") from err
-    weights = checkpoint._load_tensors(os.path.join(ck, "model.safetensors"))
     try:
-        net.load_state_dict(weights)
+        load_whole_model(ck, net)  # either format: one safetensors file, or DCP shards (read in one process)
     except RuntimeError as err:
         raise CheckpointError(f"{ck}: the weights do not fit the recorded {name} config ({err}); the checkpoint "
                               "is damaged or was edited") from err

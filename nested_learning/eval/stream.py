@@ -96,22 +96,23 @@ def stream_document(model, doc: Tensor, segment: int, memorize: Memorize | None 
     return torch.cat(out), state
 
 
-def validation_loss(model, docs, cfg: dict, info, pad_id: int) -> float:
+def validation_loss(model, docs, cfg: dict, info, pad_id: int, batch: int | None = None,
+                    seq_len: int | None = None) -> float:
     """Training's validation loss: mean next-token loss over train.eval_batches segments of the
     validation documents, streamed exactly as in training (the fast state carried across
     segments and reset at document and context boundaries; CMS levels memorise each segment
-    after it is scored, as the training step's update pass does)."""
+    after it is scored, as the training step's update pass does). `batch` and `seq_len`
+    default to train.batch_size and train.seq_len (a curriculum passes its current stage's)."""
     t = cfg["train"]
-    streams = DocumentStreams(docs, t["batch_size"], t["seq_len"], seed=1234, pad_id=pad_id,
+    batch, seq_len = batch or t["batch_size"], seq_len or t["seq_len"]
+    streams = DocumentStreams(docs, batch, seq_len, seed=1234, pad_id=pad_id,
                               rank=info.rank, world=info.world, context_len=t.get("context_len"))
-    state = model.init_state(t["batch_size"])
+    state = model.init_state(batch)
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
-    fsdp = bool(t.get("fsdp")) and info.world > 1
     for _ in range(t["eval_batches"]):
         tok, tgt, reset = (x.to(info.device) for x in streams.next())
-        fresh = model.init_state(t["batch_size"]) if fsdp else None  # collective under FSDP
         if reset.any():
-            state = model.reset_state(state, reset, fresh)
+            state = model.reset_state(state, reset)
         loss, state = segment_losses(model, tok, tgt, state, Memorize())
         total += torch.stack([loss.double().sum(), (tgt != IGNORE).sum().double()])
     if info.world > 1:

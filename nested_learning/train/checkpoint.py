@@ -1,5 +1,6 @@
-"""Checkpoints as safetensors, written atomically: model, optimizer, fast state (per rank),
-RNG states and data position. A checkpoint is a directory step_XXXXXXXX/ that appears only
+"""Checkpoints, written atomically: model and optimizer (one safetensors file each, or
+torch.distributed.checkpoint shards: see checkpointer.py for the two formats), fast state (per
+rank), RNG states and data position. A checkpoint is a directory step_XXXXXXXX/ that appears only
 once complete (written under a temporary name, then renamed); `latest` names the newest.
 
 Every file's SHA-256 is recorded in checksums.json (written last, before the rename) and
@@ -229,10 +230,12 @@ def resume_point(out_dir: str, warn=print) -> str | None:
     return None
 
 
-def save(out_dir: str, step: int, run_meta: dict, model_sd: dict | None, optim_sd: dict | None,
-         fast_states: list[ModelState], data_pos: dict, rank: int = 0, barrier=lambda: None) -> str:
-    """Every rank writes its fast state, RNG and data position; rank 0 the model, optimizer and
-    meta.json (written last), then renames the directory into place."""
+def save(out_dir: str, step: int, run_meta: dict, fast_states: list[ModelState], data_pos: dict,
+         write_slow, rank: int = 0, barrier=lambda: None) -> str:
+    """Every rank writes its fast state, RNG and data position, and calls write_slow(tmp_dir)
+    (a format's model and optimizer writer: rank 0 alone for the single-file format, every rank
+    for DCP); rank 0 then writes meta.json and checksums.json and renames the directory into
+    place. A process that dies before the rename leaves only step_X.tmp/, which no resume reads."""
     final = checkpoint_dir(out_dir, step)
     tmp = final + ".tmp"
     if rank == 0:
@@ -244,12 +247,7 @@ def save(out_dir: str, step: int, run_meta: dict, model_sd: dict | None, optim_s
     _save_tensors(fast_t, os.path.join(tmp, f"fast_rank{rank}.safetensors"))
     _save_tensors(rng_t, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
     _write_json({"skeleton": skeleton, "rng": rng_meta, "data": data_pos}, os.path.join(tmp, f"rank{rank}.json"))
-    if rank == 0:
-        _save_tensors({k: v.detach().contiguous().cpu() for k, v in model_sd.items()},
-                      os.path.join(tmp, "model.safetensors"))
-        opt_t, opt_meta = _optimizer_flat(optim_sd)
-        _save_tensors(opt_t, os.path.join(tmp, "optim.safetensors"))
-        _write_json(opt_meta, os.path.join(tmp, "optim.json"))
+    write_slow(tmp)
     barrier()
     if rank == 0:
         _write_json({**run_meta, "step": step}, os.path.join(tmp, "meta.json"))
@@ -261,6 +259,21 @@ def save(out_dir: str, step: int, run_meta: dict, model_sd: dict | None, optim_s
     return final
 
 
+def write_single_file(tmp: str, model_sd: dict, optim_sd: dict) -> None:
+    """The single-file format's slow part: model.safetensors, optim.safetensors + optim.json."""
+    _save_tensors({k: v.detach().contiguous().cpu() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"))
+    opt_t, opt_meta = _optimizer_flat(optim_sd)
+    _save_tensors(opt_t, os.path.join(tmp, "optim.safetensors"))
+    _write_json(opt_meta, os.path.join(tmp, "optim.json"))
+
+
+def read_single_file(path: str) -> tuple[dict, dict]:
+    """(model state dict, optimizer state dict) of a single-file checkpoint."""
+    return (_load_tensors(os.path.join(path, "model.safetensors")),
+            _optimizer_unflat(_load_tensors(os.path.join(path, "optim.safetensors")),
+                              _read_json(os.path.join(path, "optim.json"))))
+
+
 def latest(out_dir: str) -> str | None:
     path = os.path.join(out_dir, "checkpoints", "latest.json")
     if not os.path.exists(path):
@@ -268,29 +281,54 @@ def latest(out_dir: str) -> str | None:
     return os.path.join(out_dir, "checkpoints", _read_json(path)["latest"])
 
 
-def load(path: str, run_meta: dict, rank: int = 0, verified: bool = False) -> dict:
-    """Read a checkpoint (verifying its checksums unless `verified`), checking it was made for
-    the same model, config, layout, optimizer, tokenizer and corpus."""
-    if not verified:
-        verify(path)
-    meta = _read_json(os.path.join(path, "meta.json"))
+def meta_of(path: str) -> dict:
+    return _read_json(os.path.join(path, "meta.json"))
+
+
+def check_meta(path: str, meta: dict, run_meta: dict) -> None:
+    """The checkpoint was made for the same model, config, layout, optimizer, tokenizer and corpus."""
     diffs = {k: (meta.get(k), v) for k, v in run_meta.items() if meta.get(k) != v}
     if diffs:
         detail = "; ".join(f"{k}: checkpoint {_short(a)} vs now {_short(b)}" for k, (a, b) in diffs.items())
         raise CheckpointError(f"checkpoint {path} was made for another model, run layout, optimizer or corpus: "
                               f"{detail}. Resume with the settings it was made with, or start a new run "
                               "(another train.out_dir, or train.resume=false train.overwrite=true)")
+
+
+def rank_files(path: str, rank: int) -> dict:
+    """A rank's own part of a checkpoint: fast state (tensors, skeleton), RNG, data position."""
     mine = _read_json(os.path.join(path, f"rank{rank}.json"))
-    return {
-        "step": meta["step"],
-        "model": _load_tensors(os.path.join(path, "model.safetensors")),
-        "optim": _optimizer_unflat(_load_tensors(os.path.join(path, "optim.safetensors")),
-                                   _read_json(os.path.join(path, "optim.json"))),
-        "fast": (_load_tensors(os.path.join(path, f"fast_rank{rank}.safetensors")), mine["skeleton"]),
-        "rng": (_load_tensors(os.path.join(path, f"rng_rank{rank}.safetensors")), mine["rng"]),
-        "data": mine["data"],
-        "config": meta.get("config"),
-    }
+    return {"fast": (_load_tensors(os.path.join(path, f"fast_rank{rank}.safetensors")), mine["skeleton"]),
+            "rng": (_load_tensors(os.path.join(path, f"rng_rank{rank}.safetensors")), mine["rng"]),
+            "data": mine["data"]}
+
+
+def saved_world(path: str) -> int:
+    """How many ranks wrote the checkpoint (one rank{r}.json each)."""
+    return sum(1 for f in os.listdir(path) if re.fullmatch(r"rank\d+\.json", f))
+
+
+def data_positions(path: str) -> dict[int, dict]:
+    """Every saved row's data position by global row id: {row: {"epoch", "index", "offset"}}."""
+    rows = {}
+    for r in range(saved_world(path)):
+        pos = _read_json(os.path.join(path, f"rank{r}.json"))["data"]
+        ids = pos.get("rows") or [r * len(pos["epoch"]) + b for b in range(len(pos["epoch"]))]
+        for b, row in enumerate(ids):
+            rows[row] = {k: pos[k][b] for k in ("epoch", "index", "offset")}
+    return rows
+
+
+def load(path: str, run_meta: dict, rank: int = 0, verified: bool = False) -> dict:
+    """Read a single-file checkpoint (verifying its checksums unless `verified`), checking it
+    was made for the same model, config, layout, optimizer, tokenizer and corpus."""
+    if not verified:
+        verify(path)
+    meta = meta_of(path)
+    check_meta(path, meta, run_meta)
+    model_sd, optim_sd = read_single_file(path)
+    return {"step": meta["step"], "model": model_sd, "optim": optim_sd, **rank_files(path, rank),
+            "config": meta.get("config")}
 
 
 def _short(v) -> str:

@@ -1,6 +1,6 @@
-"""Process group set-up and model wrapping: DDP (nccl on CUDA, gloo on CPU, or an override)
-and FSDP2 (`fully_shard`) for models that do not fit one device. Fast state stays per
-sequence and rank-local; only the slow weights' gradients are reduced."""
+"""Process group set-up and tear-down (nccl on CUDA, gloo on CPU, or an override); how the
+model is spread over the ranks (DDP, FSDP2) is sharding.py. Fast state stays per sequence and
+rank-local; only the slow weights' gradients are reduced."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 
 @dataclass
@@ -47,29 +46,6 @@ def setup(device: str = "auto", backend: str | None = None) -> DistInfo:
             raise ValueError(f"train.dist_backend must be 'nccl', 'gloo' or null, got {backend!r}")
         dist.init_process_group(backend=backend)
     return DistInfo(rank, world, local, dev)
-
-
-def wrap(model: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:
-    if info.world == 1:
-        return model
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for blk in model.blocks:
-            fully_shard(blk)
-        return fully_shard(model)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = [info.device.index] if info.device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
-
-
-def full_state_dict(model: nn.Module, wrapped: nn.Module, fsdp: bool) -> dict:
-    if fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
 
 
 def cleanup(info: DistInfo) -> None:

@@ -95,8 +95,11 @@ class OptimizerGroup:
 
 
 def _adamw(params, lr, betas, wd, eps):
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # FSDP shards some parameters (DTensor) and keeps the memory inits whole: the fused step
+    # cannot mix the two in one group, so each kind gets its own (one kind: the groups as before)
+    sharded = lambda p: hasattr(p, "full_tensor")  # noqa: E731
+    groups = [{"params": [p for p in params if (p.dim() >= 2) == decay and sharded(p) == kind],
+               "weight_decay": wd if decay else 0.0} for decay in (True, False) for kind in (False, True)]
     groups = [g for g in groups if g["params"]]
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)

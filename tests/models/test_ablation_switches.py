@@ -98,18 +98,14 @@ def experiment_data(tmp_path_factory, corpus_dir):  # noqa: F811
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_config_trains_two_steps(name, experiment_data, tmp_path):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
+    from nested_learning.train.config import compose_config
     from nested_learning.train.loop import run
 
     corpus, data_dir = experiment_data
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"experiment={name}", "size=tiny", "data=local", f"data.path={corpus}", "data.vocab_size=300",
-            f"data.data_dir={data_dir}", "train.steps=2", "train.batch_size=2", "train.eval_every=0",
-            "train.save_every=0", f"train.out_dir={tmp_path / name}", "train.progress=false", "train.device=cpu"])
-    cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    cfg = compose_config([
+        f"experiment={name}", "size=tiny", "data=local", f"data.path={corpus}", "data.vocab_size=300",
+        f"data.data_dir={data_dir}", "train.steps=2", "train.batch_size=2", "train.eval_every=0",
+        "train.save_every=0", f"train.out_dir={tmp_path / name}", "train.progress=false", "train.device=cpu"])
     summary = run(cfg)
     assert len(summary["tokens_per_s"]) == 2 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
     with open(tmp_path / name / "config.json") as f:

@@ -120,12 +120,6 @@ def test_compile_switch_runs_compiled_and_matches_eager(make_cfg):
         assert abs(a - b) < 1e-4
 
 
-def test_fsdp_checkpointing_is_refused_clearly(make_cfg):
-    cfg = make_cfg(train={"fsdp": True})
-    with pytest.raises(NotImplementedError, match="checkpointing an FSDP run"):
-        run(cfg)
-
-
 def test_the_training_loop_leaves_no_capture_behind(make_cfg):
     """Two steps of the real loop (with an evaluation, which memorises for HOPE): once run()
     returns, no TeachCapture object exists anywhere."""

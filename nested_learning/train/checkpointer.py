@@ -1,0 +1,148 @@
+"""Two checkpoint formats behind one interface (`Checkpointer.save` / `Checkpointer.restore`).
+
+- `single`: the slow weights and the optimizer state as one safetensors file each, gathered
+  on rank 0 (one process and DDP runs).
+- `dcp`: torch.distributed.checkpoint shards of the model and optimizer state dicts
+  (`torch.distributed.checkpoint.state_dict`), every rank writing its own shards in parallel;
+  no rank ever holds the whole model (FSDP runs). DCP reshards on load: a checkpoint written
+  by N ranks loads into M.
+
+Both share the rest of a checkpoint (checkpoint.py): per-rank fast state, RNG and data
+position, meta.json, checksums, the atomic rename, keep_last. What a world-size change does
+(dcp only; the single format refuses it):
+- slow weights and optimizer state: resharded exactly;
+- data position: kept per global row (row r of the old run continues where it was in row
+  r's document order); rows that did not exist before start their order at the beginning;
+- fast state: not carried (it is per sequence and rank-local); every row starts from a fresh
+  fast state, as at a context boundary;
+- RNG: rank r takes the saved rank r's state, or rank 0's when there was no rank r."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from . import checkpoint
+from .checkpoint import CheckpointError
+from .distributed import DistInfo
+
+__all__ = ["Checkpointer", "Restored", "format_for"]
+
+# run_meta keys that may differ when a dcp checkpoint is loaded by another world size
+_LAYOUT = ("world",)
+
+
+def format_for(requested: str, fsdp: bool, world: int) -> str:
+    if requested == "auto":
+        return "dcp" if fsdp and world > 1 else "single"
+    if requested == "single" and fsdp and world > 1:
+        raise ValueError("train.checkpoint_format=single cannot save an FSDP run (no rank holds the whole model "
+                         "and optimizer state): use dcp or auto")
+    return requested
+
+
+@dataclass
+class Restored:
+    step: int
+    fast: tuple | None  # (tensors, skeleton), or None: start from fresh fast states
+    data: dict          # this rank's data position
+    config: dict | None
+    notes: list[str]    # what changed on the way (world size), for the console
+
+
+class Checkpointer:
+    def __init__(self, out_dir: str, fmt: str, info: DistInfo):
+        if fmt not in ("single", "dcp"):
+            raise ValueError(f"checkpoint format must be 'single' or 'dcp', got {fmt!r}")
+        self.out_dir, self.fmt, self.info = out_dir, fmt, info
+
+    # ----- save
+    def save(self, step: int, run_meta: dict, model: nn.Module, opt, fast_states, data_pos: dict) -> str:
+        info = self.info
+        if self.fmt == "dcp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_sd, optim_sd = get_state_dict(model, opt)
+
+            def write(tmp):
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        else:
+            model_sd = _full_model_state(model, info)
+            optim_sd = opt.state_dict() if info.main else None
+
+            def write(tmp):
+                if info.main:
+                    checkpoint.write_single_file(tmp, model_sd, optim_sd)
+        return checkpoint.save(self.out_dir, step, {**run_meta, "format": self.fmt}, fast_states, data_pos,
+                               write, info.rank, info.barrier)
+
+    # ----- restore
+    def restore(self, path: str, run_meta: dict, model: nn.Module, opt) -> Restored:
+        """Load the slow weights and optimizer state into model and opt (in place), set this
+        rank's RNG, and return the rest."""
+        info = self.info
+        meta = checkpoint.meta_of(path)
+        saved_fmt = meta.get("format", "single")
+        if saved_fmt != self.fmt:
+            raise CheckpointError(f"checkpoint {path} is in the {saved_fmt!r} format and this run writes {self.fmt!r} "
+                                  f"(train.checkpoint_format, train.fsdp): resume with the settings it was made with")
+        strict = {k: v for k, v in run_meta.items() if not (self.fmt == "dcp" and k in _LAYOUT)}
+        checkpoint.check_meta(path, meta, strict)
+        if self.fmt == "dcp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_sd, optim_sd = get_state_dict(model, opt)
+            sd = {"model": model_sd, "optim": optim_sd}
+            dcp.load(sd, checkpoint_id=path)
+            set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        else:
+            model_sd, optim_sd = checkpoint.read_single_file(path)
+            model.load_state_dict(model_sd)
+            try:
+                opt.load_state_dict(optim_sd)
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({err})") from err
+        old_world = meta.get("world", info.world)
+        notes = []
+        if old_world == info.world:
+            mine = checkpoint.rank_files(path, info.rank)
+            fast, data = mine["fast"], mine["data"]
+            checkpoint.set_rng_state(*mine["rng"])
+        else:
+            notes.append(f"the checkpoint was written by {old_world} ranks and this run has {info.world}: slow "
+                         "weights and optimizer state resharded; fast states start fresh; data positions kept "
+                         "per global row")
+            rng_rank = info.rank if info.rank < old_world else 0
+            checkpoint.set_rng_state(*checkpoint.rank_files(path, rng_rank)["rng"])
+            fast, data = None, {"by_row": checkpoint.data_positions(path)}
+        return Restored(meta["step"], fast, data, meta.get("config"), notes)
+
+
+def _full_model_state(model: nn.Module, info: DistInfo) -> dict:
+    """The whole model's state dict on rank 0 (gathered from shards if the model is sharded)."""
+    if info.world > 1 and any(hasattr(p, "full_tensor") for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def load_whole_model(path: str, model: nn.Module) -> None:
+    """Load a checkpoint's slow weights, of either format, into an unsharded `model` in one
+    process (no process group needed): what export and evaluation use."""
+    checkpoint.verify(path)
+    if checkpoint.meta_of(path).get("format", "single") == "single":
+        model.load_state_dict(checkpoint.read_single_file(path)[0])
+        return
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    sd = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, checkpoint_id=path)
+    model.load_state_dict(sd["model"])

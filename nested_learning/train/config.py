@@ -1,0 +1,278 @@
+"""The typed training config: `TrainConfig` is the `train:` section of configs/config.yaml (a
+Hydra structured config, registered as the `train` group's `default`), the one place its
+defaults live. `TrainConfig.from_dict` builds it from a plain dict (what `run(cfg)` receives,
+from Hydra or a test) and `__post_init__` checks every field, each message naming the key and
+the rule. The optimizer section (two shapes: adamw, mixed_muon_adamw) is checked by
+`check_optim`; the model section by the model's own config."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..checks import positive_int
+
+__all__ = ["TrainConfig", "WandbConfig", "check_optim", "compose_config", "number", "register"]
+
+
+def number(name: str, v, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+           hi_open: bool = False) -> float:
+    """v as a float within the bounds; strings that read as numbers are accepted (Hydra and
+    YAML sometimes hand numbers over as strings), anything else names the key."""
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {v!r}") from None
+    below = x <= lo if lo_open else x < lo
+    above = x >= hi if hi_open else x > hi
+    if math.isnan(x) or below or above:
+        lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must lie in {lb}{lo}, {hi}{hb}, got {v!r}")
+    return x
+
+
+def _nonneg_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    return v
+
+
+def _flag(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be true or false, got {v!r}")
+
+
+def _int_like(name: str, v) -> int:
+    """An int, or a float/str that is a whole number (YAML reads 3.0e9 as a float)."""
+    x = number(name, v, 0.0, lo_open=True)
+    if x != int(x):
+        raise ValueError(f"{name} must be a whole number, got {v!r}")
+    return int(x)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    mode: str = "offline"          # offline: nothing leaves the machine; online: needs a login
+    project: str = "nested_learning"
+
+    def __post_init__(self):
+        _flag("train.wandb.enabled", self.enabled)
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"train.wandb.mode must be 'offline', 'online' or 'disabled', got {self.mode!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WandbConfig:
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown key(s) train.wandb.{', train.wandb.'.join(sorted(set(d) - known))}; "
+                             f"the keys are {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+@dataclass
+class TrainConfig:
+    # how long: train.steps, or a token budget from which the steps are derived (one of the two)
+    steps: int | None = 150
+    tokens: Any | None = None     # token budget; steps = ceil(tokens / tokens per step) (steps must be null)
+    seed: int = 0
+    out_dir: str = "runs/${model.name}-${size.name}"
+    batch_size: int = 8              # sequences per micro-batch (per rank) (of the first curriculum stage)
+    seq_len: int = 128               # a multiple of every chunk size and CMS period
+    context_len: int | None = 1024  # the fast state carries across segments for this many tokens, then
+    #                                    resets (and at every document start); null: across whole documents
+    curriculum: list[Any] | None = None  # [[step, seq_len], ...] from step 0: the context-length curriculum
+    curriculum_constant_tokens: bool = True  # the batch shrinks as seq_len grows (tokens per step constant)
+    grad_accum: int = 1
+    clip: float | None = 1.0      # gradient-norm bound; null: no clipping
+    max_bad_steps: int = 3           # non-finite steps in a row that stop the run (TrainingDiverged)
+    bf16: bool = False
+    compile: bool = False
+    device: str = "auto"             # auto | cpu | cuda
+    dist_backend: str | None = None  # null: nccl on CUDA, gloo on CPU
+    fsdp: bool = False               # FSDP2 (fully_shard per block): PyTorch's counterpart of ZeRO-3
+    inner_updates: bool = True       # the CMS update pass after each backward
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 50             # checkpoint every N steps (0: never, except save_every_minutes)
+    save_every_minutes: float | None = None  # also checkpoint when this much wall time passed since the last
+    checkpoint_format: str = "auto"  # auto (dcp for FSDP runs, else single) | single | dcp
+    keep_last: int | None = 3     # checkpoints kept (older ones deleted after each save); null: all
+    export: bool = False             # at the end, write out_dir/export/ (one safetensors file + config)
+    resume: bool = True              # continue from out_dir's newest intact checkpoint when there is one
+    overwrite: bool = False          # with resume=false: delete the run already in out_dir instead of refusing
+    progress: bool = True
+    dry_run: bool = False            # print the plan (parameters, tokens, steps, checkpoints, memory) and stop
+    plan_world: int = 8              # the dry run's world size when not launched by torchrun
+    plan_gpu_gib: float = 80.0       # the dry run's GPU memory, for its fits / does-not-fit line
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        if isinstance(self.wandb, dict):
+            self.wandb = WandbConfig.from_dict(self.wandb)
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("set exactly one of train.steps and train.tokens (a token budget from which the steps "
+                             f"are derived), got steps={self.steps!r} tokens={self.tokens!r}")
+        if self.steps is not None:
+            positive_int("train.steps", self.steps)
+        else:
+            self.tokens = _int_like("train.tokens", self.tokens)
+        for k in ("batch_size", "seq_len", "grad_accum", "max_bad_steps", "plan_world"):
+            positive_int(f"train.{k}", getattr(self, k))
+        for k in ("eval_every", "save_every", "eval_batches"):
+            _nonneg_int(f"train.{k}", getattr(self, k))
+        if self.keep_last is not None:
+            _nonneg_int("train.keep_last", self.keep_last)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"train.seed must be an int, got {self.seed!r}")
+        for k in ("resume", "overwrite", "bf16", "compile", "fsdp", "inner_updates", "progress", "export",
+                  "dry_run", "curriculum_constant_tokens"):
+            _flag(f"train.{k}", getattr(self, k))
+        if self.clip is not None:
+            self.clip = number("train.clip (the gradient-norm bound; null: no clipping)", self.clip, 0.0, lo_open=True)
+        if self.save_every_minutes is not None:
+            self.save_every_minutes = number("train.save_every_minutes", self.save_every_minutes, 0.0, lo_open=True)
+        self.plan_gpu_gib = number("train.plan_gpu_gib", self.plan_gpu_gib, 0.0, lo_open=True)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.dist_backend not in (None, "nccl", "gloo"):
+            raise ValueError(f"train.dist_backend must be 'nccl', 'gloo' or null, got {self.dist_backend!r}")
+        if self.checkpoint_format not in ("auto", "single", "dcp"):
+            raise ValueError(f"train.checkpoint_format must be 'auto', 'single' or 'dcp', got {self.checkpoint_format!r}")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ValueError(f"train.out_dir must be a path, got {self.out_dir!r}")
+        self._check_curriculum()
+        if self.context_len is not None and (isinstance(self.context_len, bool) or not isinstance(self.context_len, int)
+                                             or self.context_len < 1):
+            raise ValueError(f"train.context_len must be null or a positive int, got {self.context_len!r}")
+
+    def check_context_len(self) -> None:
+        """context_len is a multiple of every stage's seq_len (checked after the model's chunk
+        rule on seq_len, whose message says more)."""
+        for sl in self.stage_seq_lens():
+            ctx = self.context_len
+            if ctx is not None and (ctx < sl or ctx % sl):
+                raise ValueError(f"train.context_len must be null or a multiple of train.seq_len={sl} (every "
+                                 f"curriculum stage's seq_len), got {ctx!r}")
+
+    def _check_curriculum(self) -> None:
+        c = self.curriculum
+        if c is None:
+            return
+        rule = "train.curriculum must be a list of [step, seq_len] pairs starting at step 0 with increasing steps"
+        if not isinstance(c, (list, tuple)) or not c:
+            raise ValueError(f"{rule}, got {c!r}")
+        stages = []
+        for s in c:
+            if (not isinstance(s, (list, tuple)) or len(s) != 2
+                    or any(isinstance(x, bool) or not isinstance(x, int) for x in s)):
+                raise ValueError(f"{rule}, got the stage {s!r}")
+            stages.append((int(s[0]), int(s[1])))
+        if stages[0][0] != 0 or any(b[0] <= a[0] for a, b in zip(stages, stages[1:])):
+            raise ValueError(f"{rule}, got {c!r}")
+        if stages[0][1] != self.seq_len:
+            raise ValueError(f"train.seq_len={self.seq_len} must equal the first curriculum stage's seq_len "
+                             f"({stages[0][1]}): batch_size and seq_len describe the first stage")
+        for step, sl in stages:
+            positive_int(f"train.curriculum seq_len (stage at step {step})", sl)
+            if self.curriculum_constant_tokens and (self.batch_size * self.seq_len) % sl:
+                raise ValueError(f"train.curriculum: the stage at step {step} has seq_len={sl}, which does not divide "
+                                 f"the tokens of a micro-batch (batch_size x seq_len = {self.batch_size * self.seq_len}): "
+                                 "the batch could not shrink to keep the tokens per step constant")
+        self.curriculum = [list(s) for s in stages]
+
+    # ----- derived
+    def stages(self) -> list[tuple[int, int, int]]:
+        """(first step, seq_len, micro-batch) of every curriculum stage (one stage without a
+        curriculum)."""
+        if not self.curriculum:
+            return [(0, self.seq_len, self.batch_size)]
+        tokens = self.batch_size * self.seq_len
+        return [(s, sl, tokens // sl if self.curriculum_constant_tokens else self.batch_size)
+                for s, sl in self.curriculum]
+
+    def stage_at(self, step: int) -> tuple[int, int, int]:
+        """The stage in force at (0-based) step `step`: (index, seq_len, micro-batch)."""
+        idx = max(i for i, (s, _, _) in enumerate(self.stages()) if s <= step)
+        _, sl, b = self.stages()[idx]
+        return idx, sl, b
+
+    def stage_seq_lens(self) -> list[int]:
+        return [sl for _, sl, _ in self.stages()]
+
+    def tokens_per_step(self, world: int, step: int = 0) -> int:
+        _, sl, b = self.stage_at(step)
+        return b * sl * self.grad_accum * world
+
+    def total_steps(self, world: int) -> int:
+        """train.steps, or the token budget divided by the tokens of a step (rounded up). With
+        a curriculum that does not keep the tokens constant, stage by stage."""
+        if self.steps is not None:
+            return self.steps
+        left, step = self.tokens, 0
+        bounds = [s for s, _, _ in self.stages()][1:] + [math.inf]
+        for end in bounds:
+            per = self.tokens_per_step(world, step)
+            n = min(end - step, math.ceil(left / per))
+            step, left = step + n, left - n * per
+            if left <= 0:
+                return int(step)
+        return int(step)
+
+    # ----- construction
+    @classmethod
+    def from_dict(cls, d: dict | None) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d or {}) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) train.{', train.'.join(unknown)}; the train section's keys are "
+                             f"{', '.join(sorted(known))} (nested_learning/train/config.py)")
+        return cls(**(d or {}))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_optim(o: dict) -> None:
+    """The optimizer section (configs/optim/*.yaml)."""
+    _nonneg_int("optim.warmup", o.get("warmup", 0))
+    number("optim.lr", o.get("lr"), 0.0, lo_open=True)
+    number("optim.weight_decay", o.get("weight_decay", 0.0), 0.0)
+    number("optim.eps", o.get("eps", 1e-8), 0.0, lo_open=True)
+    number("optim.min_lr_ratio", o.get("min_lr_ratio", 0.1), 0.0, 1.0)
+    betas = o.get("betas", [0.9, 0.95])
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ValueError(f"optim.betas must be a pair [beta1, beta2], got {betas!r}")
+    for i, b in enumerate(betas):
+        number(f"optim.betas[{i}]", b, 0.0, 1.0, hi_open=True)
+    if "muon_lr" in o:
+        number("optim.muon_lr", o["muon_lr"], 0.0, lo_open=True)
+    if "muon_momentum" in o:
+        number("optim.muon_momentum", o["muon_momentum"], 0.0, 1.0, hi_open=True)
+
+
+# ----------------------------------------------------------------------------- Hydra
+def register() -> None:
+    """Register TrainConfig as the `train` group's `default` (configs/config.yaml's defaults
+    list names it); idempotent."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="train", name="default", node=TrainConfig)
+
+
+def compose_config(overrides: list[str], config_dir: str | None = None) -> dict:
+    """The resolved config of `python train.py <overrides>` as a plain dict (for scripts and
+    tests that run training in-process)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    config_dir = config_dir or os.path.join(root, "configs")
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -1,0 +1,402 @@
+"""The trainer: a run as named steps.
+
+    build()       corpus, model, sharding, optimizer, data streams, fast states
+    restore()     the newest intact checkpoint, if any (slow weights, optimizer, fast states,
+                  RNG, data position)
+    train_step()  one optimizer step: forward + backward over the micro-batches (loss, outer
+                  gradients, teach signals), the CMS update pass, the guards, the optimizer step
+    evaluate()    the validation loss
+    save()        a checkpoint (single-file or DCP format, checkpointer.py)
+
+`run()` strings them together with the progress bar, metrics.jsonl, the curriculum's stage
+changes and the checkpoint cadence (every train.save_every steps and/or
+train.save_every_minutes of wall time).
+
+Guards: a step whose loss, gradient norm or new fast state is not finite changes nothing (no
+optimizer step, no inner update: the pre-step fast state is kept) and is logged as skipped;
+train.max_bad_steps in a row stop the run with TrainingDiverged, leaving the last good
+checkpoint as the newest."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from ..checks import NonFiniteInputError
+from ..eval.stream import validation_loss
+from ..models import build_model
+from . import checkpoint, run_dir, sharding
+from .checkpointer import Checkpointer, format_for
+from .config import TrainConfig
+from .console import Console
+from .curriculum import restage
+from .data import (
+    IGNORE,
+    SPECIALS,
+    TOKENIZER_FILE,
+    DocumentStreams,
+    corpus_cache_dir,
+    data_dir_of,
+    prepare_corpus,
+)
+from .metrics import MetricsLog, read_records, truncate
+from .optim import build_optimizer, lr_factor, set_lr
+
+__all__ = ["Trainer", "TrainingDiverged", "seed_everything"]
+
+
+class TrainingDiverged(RuntimeError):
+    """train.max_bad_steps consecutive steps had a non-finite loss, gradient or fast state."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: dict, t: TrainConfig, info):
+        self.cfg, self.t, self.info = cfg, t, info
+        self.o, self.d = cfg["optim"], cfg["data"]
+        self.out = t.out_dir
+        os.makedirs(self.out, exist_ok=True)
+        self.console = Console(self.out, info.main, t.progress)
+        self.steps = t.total_steps(info.world)
+        cfg["train"]["steps"] = self.steps  # config.json records the steps the token budget gave
+        self.step = 0
+        self.summary = {"val_loss": [], "tokens_per_s": [], "skipped_steps": []}
+        self.bad_run, self.loss = 0, None
+        self.last_save = time.monotonic()
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        t, info, console = self.t, self.info, self.console
+        self.start_from = self._start_point()
+        seed_everything(t.seed)
+        self.tok, self.train_docs, self.val_docs, fingerprint = self._corpus()
+        if info.main:
+            self.tok.save(os.path.join(self.out, TOKENIZER_FILE))  # the run carries its tokenizer (eval.load_run)
+        self.pad_id = self.tok.token_to_id(SPECIALS[1])
+        torch.manual_seed(t.seed)  # the model init depends on the seed only
+        self.model = build_model(self.cfg["model"]["name"], self.cfg["size"]["name"],
+                                 vocab_size=self.tok.get_vocab_size(), **(self.cfg["model"].get("overrides") or {}))
+        self.summary["parameters"] = n = self.model.num_parameters()
+        console.say(f"model: {self.cfg['model']['name']} size={self.cfg['size']['name']} | {n:,} parameters | "
+                    f"world {info.world} on {info.device}")
+        self.model.to(info.device)
+        self.sharded = sharding.wrap(self.model, info, t.fsdp, t.bf16)
+        self.opt = build_optimizer(self.model, self.o)
+        self.checkpointer = Checkpointer(self.out, format_for(t.checkpoint_format, t.fsdp, info.world), info)
+        self.streams = DocumentStreams(self.train_docs, t.batch_size * t.grad_accum, t.seq_len, t.seed, self.pad_id,
+                                       info.rank, info.world, t.context_len)
+        self.stage = 0
+        self._enter_stage(0, announce=False)
+        self.run_meta = {"model": self.cfg["model"]["name"], "size": self.cfg["size"]["name"],
+                         "model_config": json.loads(json.dumps(dataclasses.asdict(self.model.config), default=list)),
+                         "world": info.world, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+                         "seq_len": t.seq_len, "optimizer": self.o["name"], **fingerprint}
+        self.autocast = ((lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if t.bf16
+                         else contextlib.nullcontext)
+        self.fwd = torch.compile(self.sharded.module) if t.compile else self.sharded.module
+
+    def _start_point(self) -> str | None:
+        """The checkpoint to resume from (None: a fresh run). A fresh run into a directory that
+        holds a run is refused unless train.overwrite; a resumable run that never saved starts
+        again from step 0."""
+        t, info, out = self.t, self.info, self.out
+        path = checkpoint.resume_point(out, self.console.warn) if t.resume else None
+        if path is None and run_dir.holds_run(out):
+            if not t.resume and not t.overwrite:
+                raise run_dir.RunExistsError(
+                    f"{out} already holds a run (checkpoints or metrics.jsonl): resume it with train.resume=true, "
+                    "start it again with train.overwrite=true (its checkpoints and metrics are deleted), or choose "
+                    "another train.out_dir")
+            info.barrier()  # every rank has looked before rank 0 deletes
+            if info.main:
+                run_dir.clear(out)
+            if t.resume:
+                self.console.warn(f"{out} holds a run with no checkpoint; starting it again from step 0")
+        info.barrier()
+        return path
+
+    def _corpus(self):
+        t, info, d = self.t, self.info, self.d
+        data_dir = data_dir_of(d)
+        if info.main:
+            tok, train_docs, val_docs = prepare_corpus(d, data_dir, log=self.console.say)
+        info.barrier()
+        if not info.main:
+            tok, train_docs, val_docs = prepare_corpus(d, data_dir, log=lambda *a: None)
+        need = t.batch_size * t.grad_accum * info.world * t.seq_len
+        if train_docs.n_tokens < need:
+            raise ValueError(f"the training split has {train_docs.n_tokens:,} tokens, fewer than one batch needs "
+                             f"({need:,} = batch_size x grad_accum x world x seq_len): use more text or a smaller batch")
+        if t.eval_every and val_docs.n_tokens < 2:
+            raise ValueError(f"the validation split has {val_docs.n_tokens} tokens: nothing to validate on")
+        fingerprint = {"tokenizer_sha256": hashlib.sha256(tok.to_str().encode()).hexdigest(),
+                       "corpus": {"cache": os.path.basename(corpus_cache_dir(d, data_dir)),
+                                  "train_tokens": train_docs.n_tokens, "val_tokens": val_docs.n_tokens}}
+        return tok, train_docs, val_docs, fingerprint
+
+    def _enter_stage(self, index: int, announce: bool = True) -> None:
+        """Curriculum stage `index`: the micro-batch and seq_len of the stage, fresh fast
+        states; the rows kept move to their next document (curriculum.restage)."""
+        t = self.t
+        _, self.seq_len, self.micro = t.stages()[index]
+        if index != self.stage or self.streams.T != self.seq_len:
+            restage(self.streams, self.micro * t.grad_accum, self.seq_len)
+        self.stage = index
+        self.states = [self.model.init_state(self.micro) for _ in range(t.grad_accum)]
+        self.stage_change = None
+        if announce:
+            self.stage_change = {"stage": index, "seq_len": self.seq_len, "batch_size": self.micro}
+            self.console.say(f"step {self.step + 1}: curriculum stage {index}: seq_len {self.seq_len}, "
+                             f"batch_size {self.micro} per micro-batch (fresh fast states; each row moves to its "
+                             "next document)")
+
+    # ------------------------------------------------------------------ restore
+    def restore(self) -> None:
+        if not self.start_from:
+            return
+        info = self.info
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
+        r = self.checkpointer.restore(self.start_from, self.run_meta, self.model, self.opt)
+        for g, settings in zip(self.opt.param_groups, fresh):  # the config's optimizer settings apply from here on
+            g.pop("base_lr", None)
+            g.update(settings)
+        self.step = r.step
+        stage = self.t.stage_at(max(r.step - 1, 0))[0] if r.step else 0
+        if stage != self.stage:
+            self._enter_stage(stage, announce=False)
+        if r.fast is not None:
+            self.states = checkpoint.unflatten(self.states, *r.fast, info.device)
+        pos = r.data
+        if "by_row" in pos:  # another world size: each global row's position, where it existed
+            zero = {"epoch": 0, "index": 0, "offset": 0}
+            rows = [pos["by_row"].get(row, pos["by_row"].get(str(row), zero)) for row in self.streams.rows]
+            pos = {k: [p[k] for p in rows] for k in zero}
+        self.streams.load_state_dict({k: v for k, v in pos.items() if k != "rows"})
+        for note in r.notes:
+            self.console.say(f"note: {note}")
+        changes = run_dir.config_changes(r.config, self.cfg)
+        self.console.say(f"resumed from {self.start_from} at step {r.step}"
+                         + ("; accepted changes since it was saved: " + "; ".join(changes) if changes else ""))
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        """One optimizer step; returns its metrics record."""
+        t, info, model, step = self.t, self.info, self.model, self.step
+        t0 = time.perf_counter()
+        set_lr(self.opt, lr_factor(step, self.o.get("warmup", 0), self.steps, self.o.get("min_lr_ratio", 0.1)))
+        tokens, targets, reset = (x.to(info.device) for x in self.streams.next())
+        micro, accum = self.micro, t.grad_accum
+        loss_acc, teach, reports, new_states, bad = 0.0, [], [], list(self.states), None
+        for k in range(accum):
+            sl = slice(k * micro, (k + 1) * micro)
+            st = self.states[k]
+            if reset[sl].any():
+                st = model.reset_state(st, reset[sl])
+            sync = self.sharded.no_sync() if k < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    try:
+                        loss, cap, st = self._forward(tokens[sl], targets[sl], st)
+                    except NonFiniteInputError as err:
+                        if info.world > 1:  # the other ranks wait in the gradient all-reduce: stop all
+                            raise TrainingDiverged(f"step {step + 1}: non-finite values reached an op ({err})") from err
+                        bad, loss_acc = f"non-finite values reached an op ({err})", math.nan
+                        break
+                cap.scale *= accum
+                (loss / accum).backward()
+            loss_acc += float(loss.detach()) / accum
+            sig = cap.signal(("final",))
+            valid = targets[sl] != IGNORE
+            teach.append(float(sig.float().norm(dim=-1)[valid].mean()) if valid.any() else 0.0)
+            if t.inner_updates and math.isfinite(loss_acc):
+                st, rep = model.apply_updates(st, cap)
+                reports.append(rep)
+            new_states[k] = st.detach()
+            del loss, cap, sig  # this micro-batch's activations and signals go before the next forward
+        self.sharded.sync_replicated_grads(info.world)
+        gnorm = self._clip() if bad is None else math.nan
+        if bad is None and not math.isfinite(loss_acc):
+            bad = f"loss {loss_acc}"
+        elif bad is None and not math.isfinite(gnorm):
+            bad = f"gradient norm {gnorm}"
+        elif bad is None and not _finite_states(new_states):
+            bad = "the fast state after the inner updates is not finite"
+        if info.world > 1:  # every rank takes the same decision, from the mean loss and any rank's flag
+            lt = torch.tensor([loss_acc, float(bad is not None)], device=info.device, dtype=torch.float64)
+            torch.distributed.all_reduce(lt)
+            loss_acc = float(lt[0]) / info.world
+            if bad is None and lt[1] > 0:
+                bad = "another rank had a non-finite loss, gradient or fast state"
+        if bad is None:
+            self.opt.step()
+            self.states, self.bad_run = new_states, 0
+        else:
+            self.bad_run += 1
+            self.summary["skipped_steps"].append(step + 1)
+            self.console.warn(f"step {step + 1} skipped: {bad} (no optimizer step, no inner update; "
+                              f"{self.bad_run} in a row, the run stops at {t.max_bad_steps})")
+        self.opt.zero_grad(set_to_none=True)
+        del new_states
+        dt = time.perf_counter() - t0
+        tps = micro * accum * self.seq_len * info.world / dt
+        self.summary["tokens_per_s"].append(tps)
+        self.step, self.loss = step + 1, loss_acc
+        rec = {"step": step + 1, "loss": loss_acc, "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": tps,
+               "grad_norm": gnorm, "teach_signal_norm": statistics.fmean(teach) if teach else None,
+               "seq_len": self.seq_len, **_inner_record(reports if bad is None else [])}
+        if self.stage_change:
+            rec["curriculum_stage"] = self.stage_change
+        if bad is not None:
+            rec["skipped"] = bad
+        return rec
+
+    def _forward(self, tokens, targets, st):
+        try:
+            return self.model.train_forward(tokens, st, targets=targets, module=self.fwd)
+        except NonFiniteInputError:
+            raise
+        except Exception as err:  # noqa: BLE001 (guarded compile: fall back, say why)
+            if self.fwd is self.sharded.module:
+                raise
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); running eagerly", stacklevel=1)
+            self.fwd = self.sharded.module
+            return self.model.train_forward(tokens, st, targets=targets, module=self.fwd)
+
+    def _clip(self) -> float:
+        clip = self.t.clip if self.t.clip is not None else math.inf
+        if not self.sharded.replicated:
+            return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        return sharding.clip_mixed(self.model.parameters(), clip)
+
+    # ------------------------------------------------------------------ evaluate / save
+    def evaluate(self) -> float:
+        return validation_loss(self.model, self.val_docs, self.cfg, self.info, self.pad_id,
+                               batch=self.micro, seq_len=self.seq_len)
+
+    def save(self) -> str:
+        pos = {**self.streams.state_dict(), "rows": list(self.streams.rows)}
+        path = self.checkpointer.save(self.step, {**self.run_meta, "config": self.cfg}, self.model, self.opt,
+                                      self.states, pos)
+        gone = checkpoint.prune(self.out, self.t.keep_last) if self.info.main else []
+        self.last_save = time.monotonic()
+        self.console.say(f"step {self.step}: saved {path}" + (f" (deleted {len(gone)} older: train.keep_last="
+                                                              f"{self.t.keep_last})" if gone else ""))
+        return path
+
+    def _save_due(self, last: bool) -> bool:
+        t = self.t
+        if self.bad_run:
+            return False
+        by_steps = bool(t.save_every) and (self.step % t.save_every == 0 or last)
+        by_time = t.save_every_minutes is not None and (time.monotonic() - self.last_save) >= 60 * t.save_every_minutes
+        if t.save_every_minutes is not None and self.info.world > 1:  # the ranks must agree (clocks differ)
+            flag = torch.tensor([float(by_time)], device=self.info.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            by_time = bool(flag.item())
+        return by_steps or by_time or (last and t.save_every_minutes is not None)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        t, info, console = self.t, self.info, self.console
+        self.build()
+        self.restore()
+        metrics_path = os.path.join(self.out, "metrics.jsonl")
+        if info.main and (dropped := truncate(metrics_path, self.step)):
+            console.say(f"metrics.jsonl cut back to step {self.step} ({dropped} records of steps after it dropped)")
+        if self.step >= self.steps:
+            return self._already_complete(metrics_path)
+        if info.main:
+            with open(os.path.join(self.out, "config.json"), "w") as f:
+                json.dump(self.cfg, f, indent=2)
+        metrics = MetricsLog(self.out, info.main, self.cfg["train"].get("wandb"), self.cfg)
+        try:
+            for step in console.progress_bar(self.step, self.steps):
+                stage = t.stage_at(step)[0]
+                if stage != self.stage:
+                    self._enter_stage(stage)
+                rec = self.train_step()
+                self.stage_change = None
+                if self.bad_run >= t.max_bad_steps:
+                    metrics.log(rec)
+                    newest = checkpoint.step_dirs(self.out)
+                    raise TrainingDiverged(
+                        f"training diverged: {self.bad_run} steps in a row (to step {self.step}) had a non-finite "
+                        f"loss, gradient or fast state (last: {rec['skipped']}). The newest checkpoint is "
+                        f"{newest[0][1] if newest else 'none (no checkpoint was saved)'}; lower optim.lr or raise "
+                        "train.max_bad_steps")
+                last = self.step == self.steps
+                if t.eval_every and (self.step % t.eval_every == 0 or last):
+                    rec["val_loss"] = self.evaluate()
+                    self.summary["val_loss"].append((self.step, rec["val_loss"]))
+                    console.say(f"step {self.step}: val_loss {rec['val_loss']:.4f}")
+                metrics.log(rec)
+                if console.bar is not None:
+                    console.bar.set_postfix(loss=f"{self.loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                            updates=sum(rec["inner_updates"].values()))
+                if self._save_due(last):
+                    self.save()
+        finally:
+            console.close()
+            metrics.close()
+        if t.export and info.main:
+            from .export import export_run
+
+            console.say(f"exported the final model to {export_run(self.out)}")
+        info.barrier()
+        return self._finish()
+
+    def _already_complete(self, metrics_path: str) -> dict:
+        recs = read_records(metrics_path)
+        self.summary["final_loss"] = recs[-1].get("loss") if recs else None
+        self.summary["val_loss"] = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
+        self.console.say(f"the run is already complete: {self.start_from} is at step {self.step} and "
+                         f"train.steps={self.steps}; raise train.steps (or train.tokens) to train further")
+        return self._finish(log_final=False)
+
+    def _finish(self, log_final: bool = True) -> dict:
+        if log_final:
+            self.summary["final_loss"] = self.loss
+        for line in _summary_lines(self.summary):
+            self.console.say(line)
+        self.summary["param_checksum"] = sharding.checksum(self.model)  # ranks of a DDP run must agree
+        return self.summary
+
+
+def _inner_record(reports: list) -> dict:
+    """inner_updates (CMS updates per level this step) for metrics.jsonl."""
+    ups: dict[str, int] = {}
+    for rep in reports:
+        for e in rep.events:
+            if e.update_norm > 0:
+                ups[f"level{e.level}"] = ups.get(f"level{e.level}", 0) + 1
+    return {"inner_updates": ups}
+
+
+def _finite_states(states) -> bool:
+    flags = [torch.isfinite(x).all() for s in states for x in s.tensors() if x.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _summary_lines(summary: dict) -> list[str]:
+    lines = []
+    if summary.get("final_loss") is not None:
+        lines.append(f"final training loss {summary['final_loss']:.4f}")
+    if summary["val_loss"]:
+        lines.append("validation loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in summary["val_loss"]))
+    return lines
