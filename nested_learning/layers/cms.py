@@ -43,30 +43,71 @@ def dgd_step(lr: float, period: int) -> float:
 
 @dataclass(frozen=True)
 class UpdateEvent:
+    """One completed chunk of one CMS level of one block: the update it applied to the
+    level's two linear layers (up and down), as training and memorisation report it."""
+
     layer: int
     level: int
     token_index: int  # absolute position of the token that completed the chunk
     chunk_tokens: int
     update_norm: float  # ||delta W||_F of the level (both linear layers), mean over the batch
     rows_updated: int = 0  # sequences of the batch whose weights this update changed
+    # dgd levels only (None for gd, momentum and deep_momentum): the preconditioner
+    # (alpha I - eta sum_t k_t k_t^T) of this chunk, k_t the unit keys the op was given
+    # (dgd_inputs) and eta the level's step dgd_step(lr, period). alpha is the retention
+    # (cms_dgd_alpha); eta_x2 is eta ||k_t||^2, the preconditioner's shrinkage along one
+    # token's key, averaged over the chunk's tokens, the batch and both linear layers.
+    alpha: float | None = None
+    eta_x2: float | None = None
 
 
 @dataclass
 class UpdateLog:
-    """Cheap log of applied CMS updates: norms stay tensors until `events()` is read."""
+    """Cheap log of applied CMS updates: the statistics stay tensors until `events()` reads
+    them, all at once (one host sync for every level and layer of an update pass)."""
 
     records: list = field(default_factory=list)
 
-    def add(self, layer: int, level: int, index: tuple[int, ...], chunk: int, norms: Tensor) -> None:
+    def add(self, layer: int, level: int, index: tuple[int, ...], chunk: int, norms: Tensor,
+            alpha: float | None = None, eta_x2: Tensor | None = None) -> None:
+        """norms [B, n]: per sequence, ||delta W||_F of each of the n completed chunks;
+        dgd levels add alpha and eta_x2 [n] (the mean eta ||k_t||^2 of each chunk)."""
         if index:
-            self.records.append((layer, level, index, chunk, norms))
+            self.records.append((layer, level, index, chunk, norms, alpha, eta_x2))
 
     def events(self) -> list[UpdateEvent]:
-        out = []
-        for layer, level, index, chunk, norms in self.records:
-            mean, rows = norms.float().mean(0).tolist(), (norms > 0).sum(0).tolist()
-            out += [UpdateEvent(layer, level, i, chunk, n, r) for i, n, r in zip(index, mean, rows)]
+        if not self.records:
+            return []
+        parts = []  # per record: mean norm [n], rows updated [n], then eta_x2 [n] for dgd
+        for *_, norms, _, eta_x2 in self.records:
+            parts += [norms.float().mean(0), (norms > 0).sum(0).float()]
+            if eta_x2 is not None:
+                parts.append(eta_x2.to(norms.device))
+        dt = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+        flat, at, out = torch.cat([p.to(dt) for p in parts]).tolist(), 0, []
+        for layer, level, index, chunk, _, alpha, eta_x2 in self.records:
+            n = len(index)
+            mean, rows = flat[at:at + n], flat[at + n:at + 2 * n]
+            at += 2 * n
+            ex = [None] * n
+            if eta_x2 is not None:
+                ex, at = flat[at:at + n], at + n
+            out += [UpdateEvent(layer, level, i, chunk, m, int(r), alpha, e)
+                    for i, m, r, e in zip(index, mean, rows, ex)]
         return out
+
+
+def dgd_statistics(states: tuple, keys: tuple, n_up: int, lr: float) -> Tensor:
+    """[n_up] eta ||k_t||^2 averaged over each completed chunk's tokens, the batch and the
+    given linear layers: `states` their CMSState before the update, `keys` the keys they were
+    just given. A chunk's tokens are the buffered ones (state.buffer_x[:, :filled]) then the
+    new, the first n_up * C of them in completed chunks."""
+    sq = []
+    for st, k in zip(states, keys):
+        xs = torch.cat([st.buffer_x[:, :st.filled], k.to(st.buffer_x.dtype)], 1)[:, :n_up * st.period].detach()
+        xs = xs.to(torch.promote_types(xs.dtype, torch.float32))
+        sq.append(xs.square().sum(-1).reshape(xs.shape[0], n_up, st.period).mean((0, 2)))
+    return lr * torch.stack(sq).mean(0)
 
 
 @dataclass
@@ -200,6 +241,11 @@ class CMSChain(nn.Module):
             up, u_rep = ops.cms_update(st.up, x_up.to(wdt), s_up.to(wdt), **kw)
             down, d_rep = ops.cms_update(st.down, x_dn.to(wdt), s_dn.to(wdt), **kw)
             norms = (u_rep.update_norms.square() + d_rep.update_norms.square()).sqrt()
-            log.add(layer, lvl, tuple(capture.position + i for i in u_rep.token_index), self.periods[lvl], norms)
+            dgd = None
+            if opt == "dgd" and u_rep.token_index:
+                dgd = dict(alpha=float(self.dgd_alpha), eta_x2=dgd_statistics(
+                    (st.up, st.down), (x_up, x_dn), len(u_rep.token_index), kw["lr"]))
+            log.add(layer, lvl, tuple(capture.position + i for i in u_rep.token_index), self.periods[lvl], norms,
+                    **(dgd or {}))
             new.append(CMSLevelState(up, down))
         return new, surprise
