@@ -39,7 +39,10 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, str | None
         if step is not None:
             raise ValueError("step= selects a checkpoint of a run directory; a checkpoint path was given")
         parent = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-        return path, parent if os.path.exists(os.path.join(parent, "config.json")) else None
+        if os.path.exists(os.path.join(parent, "config.json")):  # checkpoints/step_X of a run
+            return path, parent
+        # an export (train/export.py) carries its run's config and tokenizer itself
+        return path, path if os.path.exists(os.path.join(path, "config.json")) else None
     if step is not None:
         ck = checkpoint.checkpoint_dir(path, step)
         if not os.path.isdir(ck):

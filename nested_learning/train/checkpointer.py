@@ -11,7 +11,7 @@ Both share the rest of a checkpoint (checkpoint.py): per-rank fast state, RNG an
 position, meta.json, checksums, the atomic rename, keep_last. What a world-size change does
 (dcp only; the single format refuses it):
 - slow weights and optimizer state: resharded exactly;
-- data position: kept per global row (row r of the old run continues where it was in row
+- data position (also when train.batch_size changes): kept per global row (row r of the old run continues where it was in row
   r's document order); rows that did not exist before start their order at the beginning;
 - fast state: not carried (it is per sequence and rank-local); every row starts from a fresh
   fast state, as at a context boundary;
@@ -19,6 +19,8 @@ position, meta.json, checksums, the atomic rename, keep_last. What a world-size 
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -29,13 +31,13 @@ from .distributed import DistInfo
 
 __all__ = ["Checkpointer", "Restored", "format_for"]
 
-# run_meta keys that may differ when a dcp checkpoint is loaded by another world size
-_LAYOUT = ("world",)
+# run_meta keys that may differ when a dcp checkpoint is loaded by another layout of ranks and rows
+_LAYOUT = ("world", "batch_size")
 
 
 def format_for(requested: str, fsdp: bool, world: int) -> str:
-    if requested == "auto":
-        return "dcp" if fsdp and world > 1 else "single"
+    if requested == "auto":  # an FSDP run keeps the format on any world size (so 2 -> 1 -> 2 reshards)
+        return "dcp" if fsdp else "single"
     if requested == "single" and fsdp and world > 1:
         raise ValueError("train.checkpoint_format=single cannot save an FSDP run (no rank holds the whole model "
                          "and optimizer state): use dcp or auto")
@@ -62,12 +64,11 @@ class Checkpointer:
         info = self.info
         if self.fmt == "dcp":
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
 
-            model_sd, optim_sd = get_state_dict(model, opt)
+            sd = _dcp_state(model, opt)
 
             def write(tmp):
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+                dcp.save(sd, checkpoint_id=tmp)
         else:
             model_sd = _full_model_state(model, info)
             optim_sd = opt.state_dict() if info.main else None
@@ -92,12 +93,16 @@ class Checkpointer:
         checkpoint.check_meta(path, meta, strict)
         if self.fmt == "dcp":
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-            model_sd, optim_sd = get_state_dict(model, opt)
-            sd = {"model": model_sd, "optim": optim_sd}
-            dcp.load(sd, checkpoint_id=path)
-            set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+            flat = _flat_options()
+            sd = _dcp_state(model, opt)
+            with warnings.catch_warnings():  # one process: "assuming the intent is to load in a single process"
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(sd, checkpoint_id=path)
+            set_model_state_dict(model, sd["model"])
+            for name, o in _optimizers(opt).items():
+                set_optimizer_state_dict(model, o, sd[f"optim.{name}"], options=flat)
         else:
             model_sd, optim_sd = checkpoint.read_single_file(path)
             model.load_state_dict(model_sd)
@@ -107,18 +112,41 @@ class Checkpointer:
                 raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({err})") from err
         old_world = meta.get("world", info.world)
         notes = []
-        if old_world == info.world:
+        if old_world == info.world and meta.get("batch_size") == run_meta.get("batch_size"):
             mine = checkpoint.rank_files(path, info.rank)
             fast, data = mine["fast"], mine["data"]
             checkpoint.set_rng_state(*mine["rng"])
         else:
-            notes.append(f"the checkpoint was written by {old_world} ranks and this run has {info.world}: slow "
-                         "weights and optimizer state resharded; fast states start fresh; data positions kept "
-                         "per global row")
+            notes.append(f"the checkpoint was written by {old_world} ranks and this run has {info.world} "
+                         f"(batch_size {meta.get('batch_size')} -> {run_meta.get('batch_size')}): slow weights and "
+                         "optimizer state resharded; fast states start fresh; data positions kept per global row")
             rng_rank = info.rank if info.rank < old_world else 0
             checkpoint.set_rng_state(*checkpoint.rank_files(path, rng_rank)["rng"])
             fast, data = None, {"by_row": checkpoint.data_positions(path)}
         return Restored(meta["step"], fast, data, meta.get("config"), notes)
+
+
+def _flat_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _optimizers(opt) -> dict:
+    """The named torch optimizers of an OptimizerGroup (or one optimizer)."""
+    return dict(opt.optimizers) if hasattr(opt, "optimizers") else {"optim": opt}
+
+
+def _dcp_state(model: nn.Module, opt) -> dict:
+    """The DCP state dict: the model's and each optimizer's, keyed by parameter names (so any
+    sharding, and any split of the parameters into groups, loads it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    flat = _flat_options()  # optimizer state keyed by parameter name, not group index: any grouping loads it
+    sd = {"model": get_model_state_dict(model)}
+    for name, o in _optimizers(opt).items():
+        sd[f"optim.{name}"] = get_optimizer_state_dict(model, o, options=flat)
+    return sd
 
 
 def _full_model_state(model: nn.Module, info: DistInfo) -> dict:
@@ -135,14 +163,10 @@ def load_whole_model(path: str, model: nn.Module) -> None:
     process (no process group needed): what export and evaluation use."""
     checkpoint.verify(path)
     if checkpoint.meta_of(path).get("format", "single") == "single":
-        model.load_state_dict(checkpoint.read_single_file(path)[0])
+        model.load_state_dict(checkpoint._load_tensors(os.path.join(path, "model.safetensors")))
         return
-    import warnings
-
     import torch.distributed.checkpoint as dcp
 
     sd = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(sd, checkpoint_id=path)
+    dcp.load(sd, checkpoint_id=path, no_dist=True)  # this process alone, even inside a process group
     model.load_state_dict(sd["model"])

@@ -100,7 +100,7 @@ class TrainConfig:
     eval_batches: int = 4
     save_every: int = 50             # checkpoint every N steps (0: never, except save_every_minutes)
     save_every_minutes: float | None = None  # also checkpoint when this much wall time passed since the last
-    checkpoint_format: str = "auto"  # auto (dcp for FSDP runs, else single) | single | dcp
+    checkpoint_format: str = "auto"  # auto (dcp when train.fsdp, else single) | single | dcp
     keep_last: int | None = 3     # checkpoints kept (older ones deleted after each save); null: all
     export: bool = False             # at the end, write out_dir/export/ (one safetensors file + config)
     resume: bool = True              # continue from out_dir's newest intact checkpoint when there is one

@@ -9,7 +9,9 @@ The memory estimate (per rank) is arithmetic, not a measurement:
 - FSDP's gathered blocks: the largest block's parameters, twice (the one computing and the
   one prefetched), in bf16 with train.bf16, else float32;
 - fast state: exactly the bytes of init_state(micro-batch) (built on the meta device), kept
-  twice per micro-batch (before and after the step's inner updates);
+  twice per micro-batch (before and after the step's inner updates). HOPE's CMS levels are
+  per-sequence copies of the CMS weights, so this term grows with the rows a rank carries
+  (micro-batch x grad_accum) and usually dominates at the large sizes;
 - activations: the Transformer rule of thumb 34 x batch x seq_len x d_model bytes per layer
   in 16-bit (Korthikanti et al., 2022; doubled in float32), for the largest stage; HOPE's and
   Titans' memories differ from attention and are not modelled beyond it. Treat the total as
@@ -59,6 +61,9 @@ def plan(cfg: dict, t: TrainConfig) -> dict:
     act = max(34 * s["batch_size"] * s["seq_len"] * d_model * layers * (w16 // 2) for s in stages)
     fast = max(_bytes(model.init_state(s["batch_size"])) for s in stages) * 2 * t.grad_accum
     total = slow + gathered + fast + act
+    # a checkpoint: float32 weights and AdamW's two moments (12 bytes per parameter) once, plus
+    # every rank's fast state (each row's memory: the largest stage's, once per row)
+    ck = 12 * n + world * fast / 2
     return {"model": cfg["model"]["name"], "size": cfg["size"]["name"], "parameters": n,
             "replicated_parameters": replicated, "world": world, "fsdp": t.fsdp, "bf16": t.bf16,
             "steps": steps, "tokens": tokens, "token_budget": t.tokens, "stages": stages,
@@ -66,7 +71,7 @@ def plan(cfg: dict, t: TrainConfig) -> dict:
             "keep_last": t.keep_last,
             "memory_gib": {"slow_state": slow / GIB, "gathered_blocks": gathered / GIB, "fast_state": fast / GIB,
                            "activations": act / GIB, "total": total / GIB},
-            "fits": total / GIB <= t.plan_gpu_gib, "gpu_gib": t.plan_gpu_gib}
+            "checkpoint_gib": ck / GIB, "fits": total / GIB <= t.plan_gpu_gib, "gpu_gib": t.plan_gpu_gib}
 
 
 def print_plan(cfg: dict, t: TrainConfig) -> dict:
@@ -85,7 +90,8 @@ def print_plan(cfg: dict, t: TrainConfig) -> dict:
                      f"batch {s['batch_size']} per micro-batch, {s['tokens_per_step']:,} tokens per step")
     lines.append(f"  checkpoints: {p['checkpoints']} by steps (every {p['save_every']:,})"
                  + (f", plus one every {p['save_every_minutes']:g} minutes of wall time" if p["save_every_minutes"] else "")
-                 + f"; keep_last {p['keep_last']}")
+                 + f"; keep_last {p['keep_last']}; {p['checkpoint_gib']:.1f} GiB each (weights, optimizer, "
+                 "every rank's fast state)")
     lines.append(f"  memory per GPU (estimate): slow state {m['slow_state']:.2f} GiB, gathered blocks "
                  f"{m['gathered_blocks']:.2f} GiB, fast state {m['fast_state']:.2f} GiB, activations "
                  f"{m['activations']:.2f} GiB -> {m['total']:.1f} GiB "

@@ -50,10 +50,12 @@ from .data import (
     data_dir_of,
     prepare_corpus,
 )
-from .metrics import MetricsLog, read_records, truncate
+from .metrics import MetricsLog, inner_stats, inner_updates, read_records, truncate
 from .optim import build_optimizer, lr_factor, set_lr
 
 __all__ = ["Trainer", "TrainingDiverged", "seed_everything"]
+
+_clock = time.monotonic  # the wall clock of train.save_every_minutes (tests replace it)
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,7 +80,7 @@ class Trainer:
         self.step = 0
         self.summary = {"val_loss": [], "tokens_per_s": [], "skipped_steps": []}
         self.bad_run, self.loss = 0, None
-        self.last_save = time.monotonic()
+        self.last_save = _clock()
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
@@ -294,7 +296,7 @@ class Trainer:
         path = self.checkpointer.save(self.step, {**self.run_meta, "config": self.cfg}, self.model, self.opt,
                                       self.states, pos)
         gone = checkpoint.prune(self.out, self.t.keep_last) if self.info.main else []
-        self.last_save = time.monotonic()
+        self.last_save = _clock()
         self.console.say(f"step {self.step}: saved {path}" + (f" (deleted {len(gone)} older: train.keep_last="
                                                               f"{self.t.keep_last})" if gone else ""))
         return path
@@ -304,7 +306,7 @@ class Trainer:
         if self.bad_run:
             return False
         by_steps = bool(t.save_every) and (self.step % t.save_every == 0 or last)
-        by_time = t.save_every_minutes is not None and (time.monotonic() - self.last_save) >= 60 * t.save_every_minutes
+        by_time = t.save_every_minutes is not None and (_clock() - self.last_save) >= 60 * t.save_every_minutes
         if t.save_every_minutes is not None and self.info.world > 1:  # the ranks must agree (clocks differ)
             flag = torch.tensor([float(by_time)], device=self.info.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -379,13 +381,11 @@ class Trainer:
 
 
 def _inner_record(reports: list) -> dict:
-    """inner_updates (CMS updates per level this step) for metrics.jsonl."""
-    ups: dict[str, int] = {}
-    for rep in reports:
-        for e in rep.events:
-            if e.update_norm > 0:
-                ups[f"level{e.level}"] = ups.get(f"level{e.level}", 0) + 1
-    return {"inner_updates": ups}
+    """inner_updates (CMS updates per level this step) and inner_stats (per level: chunks,
+    updates, mean update norm; for dgd levels the preconditioner's mean alpha and eta*|x|^2;
+    metrics.inner_stats) for metrics.jsonl."""
+    stats = inner_stats(reports)
+    return {"inner_updates": inner_updates(stats), "inner_stats": stats}
 
 
 def _finite_states(states) -> bool:

@@ -104,7 +104,7 @@ def test_every_experiment_config_trains_two_steps(name, experiment_data, tmp_pat
     corpus, data_dir = experiment_data
     cfg = compose_config([
         f"experiment={name}", "size=tiny", "data=local", f"data.path={corpus}", "data.vocab_size=300",
-        f"data.data_dir={data_dir}", "train.steps=2", "train.batch_size=2", "train.eval_every=0",
+        f"data.data_dir={data_dir}", "train.steps=2", "train.tokens=null", "train.batch_size=2", "train.eval_every=0",
         "train.save_every=0", f"train.out_dir={tmp_path / name}", "train.progress=false", "train.device=cpu"])
     summary = run(cfg)
     assert len(summary["tokens_per_s"]) == 2 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN

@@ -1,14 +1,30 @@
-"""Run by torchrun in test_ddp.py: trains from the JSON config in argv[1], then writes this
-rank's slow-weight checksum and loss trace next to the run."""
+"""Run by torchrun in test_ddp.py / test_fsdp_checkpoint.py: trains from the JSON config in
+argv[1], then writes this rank's slow-weight checksum and loss trace next to the run.
+
+NL_TEST_KILL_AFTER_STEP=N: every rank SIGKILLs itself right after step N is logged (a
+preemption: no clean-up, no save of step N)."""
 
 import json
 import os
+import signal
 import sys
 
+from nested_learning.train import metrics
 from nested_learning.train.loop import run
+
+kill_after = int(os.environ.get("NL_TEST_KILL_AFTER_STEP", "0"))
+if kill_after:
+    log = metrics.MetricsLog.log
+
+    def log_then_die(self, record):
+        log(self, record)
+        if record.get("step") == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    metrics.MetricsLog.log = log_then_die
 
 cfg = json.load(open(sys.argv[1]))
 summary = run(cfg)
 rank = int(os.environ["RANK"])
 with open(os.path.join(cfg["train"]["out_dir"], f"worker{rank}.json"), "w") as f:
-    json.dump({"checksum": summary["param_checksum"], "final_loss": summary["final_loss"]}, f)
+    json.dump({"checksum": summary["param_checksum"], "final_loss": summary.get("final_loss")}, f)

@@ -6,15 +6,22 @@ import sys
 from tests.train.conftest import read_metrics
 
 
-def torchrun_two_workers(cfg, tmp_path) -> list[dict]:
-    """Train `cfg` with 2 CPU processes (gloo); returns each rank's checksum and final loss.
-    What the run prints is printed once (rank 0), on whole lines."""
+def torchrun(cfg, tmp_path, nproc: int = 2, kill_after: int = 0) -> subprocess.CompletedProcess:
+    """Train `cfg` with `nproc` CPU processes (gloo) through tests/train/ddp_worker.py;
+    kill_after=N: every rank is SIGKILLed right after step N is logged."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        worker, str(path)], capture_output=True, text=True, timeout=600, env=env)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "NL_TEST_KILL_AFTER_STEP": str(kill_after)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           worker, str(path)], capture_output=True, text=True, timeout=600, env=env)
+
+
+def torchrun_two_workers(cfg, tmp_path) -> list[dict]:
+    """Train `cfg` with 2 CPU processes (gloo); returns each rank's checksum and final loss.
+    What the run prints is printed once (rank 0), on whole lines."""
+    r = torchrun(cfg, tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     if cfg["train"].get("eval_every"):
         lines = r.stdout.splitlines()

@@ -23,6 +23,10 @@ def test_metrics_have_every_field_and_val_loss(make_cfg):
         assert {"loss", "lr", "tokens_per_s", "grad_norm", "teach_signal_norm", "inner_updates"} <= set(r)
         assert r["teach_signal_norm"] > 0
         assert set(r["inner_updates"]) == {"level0", "level1", "level2"}  # every level updated
+        assert r["seq_len"] == 16 and set(r["inner_stats"]) == {"level0", "level1", "level2"}
+        for lvl, st in r["inner_stats"].items():
+            assert st["updates"] == r["inner_updates"][lvl] and st["update_norm"] > 0
+            assert "alpha" not in st  # gd levels: no preconditioner
     assert [s for s, _ in summary["val_loss"]] == [3, 6]
     assert os.path.exists(os.path.join(cfg["train"]["out_dir"], "config.json"))
 

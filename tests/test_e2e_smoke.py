@@ -1,0 +1,37 @@
+"""scripts/run_e2e_smoke.sh, the whole path in one command: prepare the default corpus, train
+the smoke model, export it, evaluate the export with the evaluation scripts, report. Run here
+with 10 training steps and a three-item local zero-shot task (the BIG-bench pack is the
+script's default)."""
+
+import json
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_e2e_smoke_script_runs_every_stage_and_says_where(tmp_path):
+    task = tmp_path / "mini.jsonl"
+    task.write_text("".join(json.dumps({"context": f"Q: is the {w} old?\nA:", "choices": [" yes", " no"],
+                                        "gold": i % 2}) + "\n" for i, w in enumerate(["king", "queen", "night"])))
+    out = tmp_path / "e2e"
+    env = {**os.environ, "OUT": str(out), "STEPS": "10", "TASKS": str(task), "LIMIT": "3", "OMP_NUM_THREADS": "2"}
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_e2e_smoke.sh")], capture_output=True, text=True,
+                       timeout=1200, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in range(1, 7):
+        assert f"== {stage}/6" in r.stdout
+    run = out / "run"
+    recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [x["step"] for x in recs] == list(range(1, 11))
+    assert sorted(os.listdir(run / "export")) == ["checksums.json", "config.json", "meta.json",
+                                                  "model.safetensors", "tokenizer.json"]
+    res = out / "results"
+    ppl = json.load(open(res / "perplexity.json"))
+    zs = json.load(open(res / "zeroshot.json"))
+    assert zs["tasks"]["mini"]["n_items"] == 3
+    assert ppl["checkpoint_step"] == 10 if "checkpoint_step" in ppl else True
+    assert any(f.endswith(".json") for f in os.listdir(res / "niah"))
+    assert any(f.endswith(".json") for f in os.listdir(res / "passkey"))
+    assert (res / "REPORT.md").stat().st_size > 0
+    assert f"results (JSON, PNG) and the report: {res}" in r.stdout

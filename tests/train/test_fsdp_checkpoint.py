@@ -1,0 +1,163 @@
+"""Sharded (DCP) checkpoints of FSDP2 runs on 2 CPU processes (gloo): kill-and-resume gives the
+uninterrupted loss trace, a checkpoint written by 2 ranks loads into 1 (and 1 into 2) through
+DCP's resharding, and export writes one safetensors file that evaluation loads."""
+
+import copy
+import json
+import os
+
+import torch
+
+from nested_learning.train import checkpoint
+from nested_learning.train.checkpointer import load_whole_model
+from tests.train.conftest import read_metrics
+from tests.train.test_ddp import torchrun
+
+FSDP = {"fsdp": True, "eval_every": 0, "save_every": 2, "keep_last": None}
+
+
+def losses(out):
+    return [r["loss"] for r in read_metrics(out)]
+
+
+def test_fsdp_kill_after_a_checkpoint_then_resume_gives_the_uninterrupted_trace(make_cfg, tmp_path):
+    full = make_cfg("full", train={**FSDP, "steps": 6})
+    r = torchrun(full, tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-4000:]
+    ck = checkpoint.checkpoint_dir(full["train"]["out_dir"], 4)
+    files = os.listdir(ck)
+    assert ".metadata" in files and sum(f.endswith(".distcp") for f in files) == 2  # one shard file per rank
+    assert checkpoint.meta_of(ck)["format"] == "dcp" and "model.safetensors" not in files
+
+    part = make_cfg("part", train={**FSDP, "steps": 6})
+    killed = torchrun(part, tmp_path / "b", kill_after=5)  # dies after step 5: the newest checkpoint is step 4
+    assert killed.returncode != 0
+    assert [s for s, _ in checkpoint.step_dirs(part["train"]["out_dir"])] == [4, 2]
+    assert len(read_metrics(part["train"]["out_dir"])) == 5
+    again = torchrun(part, tmp_path / "c")  # the same command again
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed from" in again.stdout and "step_00000004" in again.stdout
+    assert losses(part["train"]["out_dir"]) == losses(full["train"]["out_dir"])  # identical, bit for bit
+    assert [r["step"] for r in read_metrics(part["train"]["out_dir"])] == [1, 2, 3, 4, 5, 6]
+
+
+def _model_and_adam(cfg, path):
+    """The checkpoint's whole slow weights and AdamW moments, loaded in one process."""
+    from nested_learning.models import build_model
+    from nested_learning.train.checkpointer import Checkpointer
+    from nested_learning.train.distributed import DistInfo
+    from nested_learning.train.optim import build_optimizer
+
+    meta = checkpoint.meta_of(path)
+    torch.manual_seed(123)  # another init: everything must come from the checkpoint
+    model = build_model("hope", "tiny", vocab_size=meta["model_config"]["vocab_size"],
+                        **cfg["model"]["overrides"])
+    opt = build_optimizer(model, cfg["optim"])
+    run_meta = {k: meta[k] for k in ("model", "size", "model_config", "optimizer")}
+    Checkpointer(os.path.dirname(path), "dcp", DistInfo()).restore(path, run_meta, model, opt)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    adamw = opt.optimizers["adamw"]
+    moments = {names[id(p)]: (s["exp_avg"].clone(), s["exp_avg_sq"].clone(), float(s["step"]))
+               for g in adamw.param_groups for p in g["params"] for s in [adamw.state[p]]}
+    return weights, moments
+
+
+def test_a_two_rank_checkpoint_reshards_into_one_rank_and_back(make_cfg, tmp_path, capsys):
+    two = make_cfg("two", train={**FSDP, "steps": 4, "save_every": 4})
+    r = torchrun(two, tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-4000:]
+    ck2 = checkpoint.checkpoint_dir(two["train"]["out_dir"], 4)
+    w2, m2 = _model_and_adam(two, ck2)
+    assert all(m[2] == 4.0 for m in m2.values())  # AdamW's step count: four steps of optimizer state
+
+    # 2 -> 1: the same run continued by one process (batch 4 = the old global batch of 2 x 2)
+    from nested_learning.train.loop import run
+
+    one = copy.deepcopy(two)
+    one["train"].update(steps=5, save_every=1, batch_size=4)
+    capsys.readouterr()
+    run(one)
+    said = capsys.readouterr().out
+    assert "written by 2 ranks and this run has 1" in said and "resumed from" in said
+    ck5 = checkpoint.checkpoint_dir(two["train"]["out_dir"], 5)
+    assert checkpoint.meta_of(ck5)["world"] == 1
+    # the data position of every global row was kept: rows 0-3 of the 1-rank run continue rows
+    # 0-1 of rank 0 and 0-1 of rank 1, one segment further
+    old = checkpoint.data_positions(ck2)
+    new = checkpoint.data_positions(ck5)
+    assert sorted(new) == sorted(old) == [0, 1, 2, 3]
+    for row in old:
+        o, n = old[row], new[row]
+        assert (n["epoch"], n["index"], n["offset"]) >= (o["epoch"], o["index"], o["offset"])
+        assert n != o
+
+    # the 1-rank run restored exactly the 2-rank weights and moments: check through a twin
+    # 1-rank run that resumes from the same checkpoint and stops at once
+    twin = copy.deepcopy(one)
+    twin["train"]["out_dir"] = str(tmp_path / "twin")
+    os.makedirs(os.path.join(twin["train"]["out_dir"], "checkpoints"))
+    import shutil
+
+    shutil.copytree(ck2, checkpoint.checkpoint_dir(twin["train"]["out_dir"], 4))
+    twin["train"].update(steps=4)  # already complete: restore only
+    summary = run(twin)
+    from nested_learning.models import build_model
+
+    ref = build_model("hope", "tiny", vocab_size=300, **two["model"]["overrides"])
+    ref.load_state_dict(w2)
+    from nested_learning.train.sharding import checksum
+
+    assert summary["param_checksum"] == checksum(ref)
+
+    # 1 -> 2: the 1-rank checkpoint of step 5 loads into two ranks, which finish step 6
+    back = copy.deepcopy(two)
+    back["train"].update(steps=6, save_every=6)
+    r = torchrun(back, tmp_path / "b")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "written by 1 ranks and this run has 2" in r.stdout
+    w = [json.load(open(os.path.join(two["train"]["out_dir"], f"worker{i}.json"))) for i in range(2)]
+    assert w[0]["checksum"] == w[1]["checksum"]
+    w5, m5 = _model_and_adam(two, ck5)
+    w6, m6 = _model_and_adam(two, checkpoint.checkpoint_dir(two["train"]["out_dir"], 6))
+    assert all(m[2] == 6.0 for m in m6.values())  # the optimizer state went on from step 5's
+    assert any(not torch.equal(w5[k], w6[k]) for k in w5)
+
+
+def test_export_of_an_fsdp_run_loads_for_evaluation(make_cfg, tmp_path):
+    from nested_learning.eval import load_run
+    from nested_learning.train.export import export_run
+
+    cfg = make_cfg("fsdp", train={**FSDP, "steps": 2, "export": True})
+    r = torchrun(cfg, tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = cfg["train"]["out_dir"]
+    exp = os.path.join(out, "export")
+    assert sorted(os.listdir(exp)) == ["checksums.json", "config.json", "meta.json", "model.safetensors",
+                                       "tokenizer.json"]
+    model, tok = load_run(exp, device="cpu")
+    direct, _ = load_run(out, device="cpu")  # the DCP checkpoint itself, read in one process
+    for (n, a), (_, b) in zip(model.state_dict().items(), direct.state_dict().items()):
+        assert torch.equal(a, b), n
+    w = json.load(open(os.path.join(out, "worker0.json")))
+    from nested_learning.train.sharding import checksum
+
+    assert checksum(model) == w["checksum"]  # the exported weights are the trained ones
+    again = export_run(out, out=str(tmp_path / "again"))
+    model2, _ = load_run(again, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert tok.get_vocab_size() == 300
+
+
+def test_load_whole_model_reads_both_formats(make_cfg, tmp_path):
+    from nested_learning.models import build_model
+    from nested_learning.train.loop import run
+
+    cfg = make_cfg("single", train={"steps": 2, "save_every": 2, "eval_every": 0})
+    run(cfg)
+    ck = checkpoint.checkpoint_dir(cfg["train"]["out_dir"], 2)
+    assert checkpoint.meta_of(ck)["format"] == "single"
+    m = build_model("hope", "tiny", vocab_size=300, **cfg["model"]["overrides"])
+    load_whole_model(ck, m)
+    sd = checkpoint.read_single_file(ck)[0]
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())
