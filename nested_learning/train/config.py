@@ -145,6 +145,9 @@ class TrainConfig:
             raise ValueError(f"train.checkpoint_format must be 'auto', 'single' or 'dcp', got {self.checkpoint_format!r}")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ValueError(f"train.out_dir must be a path, got {self.out_dir!r}")
+        if self.export and not (self.save_every or self.save_every_minutes):
+            raise ValueError("train.export=true exports the final checkpoint: set train.save_every or "
+                             "train.save_every_minutes (the last step is then always saved)")
         self._check_curriculum()
         if self.context_len is not None and (isinstance(self.context_len, bool) or not isinstance(self.context_len, int)
                                              or self.context_len < 1):

@@ -20,6 +20,7 @@ checkpoint as the newest."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -70,13 +71,14 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: dict, t: TrainConfig, info):
+        self.steps = t.total_steps(info.world)
+        cfg = copy.deepcopy(cfg)
+        cfg["train"]["steps"] = self.steps  # config.json and checkpoints record the steps a token budget gave
         self.cfg, self.t, self.info = cfg, t, info
         self.o, self.d = cfg["optim"], cfg["data"]
         self.out = t.out_dir
         os.makedirs(self.out, exist_ok=True)
         self.console = Console(self.out, info.main, t.progress)
-        self.steps = t.total_steps(info.world)
-        cfg["train"]["steps"] = self.steps  # config.json records the steps the token budget gave
         self.step = 0
         self.summary = {"val_loss": [], "tokens_per_s": [], "skipped_steps": []}
         self.bad_run, self.loss = 0, None

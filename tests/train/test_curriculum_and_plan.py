@@ -83,6 +83,7 @@ def test_a_token_budget_sets_the_steps(make_cfg):
     ({"curriculum": [[0, 16], [4, 48]]}, "does not divide the tokens of a micro-batch"),
     ({"batch_size": 8, "curriculum": [[0, 16], [4, 128]]}, "train.context_len must be null or a multiple of train.seq_len=128"),
     ({"save_every_minutes": 0}, "train.save_every_minutes must lie in"),
+    ({"export": True, "save_every": 0}, "train.export=true exports the final checkpoint"),
     ({"checkpoint_format": "zip"}, "train.checkpoint_format must be"),
     ({"wandb": {"enabled": True, "mode": "cloud"}}, "train.wandb.mode"),
     ({"stepz": 3}, r"unknown key\(s\) train.stepz"),
