@@ -154,17 +154,40 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def write_checksums(directory: str) -> None:
-    """SHA-256 and size of every file of a checkpoint directory, into checksums.json."""
-    files = sorted(f for f in os.listdir(directory) if f != CHECKSUMS and not f.endswith(".tmp"))
-    sums = {f: {"sha256": _sha256(os.path.join(directory, f)), "bytes": os.path.getsize(os.path.join(directory, f))}
+# the files a rank writes itself (its fast state, RNG and data position; its DCP shards); the
+# rest (model and optimizer files, DCP's .metadata, meta.json) belong to rank 0
+_RANK_FILE = re.compile(r"^(?:fast_rank|rng_rank|rank)(\d+)\.|^__(\d+)_\d+\.distcp$")
+
+
+def owner(name: str) -> int:
+    """The rank that wrote a checkpoint file (0 for the shared ones)."""
+    m = _RANK_FILE.match(name)
+    return int(m.group(1) or m.group(2)) if m else 0
+
+
+def _sums(directory: str, files) -> dict:
+    return {f: {"sha256": _sha256(os.path.join(directory, f)), "bytes": os.path.getsize(os.path.join(directory, f))}
             for f in files}
-    _write_json(sums, os.path.join(directory, CHECKSUMS))
 
 
-def verify(path: str) -> None:
+def _listing(directory: str) -> list[str]:
+    return sorted(f for f in os.listdir(directory) if f != CHECKSUMS and not f.endswith(".tmp"))
+
+
+def write_checksums(directory: str, gathered: dict | None = None) -> None:
+    """SHA-256 and size of every file of a checkpoint directory into checksums.json: the files
+    in `gathered` (hashed by the ranks that wrote them) as given, the rest hashed here."""
+    gathered = gathered or {}
+    sums = {**_sums(directory, [f for f in _listing(directory) if f not in gathered]), **gathered}
+    _write_json(dict(sorted(sums.items())), os.path.join(directory, CHECKSUMS))
+
+
+def verify(path: str, part: tuple[int, int] | None = None) -> None:
     """Raise CheckpointError naming the first file of checkpoint `path` that is missing,
-    truncated or altered since it was written (or the checkpoint's lack of checksums.json)."""
+    truncated or altered since it was written (or the checkpoint's lack of checksums.json).
+    part=(rank, world): check only this rank's share (the files written by ranks k with
+    k % world == rank; rank 0 also the shared ones), so the ranks of a run verify a checkpoint
+    together, each reading 1/world of it."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     listing = os.path.join(path, CHECKSUMS)
@@ -172,6 +195,8 @@ def verify(path: str) -> None:
         raise CheckpointError(f"checkpoint {path} has no {CHECKSUMS}: it is incomplete, or was written before "
                               "checksums were recorded, and cannot be verified")
     for name, want in sorted(_read_json(listing).items()):
+        if part is not None and name != "meta.json" and owner(name) % part[1] != part[0]:
+            continue
         f = os.path.join(path, name)
         if not os.path.exists(f):
             raise CheckpointError(f"checkpoint file missing: {f}")
@@ -210,16 +235,23 @@ def prune(out_dir: str, keep_last: int | None) -> list[str]:
     return gone
 
 
-def resume_point(out_dir: str, warn=print) -> str | None:
+def resume_point(out_dir: str, warn=print, part: tuple[int, int] | None = None,
+                 gather=lambda obj: [obj]) -> str | None:
     """The newest checkpoint of a run that verifies, or None when the run has none. A newer
     damaged one is skipped with a warning naming it, the reason and the one used instead;
-    when every checkpoint is damaged, CheckpointError lists them."""
+    when every checkpoint is damaged, CheckpointError lists them. In a multi-rank run each
+    rank verifies its share (`part`) and `gather` (every rank's value, on every rank) makes
+    them agree on the verdict, so all pick the same checkpoint."""
     damaged = []
     for _, path in step_dirs(out_dir):
+        why = None
         try:
-            verify(path)
+            verify(path, part)
         except CheckpointError as err:
-            damaged.append((path, str(err)))
+            why = str(err)
+        why = next((w for w in gather(why) if w is not None), None)
+        if why is not None:
+            damaged.append((path, why))
             continue
         for bad, why in damaged:
             warn(f"warning: skipping damaged checkpoint {bad} ({why}); resuming from {path} instead")
@@ -231,7 +263,7 @@ def resume_point(out_dir: str, warn=print) -> str | None:
 
 
 def save(out_dir: str, step: int, run_meta: dict, fast_states: list[ModelState], data_pos: dict,
-         write_slow, rank: int = 0, barrier=lambda: None) -> str:
+         write_slow, rank: int = 0, barrier=lambda: None, gather=lambda obj: [obj]) -> str:
     """Every rank writes its fast state, RNG and data position, and calls write_slow(tmp_dir)
     (a format's model and optimizer writer: rank 0 alone for the single-file format, every rank
     for DCP); rank 0 then writes meta.json and checksums.json and renames the directory into
@@ -249,9 +281,12 @@ def save(out_dir: str, step: int, run_meta: dict, fast_states: list[ModelState],
     _write_json({"skeleton": skeleton, "rng": rng_meta, "data": data_pos}, os.path.join(tmp, f"rank{rank}.json"))
     write_slow(tmp)
     barrier()
+    # each rank hashes what it wrote; rank 0 gathers them (one rank never reads the whole checkpoint)
+    mine = _sums(tmp, [f for f in _listing(tmp) if owner(f) == rank and not (rank == 0 and f == "meta.json")])
+    parts = gather(mine)
     if rank == 0:
         _write_json({**run_meta, "step": step}, os.path.join(tmp, "meta.json"))
-        write_checksums(tmp)
+        write_checksums(tmp, {k: v for p in parts for k, v in p.items()})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_json({"latest": os.path.basename(final)}, os.path.join(out_dir, "checkpoints", "latest.json"))
@@ -309,10 +344,13 @@ def saved_world(path: str) -> int:
 
 
 def data_positions(path: str) -> dict[int, dict]:
-    """Every saved row's data position by global row id: {row: {"epoch", "index", "offset"}}."""
+    """Every saved row's data position by global row id: {row: {"epoch", "index", "offset"}},
+    the rows being read and the dormant ones (dropped by a curriculum stage or a smaller world,
+    kept so that they continue where they were if they come back)."""
     rows = {}
     for r in range(saved_world(path)):
         pos = _read_json(os.path.join(path, f"rank{r}.json"))["data"]
+        rows.update({int(k): v for k, v in pos.get("dormant", {}).items()})
         ids = pos.get("rows") or [r * len(pos["epoch"]) + b for b in range(len(pos["epoch"]))]
         for b, row in enumerate(ids):
             rows[row] = {k: pos[k][b] for k in ("epoch", "index", "offset")}

@@ -11,8 +11,10 @@ Both share the rest of a checkpoint (checkpoint.py): per-rank fast state, RNG an
 position, meta.json, checksums, the atomic rename, keep_last. What a world-size change does
 (dcp only; the single format refuses it):
 - slow weights and optimizer state: resharded exactly;
-- data position (also when train.batch_size changes): kept per global row (row r of the old run continues where it was in row
-  r's document order); rows that did not exist before start their order at the beginning;
+- data position (also when train.batch_size changes): kept per global row (row r of the old
+  run continues where it was in row r's document order, dormant rows included); rows that
+  never existed start their order at the beginning; rows the new layout does not read are
+  kept (rank 0) as dormant rows;
 - fast state: not carried (it is per sequence and rank-local); every row starts from a fresh
   fast state, as at a context boundary;
 - RNG: rank r takes the saved rank r's state, or rank 0's when there was no rank r."""
@@ -51,6 +53,7 @@ class Restored:
     data: dict          # this rank's data position
     config: dict | None
     notes: list[str]    # what changed on the way (world size), for the console
+    tokens_seen: int | None = None  # the training tokens before this checkpoint (None: not recorded)
 
 
 class Checkpointer:
@@ -77,7 +80,7 @@ class Checkpointer:
                 if info.main:
                     checkpoint.write_single_file(tmp, model_sd, optim_sd)
         return checkpoint.save(self.out_dir, step, {**run_meta, "format": self.fmt}, fast_states, data_pos,
-                               write, info.rank, info.barrier)
+                               write, info.rank, info.barrier, info.gather)
 
     # ----- restore
     def restore(self, path: str, run_meta: dict, model: nn.Module, opt) -> Restored:
@@ -123,7 +126,7 @@ class Checkpointer:
             rng_rank = info.rank if info.rank < old_world else 0
             checkpoint.set_rng_state(*checkpoint.rank_files(path, rng_rank)["rng"])
             fast, data = None, {"by_row": checkpoint.data_positions(path)}
-        return Restored(meta["step"], fast, data, meta.get("config"), notes)
+        return Restored(meta["step"], fast, data, meta.get("config"), notes, meta.get("tokens_seen"))
 
 
 def _flat_options():

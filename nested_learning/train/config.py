@@ -126,9 +126,12 @@ class TrainConfig:
         for k in ("eval_every", "save_every", "eval_batches"):
             _nonneg_int(f"train.{k}", getattr(self, k))
         if self.keep_last is not None:
-            _nonneg_int("train.keep_last", self.keep_last)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"train.seed must be an int, got {self.seed!r}")
+            positive_int("train.keep_last (null keeps every checkpoint)", self.keep_last)
+        if self.eval_every and not self.eval_batches:
+            raise ValueError("train.eval_batches must be positive when train.eval_every is (0 batches would log a "
+                             "validation loss of 0)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"train.seed must be a non-negative int, got {self.seed!r}")
         for k in ("resume", "overwrite", "bf16", "compile", "fsdp", "inner_updates", "progress", "export",
                   "dry_run", "curriculum_constant_tokens"):
             _flag(f"train.{k}", getattr(self, k))
@@ -177,6 +180,9 @@ class TrainConfig:
             stages.append((int(s[0]), int(s[1])))
         if stages[0][0] != 0 or any(b[0] <= a[0] for a, b in zip(stages, stages[1:])):
             raise ValueError(f"{rule}, got {c!r}")
+        if any(b[1] < a[1] for a, b in zip(stages, stages[1:])):
+            raise ValueError(f"train.curriculum: the seq_len of a stage may not be shorter than the one before (the "
+                             f"batch cannot grow back), got {c!r}")
         if stages[0][1] != self.seq_len:
             raise ValueError(f"train.seq_len={self.seq_len} must equal the first curriculum stage's seq_len "
                              f"({stages[0][1]}): batch_size and seq_len describe the first stage")
@@ -211,14 +217,20 @@ class TrainConfig:
         _, sl, b = self.stage_at(step)
         return b * sl * self.grad_accum * world
 
-    def total_steps(self, world: int) -> int:
+    def total_steps(self, world: int, start: int = 0, seen: int = 0) -> int:
         """train.steps, or the token budget divided by the tokens of a step (rounded up). With
-        a curriculum that does not keep the tokens constant, stage by stage."""
+        a curriculum that does not keep the tokens constant, stage by stage. A resumed run
+        (`start` steps done, `seen` tokens trained on, perhaps by another world size) plans
+        only what is left of the budget."""
         if self.steps is not None:
             return self.steps
-        left, step = self.tokens, 0
+        left, step = self.tokens - seen, start
+        if left <= 0:
+            return start
         bounds = [s for s, _, _ in self.stages()][1:] + [math.inf]
         for end in bounds:
+            if end <= step:
+                continue
             per = self.tokens_per_step(world, step)
             n = min(end - step, math.ceil(left / per))
             step, left = step + n, left - n * per

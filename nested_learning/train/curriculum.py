@@ -14,13 +14,17 @@ from .data import DocumentStreams
 __all__ = ["restage"]
 
 
-def restage(streams: DocumentStreams, batch: int, seq_len: int) -> None:
+def restage(streams: DocumentStreams, batch: int, seq_len: int) -> dict[int, dict]:
+    """Returns the dropped rows' positions by row id (the trainer keeps them as dormant rows,
+    so a later change of world size continues them instead of replaying their documents)."""
     if batch > len(streams.rows):
         raise ValueError(f"a curriculum stage cannot grow the batch beyond the first stage's rows "
                          f"({batch} > {len(streams.rows)})")
     if streams.context is not None and (streams.context < seq_len or streams.context % seq_len):
         raise ValueError(f"train.context_len={streams.context} must be a multiple of every stage's seq_len "
                          f"({seq_len})")
+    dropped = {row: {k: streams.pos[k][b] for k in ("epoch", "index", "offset")}
+               for b, row in enumerate(streams.rows) if b >= batch}
     streams.rows = streams.rows[:batch]
     streams.B, streams.T = batch, seq_len
     pos = {k: list(v[:batch]) for k, v in streams.pos.items()}
@@ -31,3 +35,4 @@ def restage(streams: DocumentStreams, batch: int, seq_len: int) -> None:
             if pos["index"][b] == n_docs:
                 pos["index"][b], pos["epoch"][b] = 0, pos["epoch"][b] + 1
     streams.pos = pos
+    return dropped

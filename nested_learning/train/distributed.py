@@ -26,6 +26,14 @@ class DistInfo:
         if self.world > 1:
             dist.barrier()
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (a small picklable value), on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
 
 def setup(device: str = "auto", backend: str | None = None) -> DistInfo:
     """Reads torchrun's environment; a plain `python train.py` is one process."""

@@ -24,6 +24,7 @@ def holds_run(out_dir: str) -> bool:
 def clear(out_dir: str) -> None:
     """Remove a previous run's checkpoints, metrics and config (train.overwrite=true)."""
     shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
+    shutil.rmtree(os.path.join(out_dir, "export"), ignore_errors=True)
     for f in RUN_FILES:
         p = os.path.join(out_dir, f)
         if os.path.exists(p):

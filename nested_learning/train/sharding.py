@@ -130,8 +130,26 @@ def clip_mixed(params, clip: float) -> float:
 
 
 def checksum(model: nn.Module) -> list[float]:
-    """(sum, sum of squares, max |x|) of every slow weight, whole (gathered when sharded: every
-    rank must call it): identifies the slow weights across ranks and runs."""
+    """(sum, sum of squares, max |x|) of every slow weight in float64: identifies the slow
+    weights across ranks and runs. A sharded parameter contributes its local shard on each
+    rank, reduced over the ranks (every rank must call it; nothing is gathered), so an FSDP
+    run's figures equal an unsharded run's up to float64 rounding of the sums."""
+    sums, peak, sharded = torch.zeros(2, dtype=torch.float64), torch.zeros((), dtype=torch.float64), []
     with torch.no_grad():
-        flat = torch.cat([_local(p.detach()).double().flatten().cpu() for p in model.parameters()])
-    return [float(flat.sum()), float(flat.square().sum()), float(flat.abs().max())]
+        for p in model.parameters():
+            x = p.detach()
+            if hasattr(x, "to_local"):
+                sharded.append(x.to_local().double().flatten().cpu())
+                continue
+            x = x.double().flatten().cpu()
+            sums += torch.stack([x.sum(), x.square().sum()])
+            peak = torch.maximum(peak, x.abs().max())
+        if sharded:
+            part = torch.cat(sharded)
+            local = torch.stack([part.sum(), part.square().sum()]) if part.numel() else torch.zeros(2, dtype=torch.float64)
+            top = part.abs().max() if part.numel() else torch.zeros((), dtype=torch.float64)
+            dist.all_reduce(local)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            sums += local
+            peak = torch.maximum(peak, top)
+    return [float(sums[0]), float(sums[1]), float(peak)]

@@ -82,6 +82,8 @@ class Trainer:
         self.step = 0
         self.summary = {"val_loss": [], "tokens_per_s": [], "skipped_steps": []}
         self.bad_run, self.loss = 0, None
+        self.tokens_seen = 0   # training tokens consumed (all ranks), carried in checkpoints
+        self.dormant: dict[int, dict] = {}  # positions of rows not read now (curriculum, world size)
         self.last_save = _clock()
 
     # ------------------------------------------------------------------ build
@@ -120,7 +122,8 @@ class Trainer:
         holds a run is refused unless train.overwrite; a resumable run that never saved starts
         again from step 0."""
         t, info, out = self.t, self.info, self.out
-        path = checkpoint.resume_point(out, self.console.warn) if t.resume else None
+        path = (checkpoint.resume_point(out, self.console.warn, (info.rank, info.world), info.gather)
+                if t.resume else None)
         if path is None and run_dir.holds_run(out):
             if not t.resume and not t.overwrite:
                 raise run_dir.RunExistsError(
@@ -160,7 +163,7 @@ class Trainer:
         t = self.t
         _, self.seq_len, self.micro = t.stages()[index]
         if index != self.stage or self.streams.T != self.seq_len:
-            restage(self.streams, self.micro * t.grad_accum, self.seq_len)
+            self.dormant.update(restage(self.streams, self.micro * t.grad_accum, self.seq_len))
         self.stage = index
         self.states = [self.model.init_state(self.micro) for _ in range(t.grad_accum)]
         self.stage_change = None
@@ -174,7 +177,7 @@ class Trainer:
     def restore(self) -> None:
         if not self.start_from:
             return
-        info = self.info
+        info, t = self.info, self.t
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         r = self.checkpointer.restore(self.start_from, self.run_meta, self.model, self.opt)
         for g, settings in zip(self.opt.param_groups, fresh):  # the config's optimizer settings apply from here on
@@ -187,11 +190,21 @@ class Trainer:
         if r.fast is not None:
             self.states = checkpoint.unflatten(self.states, *r.fast, info.device)
         pos = r.data
-        if "by_row" in pos:  # another world size: each global row's position, where it existed
+        if "by_row" in pos:  # another layout: each global row's position, where it existed
             zero = {"epoch": 0, "index": 0, "offset": 0}
-            rows = [pos["by_row"].get(row, pos["by_row"].get(str(row), zero)) for row in self.streams.rows]
+            by_row = pos["by_row"]
+            rows = [by_row.get(row, zero) for row in self.streams.rows]
+            read = {rk * t.batch_size * t.grad_accum + b for rk in range(info.world) for b in range(len(self.streams.rows))}
+            self.dormant = {row: p for row, p in by_row.items() if row not in read} if info.main else {}
             pos = {k: [p[k] for p in rows] for k in zero}
-        self.streams.load_state_dict({k: v for k, v in pos.items() if k != "rows"})
+        else:
+            self.dormant = {int(k): v for k, v in pos.get("dormant", {}).items()}
+        self.streams.load_state_dict({k: v for k, v in pos.items() if k not in ("rows", "dormant")})
+        if r.tokens_seen is not None:
+            self.tokens_seen = r.tokens_seen
+            if t.tokens is not None:  # what is left of the budget, at this world's tokens per step
+                self.steps = t.total_steps(info.world, r.step, r.tokens_seen)
+                self.cfg["train"]["steps"] = self.steps
         for note in r.notes:
             self.console.say(f"note: {note}")
         changes = run_dir.config_changes(r.config, self.cfg)
@@ -258,6 +271,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         del new_states
         dt = time.perf_counter() - t0
+        self.tokens_seen += micro * accum * self.seq_len * info.world
         tps = micro * accum * self.seq_len * info.world / dt
         self.summary["tokens_per_s"].append(tps)
         self.step, self.loss = step + 1, loss_acc
@@ -294,9 +308,10 @@ class Trainer:
                                batch=self.micro, seq_len=self.seq_len)
 
     def save(self) -> str:
-        pos = {**self.streams.state_dict(), "rows": list(self.streams.rows)}
-        path = self.checkpointer.save(self.step, {**self.run_meta, "config": self.cfg}, self.model, self.opt,
-                                      self.states, pos)
+        pos = {**self.streams.state_dict(), "rows": list(self.streams.rows),
+               "dormant": {str(k): v for k, v in sorted(self.dormant.items())}}
+        path = self.checkpointer.save(self.step, {**self.run_meta, "config": self.cfg, "tokens_seen": self.tokens_seen},
+                                      self.model, self.opt, self.states, pos)
         gone = checkpoint.prune(self.out, self.t.keep_last) if self.info.main else []
         self.last_save = _clock()
         self.console.say(f"step {self.step}: saved {path}" + (f" (deleted {len(gone)} older: train.keep_last="
@@ -305,7 +320,7 @@ class Trainer:
 
     def _save_due(self, last: bool) -> bool:
         t = self.t
-        if self.bad_run:
+        if self.bad_run and not last:  # the last step saves even if it was skipped: it changed nothing
             return False
         by_steps = bool(t.save_every) and (self.step % t.save_every == 0 or last)
         by_time = t.save_every_minutes is not None and (_clock() - self.last_save) >= 60 * t.save_every_minutes
@@ -329,6 +344,7 @@ class Trainer:
             with open(os.path.join(self.out, "config.json"), "w") as f:
                 json.dump(self.cfg, f, indent=2)
         metrics = MetricsLog(self.out, info.main, self.cfg["train"].get("wandb"), self.cfg)
+        self.last_save = _clock()  # corpus preparation and resume are not time since a save
         try:
             for step in console.progress_bar(self.step, self.steps):
                 stage = t.stage_at(step)[0]
@@ -371,6 +387,10 @@ class Trainer:
         self.summary["val_loss"] = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
         self.console.say(f"the run is already complete: {self.start_from} is at step {self.step} and "
                          f"train.steps={self.steps}; raise train.steps (or train.tokens) to train further")
+        if self.t.export and self.info.main and not os.path.exists(os.path.join(self.out, "export", "meta.json")):
+            from .export import export_run  # a run that died while exporting
+
+            self.console.say(f"exported the final model to {export_run(self.out)}")
         return self._finish(log_final=False)
 
     def _finish(self, log_final: bool = True) -> dict:

@@ -2,7 +2,9 @@
 argv[1], then writes this rank's slow-weight checksum and loss trace next to the run.
 
 NL_TEST_KILL_AFTER_STEP=N: every rank SIGKILLs itself right after step N is logged (a
-preemption: no clean-up, no save of step N)."""
+preemption: no clean-up, no save of step N). NL_TEST_DUMP=PATH: after each save, the whole
+model and the AdamW state as the live (sharded) run holds them, gathered, written by rank 0 to
+PATH.stepN.pt (what a checkpoint must reproduce)."""
 
 import json
 import os
@@ -22,6 +24,30 @@ if kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
     metrics.MetricsLog.log = log_then_die
+
+dump = os.environ.get("NL_TEST_DUMP")
+if dump:
+    import torch
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    from nested_learning.train import trainer
+
+    save = trainer.Trainer.save
+
+    def save_then_dump(self):
+        path = save(self)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True, flatten_optimizer_state_dict=True)
+        model = get_model_state_dict(self.model, options=full)
+        optim = get_optimizer_state_dict(self.model, self.opt.optimizers["adamw"], options=full)
+        if self.info.main:
+            torch.save({"model": model, "optim": optim}, f"{dump}.step{self.step}.pt")
+        return path
+
+    trainer.Trainer.save = save_then_dump
 
 cfg = json.load(open(sys.argv[1]))
 summary = run(cfg)

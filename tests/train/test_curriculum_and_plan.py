@@ -2,6 +2,7 @@
 and at a stage boundary), checkpoints by wall time, token budgets, the typed train config's
 checks and the dry-run plan of the plan's runs."""
 
+import json
 import math
 import os
 import shutil
@@ -32,11 +33,18 @@ def test_curriculum_stages_keep_the_tokens_per_step_and_are_logged(make_cfg):
     with open(os.path.join(cfg["train"]["out_dir"], "train.log")) as f:
         assert "step 5: curriculum stage 1: seq_len 32, batch_size 2" in f.read()
     assert all(math.isfinite(v) for _, v in summary["val_loss"])
-    # every row of the new stage starts a document: the first segment of each kept row resets
-    ck = checkpoint.checkpoint_dir(cfg["train"]["out_dir"], 4)
-    pos = checkpoint.data_positions(ck)
-    assert sorted(pos) == [0, 1, 2, 3]  # stage 0: four rows
-    assert sorted(checkpoint.data_positions(checkpoint.checkpoint_dir(cfg["train"]["out_dir"], 6))) == [0, 1]
+    # stage 0 reads four rows; stage 1 keeps rows 0-1, each from the start of its next document
+    # (two 32-token segments read by step 6: offset 64), and rows 2-3 wait as dormant rows
+    at4 = checkpoint.data_positions(checkpoint.checkpoint_dir(cfg["train"]["out_dir"], 4))
+    ck6 = checkpoint.checkpoint_dir(cfg["train"]["out_dir"], 6)
+    at6 = checkpoint.data_positions(ck6)
+    assert sorted(at4) == sorted(at6) == [0, 1, 2, 3]
+    for row in (0, 1):
+        assert at6[row]["offset"] == 64 and at6[row]["index"] == at4[row]["index"] + 1
+    for row in (2, 3):
+        assert at6[row] == at4[row]
+    rank0 = json.load(open(os.path.join(ck6, "rank0.json")))["data"]
+    assert rank0["rows"] == [0, 1] and sorted(rank0["dormant"]) == ["2", "3"]
 
 
 @pytest.mark.parametrize("at", [4, 6])  # at the stage boundary (saved in stage 0, resumed into 1), inside stage 1
@@ -87,6 +95,10 @@ def test_a_token_budget_sets_the_steps(make_cfg):
     ({"checkpoint_format": "zip"}, "train.checkpoint_format must be"),
     ({"wandb": {"enabled": True, "mode": "cloud"}}, "train.wandb.mode"),
     ({"stepz": 3}, r"unknown key\(s\) train.stepz"),
+    ({"batch_size": 2, "seq_len": 32, "curriculum": [[0, 32], [4, 16]]}, "may not be shorter than the one before"),
+    ({"keep_last": 0}, "train.keep_last"),
+    ({"eval_batches": 0}, "train.eval_batches must be positive"),
+    ({"seed": -1}, "train.seed must be a non-negative int"),
 ])
 def test_train_config_errors_name_the_key(make_cfg, train, msg):
     cfg = make_cfg(train=train)
