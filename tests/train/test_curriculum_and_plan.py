@@ -79,7 +79,11 @@ def test_a_token_budget_sets_the_steps(make_cfg):
     cfg = make_cfg(train={"steps": None, "tokens": 2 * 16 * 3 - 5, "eval_every": 0, "save_every": 0})
     summary = run(cfg)
     assert len(summary["tokens_per_s"]) == 3  # ceil(91 / 32)
-    assert TrainConfig(steps=None, tokens=1000, batch_size=2, seq_len=16, grad_accum=2).total_steps(world=4) == 4
+    budget = TrainConfig(steps=None, tokens=1000, batch_size=2, seq_len=16, grad_accum=2)
+    assert budget.total_steps(world=4) == 4  # 128 tokens per step
+    # resumed on 1 rank (64 tokens per step) after 3 steps of 4 ranks: 384 tokens seen, 616 left
+    assert budget.total_steps(world=1, start=3, seen=384) == 3 + 10
+    assert budget.total_steps(world=1, start=8, seen=1024) == 8  # the budget is spent
 
 
 @pytest.mark.parametrize("train, msg", [
