@@ -1,7 +1,9 @@
-"""Does preparing and streaming a corpus take memory that grows with the corpus? (It should not.)
+"""Does preparing, streaming and training on a corpus take memory that grows with the corpus?
+(It should not.)
 
     python bench/prepare_memory.py                                   # 1x, 10x, 100x of 1M tokens
     python bench/prepare_memory.py --ref-tokens 200000 --scales 1,10 --json bench/out/prepare_memory.json
+    python bench/prepare_memory.py --json bench/out/prepare_memory.json --train-steps 200
 
 Builds synthetic corpora of 1x, 10x and 100x a reference size from the built-in Shakespeare
 corpus (nested_learning.train.data.fetch_shakespeare: the plays cut at blank lines into pieces of
@@ -17,6 +19,18 @@ temporary directory, then for each:
   DocumentStreams (batch 8, seq_len 512), reporting its peak RSS, and at the end its anonymous
   and file-backed resident memory (the shard pages it touched are file-backed: clean page cache,
   reclaimable);
+- train: `python train.py data=local data.path=DIR data.data_dir=<the prepare step's> train.steps=N
+  train.eval_every=N train.save_every=N train.progress=false train.out_dir=<temporary>` (the smoke
+  HOPE model, default config; N = --train-steps at every scale, so only the corpus size changes;
+  0 skips it) under a child that reports train.py's peak RSS (getrusage of its children; train.py
+  is its only one), a 0.1 s sample of train.py's anonymous RSS (its peak) and the file-backed RSS
+  at that moment (mapped shard pages, libraries), the wall time (train_s: the whole process;
+  s/step: from its 'model:' line to its exit, the final evaluation and checkpoint included), the
+  seconds until its 'data:' line (the corpus opened: seconds, where preparing took the prepare
+  step's), and the checks that train.py read the prepared shards (its 'data: local | ... | cache C'
+  line names the prepare step's cache, it logged no tokenizing, the cache's files kept their sizes
+  and modification times, no other cache appeared) and trained N steps (metrics.jsonl holds one
+  record for each of steps 1..N; the run stops with an error after writing the JSON otherwise);
 - baseline: each child's RSS after its imports (torch comes with nested_learning), before work.
 
 Prints a table and writes JSON (--json)."""
@@ -166,6 +180,87 @@ def child_stream(args) -> None:
         "epochs": max(streams.pos["epoch"])}), flush=True)
 
 
+def _snapshot(d: str) -> dict[str, list[int]]:
+    """[size, mtime_ns] of every file under d (by relative path)."""
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            path = os.path.join(root, f)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            out[os.path.relpath(path, d)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _proc_status_kb(pid: int) -> dict[str, int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return {ln.split(":")[0]: int(ln.split()[1]) for ln in f
+                    if ln.startswith(("VmRSS:", "RssAnon:", "RssFile:", "RssShmem:"))}
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return {}
+
+
+def child_train(args) -> None:
+    """train.py as this process's only child: its peak RSS from getrusage(RUSAGE_CHILDREN)."""
+    cache_root = os.path.dirname(args.cache)
+    caches_before = sorted(os.listdir(cache_root))
+    files_before = _snapshot(args.cache)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args.overrides]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    peak = {"anon_kb": 0, "file_kb_at_anon_peak": 0, "rss_kb": 0}
+
+    def sample():
+        while p.poll() is None:
+            st = _proc_status_kb(p.pid)
+            if st.get("RssAnon", 0) > peak["anon_kb"]:
+                peak["anon_kb"], peak["file_kb_at_anon_peak"] = st["RssAnon"], st.get("RssFile", 0)
+            peak["rss_kb"] = max(peak["rss_kb"], st.get("VmRSS", 0))
+            time.sleep(0.1)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    lines, data_line, data_line_s, model_line_s = [], None, None, None
+    for ln in p.stdout:
+        lines.append(ln.rstrip("\n"))
+        if data_line is None and ln.startswith("data: local |"):
+            data_line, data_line_s = ln.strip(), time.perf_counter() - t0
+        if model_line_s is None and ln.startswith("model: "):
+            model_line_s = time.perf_counter() - t0
+    p.wait()
+    seconds = time.perf_counter() - t0
+    th.join()
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n" + "\n".join(lines[-60:]))
+    out_dir = next(o.split("=", 1)[1] for o in args.overrides if o.startswith("train.out_dir="))
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        steps = [json.loads(ln)["step"] for ln in f if ln.strip()]
+    files_after = _snapshot(args.cache)
+    tokenizing = [ln for ln in lines if ln.startswith(("data: tokenizing", "data: training a", "data: resuming",
+                                                       "data: prepared", "data: tokenizer trained"))]
+    checks = {
+        "data_line": data_line is not None,
+        "same_cache": data_line is not None and data_line.endswith(f"cache {args.cache}"),
+        "no_tokenizing": not tokenizing,
+        "cache_files_unchanged": files_before == files_after,
+        "no_new_cache": sorted(os.listdir(cache_root)) == caches_before,
+        "steps": steps == list(range(1, args.train_steps + 1)),
+    }
+    print("RESULT " + json.dumps({
+        "peak_rss_mb": _maxrss_mb(resource.RUSAGE_CHILDREN), "sampled_peak_rss_mb": peak["rss_kb"] / 1024,
+        "sampled_peak_anon_mb": peak["anon_kb"] / 1024, "file_mb_at_anon_peak": peak["file_kb_at_anon_peak"] / 1024,
+        "seconds": seconds, "data_line_s": data_line_s, "data_line": data_line,
+        "metrics_records": len(steps), "last_step": steps[-1] if steps else None,
+        "model_line_s": model_line_s,
+        "s_per_step": (seconds - (model_line_s or 0.0)) / max(len(steps), 1), "cache_files": len(files_after),
+        "tokenizing_lines": tokenizing, "checks": checks, "ok": all(checks.values()),
+        "model_line": next((ln for ln in lines if ln.startswith("model: ")), None),
+        "log_tail": lines[-6:]}), flush=True)
+
+
 def run_child(cmd: list[str], env: dict) -> dict:
     """Runs a child, sampling its process tree's RSS; returns its RESULT plus tree_peak_pss_mb."""
     t0 = time.perf_counter()
@@ -194,17 +289,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5000, help="DocumentStreams steps per corpus")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--train-steps", type=int, default=200,
+                    help="train.py steps per corpus (the same at every scale; 0: no training)")
     ap.add_argument("--workdir", default=None, help="where corpora and shards go (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the corpora and shards")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--child", choices=["prepare", "stream"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["prepare", "stream", "train"], help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
-    ap.add_argument("overrides", nargs="*", help="extra data.* overrides for prepare_data.py")
+    ap.add_argument("overrides", nargs="*", help="extra data.* overrides for prepare_data.py (and train.py)")
     args = ap.parse_args()
     if args.child == "prepare":
         return child_prepare(args)
     if args.child == "stream":
         return child_stream(args)
+    if args.child == "train":
+        return child_train(args)
 
     from nested_learning.train.data import data_dir_of
 
@@ -233,28 +332,52 @@ def main() -> None:
             print(f"  stream: {stream['steps']} steps, peak {stream['peak_rss_mb']:.0f} MB "
                   f"(anon {stream['end_rss_anon_mb']:.0f} MB, file {stream['end_rss_file_mb']:.0f} MB), "
                   f"{stream['ms_per_step']:.3f} ms/step", flush=True)
-            rows.append({"scale": k, "corpus": corpus, "prepare": prep, "stream": stream})
+            train = None
+            if args.train_steps:
+                n = str(args.train_steps)
+                train = run_child([sys.executable, os.path.abspath(__file__), "--child", "train", "--cache",
+                                   prep["cache"], "--train-steps", n, "--", *overrides, f"train.steps={n}",
+                                   f"train.out_dir={os.path.join(work, f'train-{k}x')}", f"train.eval_every={n}",
+                                   f"train.save_every={n}", "train.progress=false"], env)
+                print(f"  train: {train['last_step']} steps in {train['seconds']:.0f} s "
+                      f"({train['s_per_step']:.2f} s/step; 'data:' line after {train['data_line_s']:.1f} s), "
+                      f"peak {train['peak_rss_mb']:.0f} MB (sampled anon {train['sampled_peak_anon_mb']:.0f} MB), "
+                      f"tree (PSS) {train['tree_peak_pss_mb']:.0f} MB; checks {train['checks']}", flush=True)
+            rows.append({"scale": k, "corpus": corpus, "prepare": prep, "stream": stream, "train": train})
             if not args.keep:
                 shutil.rmtree(src, ignore_errors=True)
                 shutil.rmtree(prep["cache"], ignore_errors=True)
+                shutil.rmtree(os.path.join(work, f"train-{k}x"), ignore_errors=True)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     print()
     print("| corpus | documents | tokens | prepare s | tokens/s | prepare baseline MB | main peak MB | "
-          "worker peak MB | tree PSS peak MB | stream peak MB | stream anon MB | ms/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "worker peak MB | tree PSS peak MB | stream peak MB | stream anon MB | ms/step | "
+          "train steps | train_peak_mb | train anon peak MB | train_s | train s/step after build | train 'data:' s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        p, s = r["prepare"], r["stream"]
+        p, s, t = r["prepare"], r["stream"], r["train"]
+        tr = ("| - | - | - | - | - | - |" if t is None else
+              f"| {t['last_step']} | {t['peak_rss_mb']:.0f} | {t['sampled_peak_anon_mb']:.0f} | {t['seconds']:.0f} | "
+              f"{t['s_per_step']:.2f} | {t['data_line_s']:.1f} |")
         print(f"| {r['scale']}x | {p['n_docs']:,} | {p['n_tokens']:,} | {p['wall_s']:.0f} | "
               f"{p['n_tokens'] / p['seconds']:,.0f} | {p['baseline_rss_mb']:.0f} | {p['main_peak_rss_mb']:.0f} | "
               f"{p['worker_peak_rss_mb']:.0f} | {p['tree_peak_pss_mb']:.0f} | {s['peak_rss_mb']:.0f} | "
-              f"{s['end_rss_anon_mb']:.0f} | {s['ms_per_step']:.3f} |")
+              f"{s['end_rss_anon_mb']:.0f} | {s['ms_per_step']:.3f} " + tr)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"ref_tokens": args.ref_tokens, "steps": args.steps, "batch": args.batch,
-                       "seq_len": args.seq_len, "cores": len(os.sched_getaffinity(0)), "rows": rows}, f, indent=1)
+                       "seq_len": args.seq_len, "train_steps": args.train_steps,
+                       "train_overrides": ["data=local", "data.path=DIR", "data.data_dir=<the prepare step's>",
+                                           "train.steps=N", "train.out_dir=<temporary>", "train.eval_every=N",
+                                           "train.save_every=N", "train.progress=false"],
+                       "cores": len(os.sched_getaffinity(0)), "rows": rows}, f, indent=1)
+    failed = [r["scale"] for r in rows if r["train"] is not None and not r["train"]["ok"]]
+    if failed:
+        sys.exit(f"train checks failed at scale(s) {failed}: " +
+                 "; ".join(str(r["train"]["checks"]) for r in rows if r["scale"] in failed))
 
 
 if __name__ == "__main__":
