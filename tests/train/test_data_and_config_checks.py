@@ -81,7 +81,7 @@ def test_a_corpus_too_small_for_one_batch_is_refused(make_cfg, tmp_path):
     ("optim", "lr", "abc", "optim.lr must be a number, got 'abc'"),
     ("optim", "weight_decay", -0.1, r"optim.weight_decay must lie in \[0.0, inf\]"),
     ("optim", "betas", [0.9, 1.5], r"optim.betas\[1\] must lie in \[0.0, 1.0\)"),
-    ("train", "keep_last", -2, "train.keep_last must be a non-negative int"),
+    ("train", "keep_last", -2, r"train.keep_last \(null keeps every checkpoint\) must be a positive int"),
     ("train", "max_bad_steps", 0, "train.max_bad_steps must be a positive int"),
     ("train", "resume", "yes", "train.resume must be true or false"),
     ("train", "seq_len", 100, r"train.seq_len=100 must be a multiple of model.memory_chunk=8.*nearest above is 104"),
