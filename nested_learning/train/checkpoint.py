@@ -357,18 +357,6 @@ def data_positions(path: str) -> dict[int, dict]:
     return rows
 
 
-def load(path: str, run_meta: dict, rank: int = 0, verified: bool = False) -> dict:
-    """Read a single-file checkpoint (verifying its checksums unless `verified`), checking it
-    was made for the same model, config, layout, optimizer, tokenizer and corpus."""
-    if not verified:
-        verify(path)
-    meta = meta_of(path)
-    check_meta(path, meta, run_meta)
-    model_sd, optim_sd = read_single_file(path)
-    return {"step": meta["step"], "model": model_sd, "optim": optim_sd, **rank_files(path, rank),
-            "config": meta.get("config")}
-
-
 def _short(v) -> str:
     r = repr(v)
     return r if len(r) <= 300 else r[:300] + "..."

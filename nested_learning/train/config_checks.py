@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from ..models import build_model
-from .config import TrainConfig, check_optim, number
+from .config import TrainConfig, check_optim
 
-__all__ = ["number", "validate"]
+__all__ = ["validate"]
 
 
 def validate(cfg: dict) -> TrainConfig:

@@ -291,7 +291,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str):
     return tok
 
 
-# ---------------------------------------------------------------------------- shards
+# ---------------------------------------------------------------------------- tokens
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every token id fits (vocabulary <= 65536), else uint32."""
+    if vocab_size < 1:
+        raise ValueError(f"vocabulary size must be positive, got {vocab_size}")
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
 @dataclass
 class TokenDocs:
     """Documents as one token array with offsets: doc i is tokens[offsets[i]:offsets[i+1]]."""
@@ -310,24 +317,12 @@ class TokenDocs:
     def n_tokens(self) -> int:
         return int(self.offsets[-1])
 
-    def save(self, prefix: str) -> None:
-        for suffix, arr in ((".tokens.npy", self.tokens), (".offsets.npy", self.offsets)):
-            np.save(prefix + suffix + ".tmp.npy", arr)
-            os.replace(prefix + suffix + ".tmp.npy", prefix + suffix)
-        with open(prefix + ".names.json.tmp", "w") as f:
-            json.dump(self.names, f)
-        os.replace(prefix + ".names.json.tmp", prefix + ".names.json")
-
-    @classmethod
-    def load(cls, prefix: str) -> TokenDocs:
-        with open(prefix + ".names.json") as f:
-            names = json.load(f)
-        return cls(np.load(prefix + ".tokens.npy", mmap_mode="r"), np.load(prefix + ".offsets.npy"), names)
-
     @classmethod
     def encode(cls, docs: list[tuple[str, str]], tok) -> TokenDocs:
+        """In memory (small corpora: continual-learning segments, tests); training reads the
+        shards of shards.py."""
         eot = tok.token_to_id(SPECIALS[0])
-        dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
+        dtype = token_dtype(tok.get_vocab_size())
         ids = [np.asarray(e.ids + [eot], dtype=dtype) for e in tok.encode_batch([t for _, t in docs])]
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(x) for x in ids])
@@ -532,11 +527,37 @@ class DocumentStreams:
             tgts[b, : len(seg) - 1] = seg[1:]
             off += self.T
             if off >= len(d) - 1:  # the document is done: next segment starts the next one
-                off, i = 0, i + 1
-                if i == len(self.docs):
-                    i, e = 0, e + 1
+                off, (i, e) = 0, self._following(i, e)
             self.pos["epoch"][b], self.pos["index"][b], self.pos["offset"][b] = e, i, off
         return torch.from_numpy(toks), torch.from_numpy(tgts), torch.from_numpy(reset)
+
+    def _following(self, i: int, e: int) -> tuple[int, int]:
+        """(index, epoch) of the document after index i of epoch e."""
+        return (0, e + 1) if i + 1 == len(self.docs) else (i + 1, e)
+
+    def restage(self, batch: int, seq_len: int) -> dict[int, dict]:
+        """A context-length curriculum stage: B' <= B rows of seq_len T'. The rank keeps its
+        first B' rows (their row ids, hence their document orders, unchanged) and each kept row
+        moves to the start of its next document, so every segment of the new stage starts on a
+        boundary of the new seq_len and context_len. Returns the dropped rows' positions by row
+        id (the trainer keeps them as dormant rows, so a later change of world size continues
+        them instead of replaying their documents)."""
+        if batch > len(self.rows):
+            raise ValueError(f"a curriculum stage cannot grow the batch beyond the first stage's rows "
+                             f"({batch} > {len(self.rows)})")
+        if self.context is not None and (self.context < seq_len or self.context % seq_len):
+            raise ValueError(f"train.context_len={self.context} must be a multiple of every stage's seq_len "
+                             f"({seq_len})")
+        dropped = {row: {k: self.pos[k][b] for k in self.pos} for b, row in enumerate(self.rows) if b >= batch}
+        for row in dropped:
+            self._orders.pop(row, None)
+        self.rows, self.B, self.T = self.rows[:batch], batch, seq_len
+        self.pos = {k: list(v[:batch]) for k, v in self.pos.items()}
+        for b in range(batch):
+            if self.pos["offset"][b] != 0:  # mid-document: on to the next one
+                i, e = self._following(self.pos["index"][b], self.pos["epoch"][b])
+                self.pos["offset"][b], self.pos["index"][b], self.pos["epoch"][b] = 0, i, e
+        return dropped
 
     def state_dict(self) -> dict:
         return {k: list(v) for k, v in self.pos.items()}

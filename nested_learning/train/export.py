@@ -14,9 +14,7 @@ import json
 import os
 import shutil
 
-from ..models import MODELS
 from . import checkpoint
-from .checkpointer import load_whole_model
 from .data import TOKENIZER_FILE
 
 __all__ = ["export_run"]
@@ -27,16 +25,11 @@ _META_KEYS = ("model", "size", "model_config", "tokenizer_sha256", "corpus", "st
 def export_run(run: str, step: int | None = None, out: str | None = None) -> str:
     from safetensors.torch import save_file
 
-    from ..eval.run import find_checkpoint
+    from ..eval.run import load_run
 
-    ck, run_dir = find_checkpoint(run, step)
+    net, _ = load_run(run, step, device="cpu")  # verified, either checkpoint format, read in this process
+    ck, run_dir = net.run_info.checkpoint, net.run_info.run_dir
     meta = checkpoint.meta_of(ck)
-    name = meta.get("model")
-    if name not in MODELS:
-        raise checkpoint.CheckpointError(f"{ck}/meta.json records no known model (model={name!r})")
-    cls, cfg_cls = MODELS[name]
-    net = cls(cfg_cls(**meta["model_config"]))
-    load_whole_model(ck, net)
     out = out or os.path.join(run_dir or os.path.dirname(os.path.dirname(ck)), "export")
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ import torch
 
 from ..models import build_model
 from .config import TrainConfig
-from .sharding import state_init_parameters
+from .sharding import replicated_parameters
 
 __all__ = ["plan", "print_plan"]
 
@@ -41,7 +41,7 @@ def plan(cfg: dict, t: TrainConfig) -> dict:
     with torch.device("meta"):
         model = build_model(cfg["model"]["name"], cfg["size"]["name"], **(cfg["model"].get("overrides") or {}))
     n = model.num_parameters()
-    replicated = sum(p.numel() for p in state_init_parameters(model)) if t.fsdp else 0
+    replicated = replicated_parameters(model) if t.fsdp else 0
     block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
     steps = t.total_steps(world)
     stages = []

@@ -52,10 +52,6 @@ class Sharded:
     def __init__(self, module: nn.Module, kind: str, replicated: list[nn.Parameter] | None = None):
         self.module, self.kind, self.replicated = module, kind, replicated or []
 
-    @property
-    def fsdp(self) -> bool:
-        return self.kind == "fsdp"
-
     def no_sync(self):
         """DDP's gradient-sync suppression for all but the last micro-batch (a no-op context
         otherwise)."""

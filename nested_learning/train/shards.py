@@ -51,6 +51,7 @@ from .data import (
     data_dir_of,
     iter_documents,
     iter_split,
+    token_dtype,
     tokenizer_sample,
     train_tokenizer,
 )
@@ -65,13 +66,6 @@ SPLIT_RULE = (f"document i of the stream (name order) is validation when i % {SP
               f"a corpus of fewer than {SPLIT_EVERY // 2 + 1} documents holds out the last 10% of each "
               "document's characters instead")
 _LEGACY = [f"{s}.{x}" for s in SPLITS for x in ("tokens.npy", "offsets.npy", "names.json")]
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every token id fits (vocabulary <= 65536), else uint32."""
-    if vocab_size < 1:
-        raise ValueError(f"vocabulary size must be positive, got {vocab_size}")
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
 def default_workers() -> int:

@@ -41,7 +41,6 @@ from . import checkpoint, run_dir, sharding
 from .checkpointer import Checkpointer, format_for
 from .config import TrainConfig
 from .console import Console
-from .curriculum import restage
 from .data import (
     IGNORE,
     SPECIALS,
@@ -159,11 +158,11 @@ class Trainer:
 
     def _enter_stage(self, index: int, announce: bool = True) -> None:
         """Curriculum stage `index`: the micro-batch and seq_len of the stage, fresh fast
-        states; the rows kept move to their next document (curriculum.restage)."""
+        states; the rows kept move to their next document (DocumentStreams.restage)."""
         t = self.t
         _, self.seq_len, self.micro = t.stages()[index]
         if index != self.stage or self.streams.T != self.seq_len:
-            self.dormant.update(restage(self.streams, self.micro * t.grad_accum, self.seq_len))
+            self.dormant.update(self.streams.restage(self.micro * t.grad_accum, self.seq_len))
         self.stage = index
         self.states = [self.model.init_state(self.micro) for _ in range(t.grad_accum)]
         self.stage_change = None
