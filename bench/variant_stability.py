@@ -56,7 +56,7 @@ def raw_rules(stack: ExitStack) -> None:
 
     stack.enter_context(mock.patch.object(cms, "dgd_inputs", lambda x, delta, opt: (x, delta)))
     stack.enter_context(mock.patch.object(cms, "dgd_step", lambda lr, period: lr))
-    stack.enter_context(mock.patch.object(titans, "bounded_step", lambda th, curv, chunk: torch.ones_like(th)))
+    stack.enter_context(mock.patch.object(titans, "bounded_step", lambda th, *args: torch.ones_like(th)))
 
 
 def train_in_process(overrides: list[str], steps: int, eval_every: int = 0, raw: bool = False,

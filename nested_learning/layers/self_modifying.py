@@ -3,12 +3,23 @@
 Per head (width d), the memories M_q, M_k, M_v ([d, d]) and M_eta, M_alpha ([1, d]) are the
 rows of one projection memory P [3d + 2, d]; they produce q, k, v, the learning rate and the
 forget gate from the input, and are all updated in context by the DGD rule of section 2 with
-self-generated targets (a = 2k - v, w = 0: each row block moves towards its own output on v).
-Inside a projection chunk every token is projected by the chunk-start P; the DGD writes then
-advance P token by token for the next chunk (projection chunk 1 is the exact recurrence).
+self-generated targets. The q, k and v memories are residual, M(x) = x + W x (MATH 6): the
+target M_{t-1}(v) = v + W v gives a = 2k - v and the write w = eta (v - k), so the memory
+moves towards its own output on v and the target carries the value. The two gate memories
+map d -> 1 and cannot be residual: they are plain (a = 2k - v, w = 0) and relax towards the
+gate biases. Inside a projection chunk every token is projected by the chunk-start P; the
+DGD writes then advance P token by token for the next chunk (projection chunk 1 is the exact
+recurrence).
 
-The main memory M_memory [d, d] reads before it writes, o_t = M_{t-1} q_t, with the same DGD
-rule (ops.dgd_update, its own chunk size, which changes only the parallel schedule).
+The main memory M_memory [d, d] is residual too and reads before it writes,
+o_t = q_t + W_{t-1} q_t, with the same DGD rule (ops.dgd_update, its own chunk size, which
+changes only the parallel schedule): self-generated target a = 2k - v, w = eta (v - k);
+given values (NL Eq. 28 with the residual) a = 2k, w = eta (v - k).
+
+residual=False restores the plain memories M(x) = W x (w = 0 for self-generated targets,
+w = eta v for given values). Measured: they only forget (a product of contractions), the
+mixer's output decays to zero within a few hundred tokens of every context, and the outer
+gradient through the normalisations of the decayed reads explodes (docs/stability_journal.md).
 
 Gradients: memory initial states are slow parameters, trained through the reads
 (stop-gradient writes: w_read = w_slow + sg(w_fast - w_slow)). The main memory's writes are
@@ -44,14 +55,17 @@ class SelfModifyingState:
 class SelfModifyingTitans(nn.Module):
     def __init__(self, d_model: int, n_heads: int, proj_chunk: int = 16, memory_chunk: int = 64,
                  eta_max: float = 0.3, differentiable_writes: bool = False, self_modifying: bool = True,
-                 memory_target: str = "self"):
+                 memory_target: str = "self", residual: bool = True, forget_bias: float = 4.0):
         """self_modifying=False: the projections are ordinary slow linear maps (P0, never
-        written); memory_target: the main memory's target, "self" (self-generated values:
-        a = 2k - v, w = 0) or "values" (the given values, NL Eq. 28: a = 2k, w = eta v)."""
+        written); memory_target: the main memory's target, "self" (self-generated values,
+        a = 2k - v) or "values" (the given values, NL Eq. 28: a = 2k); residual: memories
+        read x + W x (the default, MATH 6) or W x; forget_bias: the forget gate's initial
+        bias (alpha = sigmoid(forget_bias) per token at init)."""
         super().__init__()
         if memory_target not in MEMORY_TARGETS:
             raise ValueError(f"memory_target must be one of {MEMORY_TARGETS}, got {memory_target!r}")
         self.self_modifying, self.memory_target = bool(self_modifying), memory_target
+        self.residual = bool(residual)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         positive_int("proj_chunk", proj_chunk)
@@ -65,7 +79,7 @@ class SelfModifyingTitans(nn.Module):
         P0 = torch.randn(n_heads, 3 * d + 2, d) / d**0.5
         P0[:, 3 * d:] *= 0.1
         self.P0 = nn.Parameter(P0)
-        self.gate_bias = nn.Parameter(torch.tensor([0.0, 4.0]).repeat(n_heads, 1))  # eta, alpha
+        self.gate_bias = nn.Parameter(torch.tensor([0.0, float(forget_bias)]).repeat(n_heads, 1))  # eta, alpha
         self.M0 = nn.Parameter(torch.randn(n_heads, d, d) / d**0.5)
         self.norm = RMSNorm(d)
         self.gate = nn.Linear(d_model, d_model, bias=False)
@@ -82,6 +96,8 @@ class SelfModifyingTitans(nn.Module):
         """x [B, C, H, d] through P [B, H, 3d+2, d] -> q, k, v [B, C, H, d], eta, alpha [B, C, H]."""
         d = self.d
         y = torch.einsum("bchi,bhoi->bcho", x, P.to(x.dtype))
+        if self.residual:  # M(x) = x + W x for the q, k and v memories
+            y = torch.cat([y[..., :3 * d] + x.repeat(1, 1, 1, 3), y[..., 3 * d:]], -1)
         q, k, v = (F.normalize(y[..., i * d:(i + 1) * d], dim=-1) for i in range(3))
         g = y[..., 3 * d:] + self.gate_bias.to(x.dtype)
         eta = self.eta_max * torch.sigmoid(g[..., 0])
@@ -104,18 +120,26 @@ class SelfModifyingTitans(nn.Module):
                 P = self._write(P, k, v, torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0))
         q, k, v, eta, alpha = (torch.cat(t, 1)[:, Pn:] for t in zip(*parts))
         M = fast_weight(self.M0, state.memory, False)
-        if self.memory_target == "self":
-            w, a = torch.zeros_like(v), 2 * k - v
+        a = 2 * k - v if self.memory_target == "self" else 2 * k
+        if self.residual:
+            w = eta[..., None] * (v - k)
         else:
-            w, a = eta[..., None] * v, 2 * k
+            w = torch.zeros_like(v) if self.memory_target == "self" else eta[..., None] * v
         o, M = ops.dgd_update(q, k, w, alpha, eta, a=a, initial_state=M, read="before",
                               chunk_size=self.memory_chunk)
+        if self.residual:
+            o = o + q
         y = self.norm(o).reshape(B, T, D) * torch.sigmoid(self.gate(x))
         full = (L // C) * C
         return self.out(y), SelfModifyingState(P, M, xs[:, full:], valid[:, full:])
 
     def _write(self, P: Tensor, k, v, eta, alpha) -> Tensor:
-        args = (k, k, torch.zeros(*k.shape[:3], P.shape[2], device=k.device, dtype=k.dtype), alpha, eta)
+        """Advance P [B, H, 3d+2, d] over one chunk: every row block's target is its own output
+        on v; the residual q, k, v blocks write eta (v - k), the gate rows nothing."""
+        w = torch.zeros(*k.shape[:3], P.shape[2], device=k.device, dtype=k.dtype)
+        if self.residual:
+            w = torch.cat([(eta[..., None] * (v - k)).repeat(1, 1, 1, 3), w[..., 3 * self.d:]], -1)
+        args = (k, k, w, alpha, eta)
         a = 2 * k - v
         if not self.differentiable_writes:
             args, a, P = tuple(t.detach() for t in args), a.detach(), P.detach()

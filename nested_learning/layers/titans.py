@@ -37,18 +37,35 @@ def mlp_curvature(k: Tensor, W1: Tensor, W2: Tensor, activation: str = "silu") -
         return 2 * k.float().square().sum(-1) * (s2 + ACT_SLOPE[activation] ** 2 * s1)[:, None]
 
 
-def bounded_step(theta: Tensor, curvature: Tensor, chunk: int) -> Tensor:
-    """[B, T, H] factor in (0, 1] for theta: per chunk of `chunk` tokens, per sequence and
-    head, min(1, 1 / sum_t theta_t kappa_t), so the chunk's summed gradient step times its
-    curvature bound kappa_t is at most 1 (a gradient step on a quadratic is stable below 2,
-    and heavy-ball momentum widens that to 2 (1 + eta)). It is 1, and theta unchanged bit for
-    bit, while the bound holds; a stop-gradient factor otherwise (MATH section 3.3)."""
+def bounded_step(theta: Tensor, curvature: Tensor, eta: Tensor, alpha: Tensor, chunk: int) -> Tensor:
+    """[B, T, H] factor f in (0, 1] for theta that keeps the chunked memory stable, momentum
+    included (MATH section 3.3). Per chunk, sequence and head, with kappa_s a bound on the
+    curvature of token s's loss and the scan coefficients of ops.titan_chunk_scan, the loads
+    Lp = sum_s c_par[s] theta_s kappa_s and Lm = sum_s c_mom[s] theta_s kappa_s give, along a
+    direction that every key of the chunk shares (the worst case), the chunk map of (memory,
+    momentum)
+
+        [[abar - f Lp, rho], [-f Lm, ebar]].
+
+    f is the largest value <= 1 for which that map has spectral radius <= 1 (the Jury
+    conditions, each linear in f) and its memory part never expands (f Lp <= 1 + abar). It is
+    exactly 1, and theta unchanged bit for bit, inside the stable region; a stop-gradient
+    factor outside it."""
     with torch.no_grad():
         B, T, H = theta.shape
+        abar, rho, ebar, c_par, c_mom = (t.double() for t in ops.titan_chunk_scan(eta, alpha, chunk))
         n = -(-T // chunk) * chunk
-        load = F.pad(theta.float() * curvature, (0, 0, 0, n - T)).view(B, n // chunk, chunk, H).sum(2)
-        scale = (1.0 / load.clamp(min=1e-30)).clamp(max=1.0)  # [B, chunks, H]
-        return scale.repeat_interleave(chunk, 1)[:, :T].to(theta.dtype)
+        tk = theta.double() * curvature.double()
+        load = lambda c: F.pad(tk * c, (0, 0, 0, n - T)).view(B, n // chunk, chunk, H).sum(2)  # noqa: E731
+        Lp, Lm = load(c_par), load(c_mom)  # [B, chunks, H]
+        a, r, e = abar, rho, ebar
+        f = torch.ones_like(Lp)
+        for x, y in ((Lp, 1 + a),  # the memory part never expands: |abar - f Lp| <= 1
+                     (r * Lm - e * Lp, 1 - a * e),  # det <= 1
+                     (e * Lp - r * Lm, 1 + a * e),  # det >= -1
+                     (Lp * (1 + e) - r * Lm, (1 + a) * (1 + e))):  # -trace <= 1 + det
+            f = torch.where(x > 0, torch.minimum(f, y / x.clamp(min=1e-300)), f)
+        return f.clamp(min=0.0).float().repeat_interleave(chunk, 1)[:, :T].to(theta.dtype)
 
 
 @dataclass
@@ -127,13 +144,14 @@ class TitansMemory(nn.Module):
     def _run(self, seq: list[Tensor], mem: list[Tensor]):
         q, k, v, theta, eta, alpha = seq
         if self.kind == "linear":  # the curvature 2 ||k||^2 does not depend on the state: one call
-            theta = theta * bounded_step(theta, 2 * k.float().square().sum(-1), self.chunk)
+            theta = theta * bounded_step(theta, 2 * k.float().square().sum(-1), eta, alpha, self.chunk)
             o, st = ops.titan_update(q, k, v, theta, eta, alpha, initial_state=tuple(mem), chunk_size=self.chunk)
             return o, list(st)
         outs, T = [], q.shape[1]
         for s in range(0, T, self.chunk):  # the bound needs each chunk's start weights: one call per chunk
             c = slice(s, min(s + self.chunk, T))
-            th = theta[:, c] * bounded_step(theta[:, c], mlp_curvature(k[:, c], mem[0], mem[1]), self.chunk)
+            th = theta[:, c] * bounded_step(theta[:, c], mlp_curvature(k[:, c], mem[0], mem[1]), eta[:, c],
+                                            alpha[:, c], self.chunk)
             o, mem = ops.titan_mlp_update(q[:, c], k[:, c], v[:, c], th, eta[:, c], alpha[:, c],
                                           initial_state=tuple(mem), chunk_size=self.chunk)
             outs.append(o)

@@ -8,6 +8,7 @@ by the teach signal once per level period (the second pass of a training step, o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..layers.attention import CausalSelfAttention
@@ -30,7 +31,9 @@ class HOPEConfig(ModelConfig):
     mixer: str = "selfmod"  # the sequence mixer: "selfmod" | "attention" | "sliding_window" | "deltanet"
     mixer_window: int = 64  # keys attended by mixer="sliding_window"
     self_modifying: bool = True  # False: q, k, v and the gates are ordinary slow linear maps
-    memory_target: str = "self"  # the main memory's target: "self" (a = 2k - v, w = 0) | "values" (Eq. 28)
+    memory_target: str = "self"  # the main memory's target: "self" (a = 2k - v) | "values" (Eq. 28: a = 2k)
+    residual_memories: bool = True  # memories read x + W x and write eta (v - k) (MATH 6); False: W x
+    forget_bias: float = 4.0  # the forget gate's initial bias: alpha = sigmoid(forget_bias) per token
     # the CMS chain (checked by CMSConfig)
     cms_periods: tuple = (1, 4, 16, 64)
     cms_hidden_mult: int = 2
@@ -54,8 +57,11 @@ class HOPEConfig(ModelConfig):
             raise ValueError(f"HOPEConfig.eta_max must lie in (0, 1], got {self.eta_max}")
         if self.memory_target not in MEMORY_TARGETS:
             raise ValueError(f"HOPEConfig.memory_target must be one of {MEMORY_TARGETS}, got {self.memory_target!r}")
-        if not isinstance(self.self_modifying, bool):
-            raise ValueError(f"HOPEConfig.self_modifying must be true or false, got {self.self_modifying!r}")
+        for n in ("self_modifying", "residual_memories"):
+            if not isinstance(getattr(self, n), bool):
+                raise ValueError(f"HOPEConfig.{n} must be true or false, got {getattr(self, n)!r}")
+        if not isinstance(self.forget_bias, (int, float)) or not math.isfinite(self.forget_bias):
+            raise ValueError(f"HOPEConfig.forget_bias must be a finite number, got {self.forget_bias!r}")
         self.cms_periods = self.cms().periods  # checks every cms_* and teach_* field
 
     def cms(self) -> CMSConfig:
@@ -78,7 +84,8 @@ class HOPEBlock(Block):
             self.mixer = SelfModifyingTitans(cfg.d_model, cfg.n_heads, proj_chunk=cfg.proj_chunk,
                                              memory_chunk=cfg.memory_chunk, eta_max=cfg.eta_max,
                                              differentiable_writes=cfg.differentiable_writes,
-                                             self_modifying=cfg.self_modifying, memory_target=cfg.memory_target)
+                                             self_modifying=cfg.self_modifying, memory_target=cfg.memory_target,
+                                             residual=cfg.residual_memories, forget_bias=cfg.forget_bias)
         elif cfg.mixer == "deltanet":
             self.mixer = GatedDeltaNet(cfg.d_model, cfg.n_heads, chunk_size=cfg.memory_chunk)
         else:  # full causal or sliding-window attention, with its KV cache as the mixer's state

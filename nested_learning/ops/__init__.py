@@ -13,7 +13,7 @@ from ._backend import (
 from .cms import CMSState, CMSUpdate, cms_update
 from .cross_entropy import linear_cross_entropy
 from .dgd import dgd_update
-from .titan import titan_mlp_update, titan_update
+from .titan import titan_chunk_scan, titan_mlp_update, titan_update
 
 OPS = ("dgd_update", "titan_update", "titan_mlp_update", "cms_update", "linear_cross_entropy")
 
@@ -31,6 +31,7 @@ __all__ = [
     "last_backend",
     "linear_cross_entropy",
     "registered_backends",
+    "titan_chunk_scan",
     "titan_mlp_update",
     "titan_update",
     "use_backend",

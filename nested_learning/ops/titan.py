@@ -280,3 +280,16 @@ def titan_mlp_update(
     name = _backend.resolve("titan_mlp_update", dev.type, backend) if T else "reference"
     o, *state = _mlp(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation, name)
     return o, (tuple(state) if output_final_state else None)
+
+
+def titan_chunk_scan(eta: Tensor, alpha: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
+    """The scan coefficients of the Titans memory's chunks (MATH 3.3), as the ops cut them (the
+    last chunk may be shorter), without gradient: per chunk, the chunk-end memory and momentum
+    are M' = abar M_c + rho S_c - sum_s c_par[s] theta_s g_s and
+    S' = ebar S_c - sum_s c_mom[s] theta_s g_s, every g_s taken at M_c. Returns abar, rho,
+    ebar [B, N, H] and c_par, c_mom [B, T, H] from eta, alpha [B, T, H]. c_par[s] counts how
+    often the momentum scan re-applies token s's gradient inside its chunk (about 1/(1 - eta)
+    early in a long chunk)."""
+    with torch.no_grad():
+        abar, rho, ebar, c_par, c_mom = scan_coefficients(eta.detach(), alpha.detach(), chunk_size)
+        return tuple(t.transpose(1, 2) for t in (abar, rho, ebar, c_par, c_mom))

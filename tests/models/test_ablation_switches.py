@@ -45,7 +45,8 @@ def test_self_modification_off_keeps_the_projections_slow():
 
 
 def test_memory_target_values_follows_eq_28():
-    """One token through the main memory: W1 = W0 (alpha I - 2 eta k k^T) + eta v k^T."""
+    """One token through the residual main memory with given values:
+    W1 = W0 (alpha I - 2 eta k k^T) + eta (v - k) k^T."""
     from nested_learning.layers.self_modifying import SelfModifyingTitans
 
     torch.manual_seed(0)
@@ -55,7 +56,7 @@ def test_memory_target_values_follows_eq_28():
     q, k, v, eta, alpha = layer._project(x.view(1, 1, 1, 8), st.proj)
     _, new = layer(x, st)
     k, v, eta, alpha, W0 = k[0, 0, 0], v[0, 0, 0], eta[0, 0, 0], alpha[0, 0, 0], layer.M0[0].detach()
-    want = W0 @ (alpha * torch.eye(8, dtype=torch.float64) - 2 * eta * torch.outer(k, k)) + eta * torch.outer(v, k)
+    want = W0 @ (alpha * torch.eye(8, dtype=torch.float64) - 2 * eta * torch.outer(k, k)) + eta * torch.outer(v - k, k)
     assert torch.allclose(new.memory[0, 0], want, atol=1e-10)
     base, vals = _pair(memory_target="values")
     assert _step(base)[0] != _step(vals)[0]

@@ -2,6 +2,7 @@
 keys never expands a weight (on raw RMS-normalised inputs it did), and the Titans memory's
 chunk step is bounded by a curvature bound that holds (on the MLP memory it blew up)."""
 
+import pytest
 import torch
 
 from nested_learning import ops
@@ -68,17 +69,119 @@ def test_the_mlp_curvature_bound_holds():
         assert exact <= bound + 1e-9 and bound < 10 * exact
 
 
-def test_bounded_step_is_exactly_one_within_the_bound_and_caps_the_chunk_load():
+def test_bounded_step_is_exactly_one_within_the_bound_and_caps_the_momentum_inclusive_load():
     theta = torch.full((2, 32, 3), 0.01)
-    curv = torch.full((2, 32, 3), 2.0)  # linear memory, unit keys: sum over 16 tokens = 0.32 < 1
-    assert torch.equal(bounded_step(theta, curv, 16), torch.ones_like(theta))
+    curv = torch.full((2, 32, 3), 2.0)  # linear memory, unit keys
+    eta, alpha = torch.full_like(theta, 0.73), torch.full_like(theta, 0.02)
+    abar, _, _, c, _ = ops.titan_chunk_scan(eta, alpha, 16)
+    abar = abar.repeat_interleave(16, 1)
+    assert float((theta * curv * c)[0, :16, 0].sum()) < 1  # a small load: the factor is exactly one
+    assert torch.equal(bounded_step(theta, curv, eta, alpha, 16), torch.ones_like(theta))
     big = theta.clone()
-    big[0, 16:, 1] = 0.5  # that sequence-head's second chunk: load 16 * 0.5 * 2 = 16
-    s = bounded_step(big, curv, 16)
-    assert torch.allclose((big * s * curv)[0, 16:, 1].sum(), torch.tensor(1.0))
+    big[0, 16:, 1] = 0.05  # that sequence-head's second chunk: sum theta kappa = 1.6, with momentum ~5
+    s = bounded_step(big, curv, eta, alpha, 16)
+    load = (big * s * curv * c)[0, 16:, 1].sum()
+    assert torch.allclose(load, 1 + abar[0, 16, 1])  # capped at the stability edge 1 + abar
     assert (s[0, :16] == 1).all() and (s[1] == 1).all() and (s[0, 16:, [0, 2]] == 1).all()
+    # the old bound (sum theta kappa <= 1, momentum ignored) let this chunk's real load reach 2.7 x its bound
+    assert float((big * curv * c)[0, 16:, 1].sum() / (big * curv)[0, 16:, 1].sum()) > 2.5
 
 
+def test_titan_chunk_scan_matches_a_per_token_loop():
+    """c_par, c_mom, abar, rho, ebar against the per-token momentum and decay recurrences (a unit
+    impulse gradient at token s, taken once, at the chunk start; a unit incoming momentum)."""
+    torch.manual_seed(0)
+    B, T, H, C = 2, 21, 3, 8
+    eta, alpha = torch.rand(B, T, H, dtype=torch.float64), torch.rand(B, T, H, dtype=torch.float64) * 0.2
+    abar, rho, ebar, c_par, c_mom = ops.titan_chunk_scan(eta, alpha, C)
+    for s in range(T):
+        start = s - s % C
+        S, P = torch.zeros(B, H, dtype=torch.float64), torch.zeros(B, H, dtype=torch.float64)
+        S0, P0 = torch.ones(B, H, dtype=torch.float64), torch.zeros(B, H, dtype=torch.float64)
+        M1 = torch.ones(B, H, dtype=torch.float64)
+        for t in range(start, min(start + C, T)):
+            S = eta[:, t] * S + (1.0 if t == s else 0.0)
+            P = (1 - alpha[:, t]) * P + S
+            S0 = eta[:, t] * S0
+            P0 = (1 - alpha[:, t]) * P0 + S0
+            M1 = (1 - alpha[:, t]) * M1
+        assert torch.allclose(c_par[:, s], P) and torch.allclose(c_mom[:, s], S)
+        if s == start:
+            ch = s // C
+            assert torch.allclose(rho[:, ch], P0) and torch.allclose(ebar[:, ch], S0)
+            assert torch.allclose(abar[:, ch], M1)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_bounded_chunk_map_never_expands_the_linear_memory(seed):
+    """Property (MATH 3.3): for random gates (theta up to 1, momentum up to 0.99), random unit
+    or non-unit keys (spread or aligned) and random states, one bounded chunk of the linear memory with zero
+    values and zero momentum (the chunk map's homogeneous part) never increases the memory's
+    spectral norm; without the momentum in the bound it does."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, d, C = 4, 2, 8, 16
+    theta = torch.rand(B, C, H, generator=g, dtype=torch.float64)
+    eta = 0.99 * torch.rand(B, C, H, generator=g, dtype=torch.float64)
+    alpha = 0.1 * torch.rand(B, C, H, generator=g, dtype=torch.float64)
+    k = torch.randn(B, C, H, d, generator=g, dtype=torch.float64)
+    aligned = seed % 2 == 0  # the worst case: every key of the chunk (nearly) in one direction
+    if aligned:
+        k = torch.randn(B, 1, H, d, generator=g, dtype=torch.float64) + 0.05 * k
+    if seed % 3 == 0:
+        k = torch.nn.functional.normalize(k, dim=-1)
+    M = torch.randn(B, H, d, d, generator=g, dtype=torch.float64)
+    M[0] = torch.eye(d, dtype=torch.float64)  # this row's chunk-end memory is the transition itself
+    zero = torch.zeros(B, C, H, d, dtype=torch.float64)
+    curv = 2 * k.square().sum(-1)
+
+    def chunk(th):
+        _, (M1, _) = ops.titan_update(zero, k, zero, th, eta, alpha, initial_state=(M, torch.zeros_like(M)),
+                                      chunk_size=C, backend="reference")
+        return torch.linalg.matrix_norm(M1, ord=2) / torch.linalg.matrix_norm(M, ord=2)
+
+    assert float(chunk(theta * bounded_step(theta, curv, eta, alpha, C)).max()) <= 1 + 1e-9
+    if aligned and seed % 3 == 0:  # high momentum: the old bound (momentum ignored) expands this chunk
+        eta.fill_(0.9)
+        load = (theta * curv).view(B, 1, C, H).sum(2)
+        old = theta * (1.0 / load.clamp(min=1e-30)).clamp(max=1.0).repeat_interleave(C, 1)
+        assert float(chunk(old).max()) > 1.5
+        assert float(chunk(theta * bounded_step(theta, curv, eta, alpha, C)).max()) <= 1 + 1e-9
+
+
+def test_the_bounded_titans_layer_stays_bounded_over_a_long_stream_with_large_gates(monkeypatch):
+    """A linear-memory layer with gates pushed to theta ~ 0.5 and momentum up to 0.95 (past what the
+    150-step Titans smoke model's worst head learned), on a stream whose keys share a direction
+    (as text's do), streams 4096 tokens with a bounded memory; with the old bound (sum theta
+    kappa <= 1 per chunk, momentum ignored) the same stream overflows."""
+    import torch.nn.functional as F
+
+    import nested_learning.layers.titans as titans
+
+    def stream(bias):
+        torch.manual_seed(0)
+        layer = TitansMemory(32, 2, memory="linear", chunk_size=16)
+        with torch.no_grad():
+            layer.gates.bias.copy_(torch.tensor(bias).repeat_interleave(2))
+        x = 2 * torch.randn(1, 1, 32) + 0.5 * torch.randn(1, 4096, 32)
+        st = layer.init_state(1, "cpu", torch.float32)
+        norms = []
+        with torch.no_grad():
+            for s in range(0, 4096, 256):
+                _, st = layer(x[:, s:s + 256], st)
+                norms.append(float(st.memory[0].norm()))
+        return norms
+
+    for bias in ([0.0, 2.2, -6.0], [0.0, 3.0, -8.0]):
+        assert all(n < 50 for n in stream(bias)), bias
+
+    def momentum_blind(theta, curvature, eta, alpha, chunk):
+        B, T, H = theta.shape
+        n = -(-T // chunk) * chunk
+        load = F.pad(theta.float() * curvature, (0, 0, 0, n - T)).view(B, n // chunk, chunk, H).sum(2)
+        return (1.0 / load.clamp(min=1e-30)).clamp(max=1.0).repeat_interleave(chunk, 1)[:, :T]
+
+    monkeypatch.setattr(titans, "bounded_step", momentum_blind)
+    assert not (stream([0.0, 2.2, -6.0])[-1] < 1e6)  # inf, NaN or huge
 def test_titans_mlp_memory_blew_up_without_the_bound_and_stays_finite_with_it(monkeypatch):
     torch.manual_seed(0)
     layer = TitansMemory(64, 2, memory="mlp", chunk_size=16)
@@ -95,7 +198,7 @@ def test_titans_mlp_memory_blew_up_without_the_bound_and_stays_finite_with_it(mo
     import nested_learning.layers.titans as titans
 
     fixed = final_norm()
-    monkeypatch.setattr(titans, "bounded_step", lambda th, c, chunk: torch.ones_like(th))
+    monkeypatch.setattr(titans, "bounded_step", lambda th, *args: torch.ones_like(th))
     raw = final_norm()
     assert not (raw < 1e6)  # inf or NaN, or huge: the unbounded rule diverges within one segment
     assert fixed < 1e3
