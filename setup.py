@@ -91,7 +91,9 @@ def _extension_and_cmdclass():
 
 ext_modules, cmdclass = _extension_and_cmdclass()
 setup(
-    packages=find_packages(include=["nested_learning", "nested_learning.*"]) + list(PACKAGE_DIR),
+    # data folders without __init__.py (BLiMP, shipped with the zero-shot pack; its files: pyproject package-data)
+    packages=find_packages(include=["nested_learning", "nested_learning.*"]) + list(PACKAGE_DIR)
+    + ["nested_learning.eval.data.blimp"],
     package_dir=PACKAGE_DIR,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

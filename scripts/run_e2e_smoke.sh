@@ -4,15 +4,18 @@
 # evaluate the export with the evaluation scripts (perplexity by position, the zero-shot pack,
 # needle in a haystack, passkey), then a report from the result files.
 #   bash scripts/run_e2e_smoke.sh                         # into runs/e2e-smoke
-#   OUT=/tmp/e2e STEPS=20 TASKS=my_task.jsonl bash scripts/run_e2e_smoke.sh
-# TASKS=all is the BIG-bench pack (a 360 MB download with pip on first use, then cached);
-# LIMIT items of each task. Every step prints what it wrote; the last lines say where.
+#   OUT=/tmp/e2e STEPS=20 TASKS=blimp,my_task.jsonl BLIMP_PAIRS=20 bash scripts/run_e2e_smoke.sh
+# TASKS=all is BLiMP (shipped with the package: nothing to download), BLIMP_PAIRS pairs of each of its
+# 67 paradigms (a seeded sample; 1000 is all of them), plus the BIG-bench tasks only where a copy of
+# the bigbench 1.0.0 sdist is at hand (a line says when they are skipped); LIMIT items of each
+# multiple-choice task. Every step prints what it wrote; the last lines say where.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/e2e-smoke}
 STEPS=${STEPS:-150}
 TASKS=${TASKS:-all}
 LIMIT=${LIMIT:-100}
+BLIMP_PAIRS=${BLIMP_PAIRS:-50}
 RUN="$OUT/run"
 RES="$OUT/results"
 mkdir -p "$RES"
@@ -23,8 +26,9 @@ python train.py train.out_dir="$RUN" train.steps="$STEPS" train.export=true trai
     train.resume=false train.overwrite=true
 echo "== 3/6 perplexity by position (the run's validation documents)"
 python scripts/eval/perplexity.py --run "$RUN/export" --max-docs 2 --out "$RES" --no-progress
-echo "== 4/6 zero-shot ($TASKS, $LIMIT items each)"
-python scripts/eval/zeroshot.py --run "$RUN/export" --tasks "$TASKS" --limit "$LIMIT" --out "$RES" --no-progress
+echo "== 4/6 zero-shot ($TASKS: BLiMP $BLIMP_PAIRS pairs per paradigm, $LIMIT items of each other task)"
+python scripts/eval/zeroshot.py --run "$RUN/export" --tasks "$TASKS" --limit "$LIMIT" --blimp-pairs "$BLIMP_PAIRS" \
+    --out "$RES" --no-progress
 echo "== 5/6 needle in a haystack and passkey at 2k tokens"
 python scripts/eval/niah.py --run "$RUN/export" --lengths 2k --depths 0,50,100 --samples 1 --variants single \
     --out "$RES/niah" --no-progress

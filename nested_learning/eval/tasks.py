@@ -1,5 +1,7 @@
-"""Multiple-choice tasks: one local JSONL format, and the BIG-bench tasks of the zero-shot
-pack converted into it from the `bigbench` sdist (fetched once with pip, then cached).
+"""The tasks of the zero-shot pack: BLiMP (shipped with the package, `blimp.py`), and
+multiple-choice tasks in one local JSONL format, among them nine BIG-bench tasks converted into
+it from the `bigbench` 1.0.0 sdist where a copy of that sdist is at hand (PyPI no longer serves
+that version; a converted copy is cached).
 
 The format: one item per line,
 
@@ -19,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 
 from ..train.data import download_sdist
+from . import blimp
 
 BIGBENCH = ("bigbench", "1.0.0")
 # name -> (folder under bigbench/benchmark_tasks, what it probes)
@@ -108,18 +111,35 @@ def bigbench_dir(data_dir: str) -> str:
     return os.path.join(data_dir, "bigbench-" + BIGBENCH[1])
 
 
+def bigbench_sdist_path(data_dir: str) -> str:
+    """Where a local copy of the sdist is looked for when none is named: DATA/bigbench-1.0.0.tar.gz."""
+    return os.path.join(data_dir, f"{BIGBENCH[0]}-{BIGBENCH[1]}.tar.gz")
+
+
+def bigbench_cached(data_dir: str) -> bool:
+    return all(os.path.exists(os.path.join(bigbench_dir(data_dir), f"{n}.jsonl")) for n in BIGBENCH_TASKS)
+
+
 def prepare_bigbench(data_dir: str, log=print, sdist: str | None = None) -> dict[str, str]:
-    """{task name: JSONL path} of every BIGBENCH_TASKS task, converted once from the sdist
-    (downloaded with pip unless `sdist` names a local copy) and cached under data_dir."""
+    """{task name: JSONL path} of every BIGBENCH_TASKS task, converted once from the sdist and
+    cached under data_dir. The sdist is `sdist`, else DATA/bigbench-1.0.0.tar.gz, else a pip
+    download (which fails where the registry no longer serves 1.0.0, saying what to do)."""
     root = bigbench_dir(data_dir)
     paths = {n: os.path.join(root, f"{n}.jsonl") for n in BIGBENCH_TASKS}
-    if all(os.path.exists(p) for p in paths.values()):
+    if bigbench_cached(data_dir):
         return paths
+    if sdist is None and os.path.exists(bigbench_sdist_path(data_dir)):
+        sdist = bigbench_sdist_path(data_dir)
+    if sdist is not None and not os.path.isfile(sdist):
+        raise SystemExit(f"--bigbench-sdist {sdist}: no such file")
     os.makedirs(root, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         if sdist is None:
             log(f"zero-shot pack: downloading the {BIGBENCH[0]}=={BIGBENCH[1]} sdist once (about 360 MB) ...")
-            sdist = download_sdist(*BIGBENCH, tmp, "Pass local task files with --tasks path.jsonl instead.")
+            sdist = download_sdist(*BIGBENCH, tmp, (
+                f"The package registry may no longer serve {BIGBENCH[0]} {BIGBENCH[1]}: pass a local copy of its sdist "
+                f"with --bigbench-sdist PATH (or put it at {bigbench_sdist_path(data_dir)}), or local task files "
+                "with --tasks path.jsonl. BLiMP (--tasks blimp) needs no download."))
         wanted = {f"bigbench/benchmark_tasks/{folder}/task.json": n for n, (folder, _) in BIGBENCH_TASKS.items()}
         found = {}
         with tarfile.open(sdist) as tar:
@@ -138,18 +158,35 @@ def prepare_bigbench(data_dir: str, log=print, sdist: str | None = None) -> dict
     return paths
 
 
-def resolve_tasks(spec: str, data_dir: str, log=print) -> dict[str, str]:
-    """{name: JSONL path} for --tasks: "all" (the BIG-bench pack), names of its tasks, or
-    paths of local JSONL files, comma-separated."""
+def resolve_tasks(spec: str, data_dir: str, log=print, bigbench_sdist: str | None = None) -> dict[str, str]:
+    """{name: path} for --tasks, comma-separated parts:
+
+    - "all": BLiMP, plus the nine BIG-bench tasks when they are at hand offline (converted in
+      DATA/bigbench-1.0.0/, or an sdist named by bigbench_sdist or at DATA/bigbench-1.0.0.tar.gz);
+      otherwise one line says they were skipped, and nothing is downloaded;
+    - "blimp": BLiMP (its path is `blimp.ARCHIVE`, the shipped archive);
+    - "bigbench", or names of its tasks: the BIG-bench tasks (a pip download is tried when no
+      copy is at hand);
+    - paths of local JSONL task files."""
     out: dict[str, str] = {}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        if part == "all" or part in BIGBENCH_TASKS:
-            pack = prepare_bigbench(data_dir, log)
-            out.update(pack if part == "all" else {part: pack[part]})
+        if part in ("all", "blimp"):
+            out["blimp"] = blimp.ARCHIVE
+            if part == "blimp":
+                continue
+            if bigbench_cached(data_dir) or bigbench_sdist or os.path.exists(bigbench_sdist_path(data_dir)):
+                out.update(prepare_bigbench(data_dir, log, bigbench_sdist))
+            else:
+                log(f"zero-shot pack: BIG-bench tasks skipped (no converted copy in {bigbench_dir(data_dir)} and no "
+                    f"{BIGBENCH[0]}-{BIGBENCH[1]} sdist at {bigbench_sdist_path(data_dir)} or --bigbench-sdist)")
+        elif part == "bigbench" or part in BIGBENCH_TASKS:
+            pack = prepare_bigbench(data_dir, log, bigbench_sdist)
+            out.update(pack if part == "bigbench" else {part: pack[part]})
         elif os.path.exists(part):
             out[os.path.splitext(os.path.basename(part))[0]] = part
         else:
-            raise SystemExit(f"unknown task {part!r}: not a file, and not one of all, {', '.join(BIGBENCH_TASKS)}")
+            raise SystemExit(f"unknown task {part!r}: not a file, and not one of all, blimp, bigbench, "
+                             f"{', '.join(BIGBENCH_TASKS)}")
     if not out:
         raise SystemExit("--tasks names no task")
     return out

@@ -1,5 +1,7 @@
-"""Markdown tables from evaluation result files (schema nested_learning.eval/1): retrieval
-(NIAH, passkey) by length, and continual-learning matrices with their transfer metrics.
+"""Markdown tables from evaluation result files (schema nested_learning.eval/1): the zero-shot
+pack (multiple-choice tasks; BLiMP per phenomenon, field and paradigm beside the authors'
+models), retrieval (NIAH, passkey) by length, and continual-learning matrices with their
+transfer metrics.
 
     python scripts/eval/report.py results/smoke                 # every result file below the folder
     python scripts/eval/report.py results/smoke --out results/smoke/REPORT.md
@@ -13,11 +15,39 @@ import json
 import os
 import sys
 
+from nested_learning.eval.blimp import table_lines as blimp_table_lines
+
 SCHEMA = "nested_learning.eval/1"
 
 
 def _f(x, nd=3) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
+
+
+def zeroshot_tables(res: dict, path: str) -> list[str]:
+    run = res["run"] or {}
+    memorised = res["evaluation"].endswith("_memorize")
+    out = [f"**{res['evaluation']}**: {run.get('model')} {run.get('size')} step {run.get('step')} "
+           f"(`{os.path.relpath(path)}`)", "",
+           "| task | items | chance | acc ± se | acc_norm ± se |" + (" Δ acc vs baseline |" if memorised else ""),
+           "|---|---:|---:|---|---|" + ("---:|" if memorised else "")]
+
+    def ms(m):
+        return "-" if m is None or m["value"] is None else f"{m['value']:.3f} ± {_f(m['stderr'])}"
+
+    for name, block in res["tasks"].items():
+        m = block["metrics"]
+        row = (f"| {name} | {block['n_items']} | {_f(block['chance'])} | {ms(m.get('acc'))} | "
+               f"{ms(m.get('acc_norm'))} |")
+        if memorised:
+            row += f" {_f(block.get('baseline_delta', {}).get('acc'), 4)} |"
+        out.append(row)
+    out.append("")
+    for block in res["tasks"].values():
+        if "terms" in (block.get("extra") or {}):
+            note = block["extra"].get("memorize")
+            out += blimp_table_lines(block, paradigms=True) + ([f"\n{note}"] if note else []) + [""]
+    return out
 
 
 def retrieval_tables(res: dict, path: str) -> list[str]:
@@ -89,12 +119,14 @@ def main(argv=None) -> str:
         if not isinstance(res, dict) or res.get("schema") != SCHEMA:
             continue
         kind = res["evaluation"].split("_")[0]
-        if kind in ("niah", "passkey"):
+        if kind == "zeroshot":
+            lines += zeroshot_tables(res, path)
+        elif kind in ("niah", "passkey"):
             lines += retrieval_tables(res, path)
         elif kind == "continual":
             lines += continual_tables(res, path)
     if not lines:
-        raise SystemExit(f"no retrieval or continual result files under {a.folder}")
+        raise SystemExit(f"no zero-shot, retrieval or continual result files under {a.folder}")
     text = "\n".join(lines)
     if a.out:
         with open(a.out, "w") as fh:

@@ -1,4 +1,5 @@
-"""The task format and BIG-bench conversion; perplexity counts the tokens and bytes it says."""
+"""The task format, the BIG-bench conversion and how --tasks resolves with and without its sdist;
+perplexity counts the tokens and bytes it says."""
 
 import io
 import json
@@ -43,8 +44,15 @@ def test_convert_bigbench_prefixes_gold_and_generative_examples():
     assert T.convert_bigbench({"examples": task["examples"][:1]}, "d")[0].context == "Q: Is ice cold?\nA: "
 
 
-def test_prepare_bigbench_from_an_sdist(tmp_path):
-    """The real converter on a tarball laid out as the bigbench sdist is (no download)."""
+def test_prepare_bigbench_from_an_sdist(tmp_path, monkeypatch):
+    """The real converter on a tarball laid out as the bigbench sdist is (no download): named
+    with --bigbench-sdist, or found at DATA/bigbench-1.0.0.tar.gz by --tasks all."""
+    from nested_learning.eval import blimp
+
+    def no_download(*a, **k):
+        raise AssertionError("no download: a local sdist is at hand")
+
+    monkeypatch.setattr(T, "download_sdist", no_download)
     sdist = tmp_path / "bigbench-1.0.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
         for name, (folder, _) in T.BIGBENCH_TASKS.items():
@@ -52,12 +60,34 @@ def test_prepare_bigbench_from_an_sdist(tmp_path):
             info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{folder}/task.json")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    paths = T.prepare_bigbench(str(tmp_path / "data"), log=lambda *a: None, sdist=str(sdist))
-    assert set(paths) == set(T.BIGBENCH_TASKS) and len(paths) >= 8
+    quiet = lambda *a: None  # noqa: E731
+    named = T.resolve_tasks("bigbench", str(tmp_path / "data"), log=quiet, bigbench_sdist=str(sdist))
+    paths = T.prepare_bigbench(str(tmp_path / "data"), log=quiet)  # cached now
+    assert named == paths and set(paths) == set(T.BIGBENCH_TASKS) and len(paths) >= 8
     assert T.read_jsonl(paths["winowhy"])[0].context == "Q: winowhy?\nA: "
-    assert T.resolve_tasks("winowhy", str(tmp_path / "data"), log=lambda *a: None) == {"winowhy": paths["winowhy"]}
+    assert T.resolve_tasks("winowhy", str(tmp_path / "data"), log=quiet) == {"winowhy": paths["winowhy"]}
+    assert T.resolve_tasks("all", str(tmp_path / "data"), log=quiet) == {"blimp": blimp.ARCHIVE, **paths}
+    # an sdist where --tasks all looks for one: converted, no line about skipping
+    said = []
+    found = T.resolve_tasks("all", str(tmp_path), log=said.append)  # DATA = tmp_path holds bigbench-1.0.0.tar.gz
+    assert set(found) == {"blimp", *T.BIGBENCH_TASKS} and not any("skipped" in s for s in said)
     with pytest.raises(SystemExit, match="unknown task"):
         T.resolve_tasks("nope", str(tmp_path / "data"))
+    with pytest.raises(SystemExit, match="no such file"):
+        T.resolve_tasks("bigbench", str(tmp_path / "other"), bigbench_sdist=str(tmp_path / "missing.tar.gz"))
+
+
+def test_bigbench_without_an_sdist_fails_saying_what_to_do(tmp_path, monkeypatch):
+    """Where the registry no longer serves bigbench 1.0.0, asking for it fails with the way out;
+    --tasks all goes on without it (tests/eval/test_blimp.py)."""
+    from nested_learning.train import data as D
+
+    def registry_without_it(cmd, **kw):
+        return type("R", (), {"returncode": 1, "stderr": "No matching distribution found for bigbench==1.0.0"})()
+
+    monkeypatch.setattr(D.subprocess, "run", registry_without_it)
+    with pytest.raises(RuntimeError, match="could not download bigbench==1.0.0(.|\n)*--bigbench-sdist PATH"):
+        T.resolve_tasks("bigbench", str(tmp_path), log=lambda *a: None)
 
 
 class ByteTok:
