@@ -186,6 +186,13 @@ class CMSChain(nn.Module):
         self.up = nn.ParameterList(nn.Parameter(torch.randn(hid, d) / d**0.5) for _ in cfg.periods)
         self.down = nn.ParameterList(nn.Parameter(torch.randn(d, hid) * 0.5 / hid**0.5) for _ in cfg.periods)
 
+    def fast_memories(self, state: list[CMSLevelState]) -> dict[str, tuple[Tensor, Tensor]]:
+        """name -> (fast weight [B, ...], the slow weight it started from): for telemetry."""
+        out = {}
+        for lvl, st in enumerate(state):
+            out[f"level{lvl}.up"], out[f"level{lvl}.down"] = (st.up.weight, self.up[lvl]), (st.down.weight, self.down[lvl])
+        return out
+
     def init_state(self, batch: int, device, dtype) -> list[CMSLevelState]:
         out = []
         for up, down, period, opt in zip(self.up, self.down, self.periods, self.optimizers):

@@ -34,6 +34,10 @@ class GatedDeltaNet(nn.Module):
         self.gate = nn.Linear(d_model, d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
+    def fast_memories(self, state: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """name -> (fast value [B, ...], its initial value): the memory starts at zero."""
+        return {"memory": (state, torch.zeros_like(state[0]))}
+
     def init_state(self, batch: int, device, dtype) -> Tensor:
         return torch.zeros(batch, self.h, self.d, self.d, device=device, dtype=torch.promote_types(dtype, torch.float32))
 

@@ -92,6 +92,10 @@ class SelfModifyingTitans(nn.Module):
                                   torch.zeros(batch, 0, self.h, self.d, device=device, dtype=dtype),
                                   torch.zeros(batch, 0, dtype=torch.bool, device=device))
 
+    def fast_memories(self, state: SelfModifyingState) -> dict[str, tuple[Tensor, Tensor]]:
+        """name -> (fast value [B, ...], the slow initial state it started from): for telemetry."""
+        return {"proj": (state.proj, self.P0), "memory": (state.memory, self.M0)}
+
     def _project(self, x: Tensor, P: Tensor):
         """x [B, C, H, d] through P [B, H, 3d+2, d] -> q, k, v [B, C, H, d], eta, alpha [B, C, H]."""
         d = self.d

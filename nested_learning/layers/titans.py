@@ -106,6 +106,11 @@ class TitansMemory(nn.Module):
     def _slow_memory(self) -> tuple[Tensor, ...]:
         return (self.M0,) if self.kind == "linear" else (self.W1, self.W2)
 
+    def fast_memories(self, state: TitansState) -> dict[str, tuple[Tensor, Tensor]]:
+        """name -> (fast value [B, ...], the slow initial state it started from): for telemetry."""
+        names = ("memory",) if self.kind == "linear" else ("W1", "W2")
+        return dict(zip(names, zip(state.memory, self._slow_memory())))
+
     def init_state(self, batch: int, device, dtype) -> TitansState:
         mem = []
         for p in self._slow_memory():

@@ -82,7 +82,8 @@ def _one_step_per_token(loss_fn, k, alpha, eta, W0, **extra):
     return states
 
 
-@pytest.mark.parametrize("use", ["teach_signal", "given_values", "self_generated"])
+@pytest.mark.parametrize("use", ["teach_signal", "given_values", "self_generated", "residual_self_generated",
+                                 "residual_given_values"])
 def test_uses_are_one_gradient_step_on_their_loss(use):
     B, T, H, d = 2, 12, 2, 6
     x = dgd_inputs(B, T, H, d, d, erase=False)
@@ -95,9 +96,15 @@ def test_uses_are_one_gradient_step_on_their_loss(use):
     elif use == "given_values":  # loss 1/2 ||W k - v||^2  (Eq. 28)
         loss = lambda W, t: 0.5 * (mv(W, k[:, t]) - vals[:, t]).pow(2).sum()  # noqa: E731
         a, w = 2 * k, eta.unsqueeze(-1) * vals
-    else:  # loss 1/2 ||W k - sg(W v)||^2  (Eqs. 83, 93)
+    elif use == "self_generated":  # loss 1/2 ||W k - sg(W v)||^2  (Eqs. 83, 93)
         loss = lambda W, t: 0.5 * (mv(W, k[:, t]) - mv(W, vals[:, t]).detach()).pow(2).sum()  # noqa: E731
         a, w = 2 * k - vals, torch.zeros_like(vals)
+    elif use == "residual_self_generated":  # M(x) = x + W x: 1/2 ||k + W k - sg(v + W v)||^2  (MATH 6)
+        loss = lambda W, t: 0.5 * (k[:, t] + mv(W, k[:, t]) - (vals[:, t] + mv(W, vals[:, t])).detach()).pow(2).sum()  # noqa: E731,E501
+        a, w = 2 * k - vals, eta.unsqueeze(-1) * (vals - k)
+    else:  # residual, given values: 1/2 ||k + W k - v||^2
+        loss = lambda W, t: 0.5 * (k[:, t] + mv(W, k[:, t]) - vals[:, t]).pow(2).sum()  # noqa: E731
+        a, w = 2 * k, eta.unsqueeze(-1) * (vals - k)
     states = _one_step_per_token(loss, k, alpha, eta, W0)
     q = torch.randn(B, T, H, d, dtype=F64)
     o, s = ops.dgd_update(q, k, w, alpha, eta, a=a, initial_state=W0, chunk_size=5)
