@@ -1,0 +1,502 @@
+"""Synthetic associative recall: multi-query associative recall (MQAR) as in Zoology (Arora et
+al., 2023, "Zoology: Measuring and Improving Recall in Efficient Language Models"), for models
+trained from scratch on freshly generated sequences. Does a memory memorise?
+
+A sequence of length L with N pairs:
+
+    k_1 v_1 k_2 v_2 ... k_N v_N | query region (L - 2N tokens)
+
+- The key, value and filler vocabularies are disjoint: keys [0, K), values [K, 2K), filler
+  [2K, vocab) with K = (vocab - n_filler) // 2. Within a sequence the N keys are distinct and
+  so are the N values (Zoology draws both without replacement).
+- The query region is cut into (L - 2N) // 2 two-token slots (one filler token more when
+  L - 2N is odd). N slots are drawn without replacement with Zoology's power law,
+  p(slot g) proportional to (g + 1)^(a - 1), a = 0.01 (queries cluster early but reach the
+  end). Each drawn slot holds [key, filler], every other slot [filler, filler], so queries sit
+  at random later positions, not all right after the pairs. Every key is queried exactly once,
+  in a random order (a random permutation of the pairs, drawn apart from the slots).
+- The target at a query key's position is its value (next-token prediction of the value,
+  which never appears in the input after the query); every other target is -100, so the loss
+  and the accuracy count only the values after query keys. Accuracy: the arg-max over the
+  whole vocabulary equals the value. Chance: 1 / K (a model that knows a value comes and
+  guesses which). A model that answers with one of the sequence's N values at random scores
+  1/N without any recall: the plateau models sit on before they learn to recall.
+- Differences from Zoology: filler tokens come from their own vocabulary (Zoology fills with
+  random tokens from the whole vocabulary, so filler can repeat a key), and keys take the drawn
+  slots in a random order (Zoology's draw order puts the first pairs' queries earlier). L must
+  be at least 4N, as in Zoology.
+
+Data and seeds: the test set of a cell (N, L) comes from numpy's generator seeded with
+(seed, 1, N, L), the training batches from (seed, 0, N, L); any training row equal to a test
+row is replaced (counted as `train_rows_replaced`), so no test sequence is ever trained on.
+Training mixes the cells: each step is one batch of one cell, the cells visited in a fresh
+seeded order every round. Each model is built at the same width (d_model, n_heads, n_layers)
+with torch seeded by `seed`, and trained by `train_step`, the training step of
+`nested_learning.train.trainer.Trainer.train_step` for a batch of fresh sequences (see there).
+
+The control `hope-nowrites` is HOPE with its in-context writes disabled: eta (the learning
+rate of the projection memory and of the main memory) is 0, set through the layer's eta_max
+after construction, so neither memory is ever written; the forget gate still scales both by
+a scalar, which stores no key-value binding."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..layers.self_modifying import SelfModifyingTitans
+from ..models import build_model
+from ..train.optim import build_optimizer, lr_factor, set_lr
+from .results import mean_stderr
+
+IGNORE = -100
+
+# name -> (registry model, config overrides, in-context writes of HOPE's self-modifying mixer)
+MODELS = {
+    "hope": ("hope", {}, True),
+    "titans": ("titans", {}, True),
+    "transformer": ("transformer", {}, True),
+    "hope-deltanet": ("hope", {"mixer": "deltanet"}, True),
+    "hope-nowrites": ("hope", {}, False),
+}
+DEFAULT_OPTIM = {"name": "adamw", "lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1, "eps": 1e-8,
+                 "warmup": 50, "min_lr_ratio": 0.1}
+
+
+# ---------------------------------------------------------------------------- the task
+@dataclass(frozen=True)
+class RecallTask:
+    vocab_size: int = 256
+    n_filler: int = 16  # filler tokens (their own vocabulary)
+    power_a: float = 0.01  # Zoology's query-slot law: p(slot g) ~ (g + 1)^(a - 1)
+
+    def __post_init__(self):
+        if self.n_filler < 1 or self.n_keys < 1:
+            raise ValueError(f"RecallTask needs n_filler >= 1 and vocab_size >= n_filler + 2, got "
+                             f"vocab_size={self.vocab_size}, n_filler={self.n_filler}")
+        if not 0 < self.power_a <= 1:
+            raise ValueError(f"RecallTask.power_a must lie in (0, 1], got {self.power_a}")
+
+    @property
+    def n_keys(self) -> int:
+        return (self.vocab_size - self.n_filler) // 2
+
+    n_values = n_keys
+
+    @property
+    def keys(self) -> range:
+        return range(0, self.n_keys)
+
+    @property
+    def values(self) -> range:
+        return range(self.n_keys, 2 * self.n_keys)
+
+    @property
+    def filler(self) -> range:
+        return range(2 * self.n_keys, self.vocab_size)
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.n_values
+
+    def check(self, n_pairs: int, seq_len: int) -> str | None:
+        """Why (n_pairs, seq_len) cannot be generated, or None."""
+        if n_pairs < 1:
+            return f"pairs must be >= 1, got {n_pairs}"
+        if n_pairs > self.n_keys:
+            return f"{n_pairs} pairs need {n_pairs} distinct keys; the vocabulary has {self.n_keys}"
+        if seq_len < 4 * n_pairs:
+            return f"length {seq_len} < 4 x {n_pairs} pairs (the pairs and one query slot per pair)"
+        return None
+
+
+def make_batch(task: RecallTask, n_pairs: int, seq_len: int, batch: int,
+               rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """`batch` MQAR sequences: tokens and targets [batch, seq_len] (int64; targets -100 except
+    at query keys, where they are the key's value). See the module docstring."""
+    why = task.check(n_pairs, seq_len)
+    if why:
+        raise ValueError(why)
+    N, L, B = n_pairs, seq_len, batch
+    keys = np.argsort(rng.random((B, task.n_keys)), axis=1)[:, :N]  # N distinct keys per row
+    values = task.n_keys + np.argsort(rng.random((B, task.n_values)), axis=1)[:, :N]
+    tokens = task.filler.start + rng.integers(0, task.n_filler, size=(B, L))
+    tokens[:, 0:2 * N:2], tokens[:, 1:2 * N:2] = keys, values
+    slots = (L - 2 * N) // 2
+    p = np.arange(1, slots + 1, dtype=np.float64) ** (task.power_a - 1)
+    # N slots without replacement, in proportion to p (Efraimidis-Spirakis: the top N of u^(1/p))
+    chosen = np.argsort(np.log(rng.random((B, slots))) / p, axis=1)[:, ::-1][:, :N]
+    which = np.argsort(rng.random((B, N)), axis=1)  # the pair queried in each chosen slot
+    pos = 2 * N + 2 * chosen
+    rows = np.arange(B)[:, None]
+    tokens[rows, pos] = np.take_along_axis(keys, which, 1)
+    targets = np.full((B, L), IGNORE, dtype=np.int64)
+    targets[rows, pos] = np.take_along_axis(values, which, 1)
+    return torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(targets)
+
+
+def _digest(row: np.ndarray) -> bytes:
+    return hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class TestSet:
+    """Held-out sequences of each cell (N, L), and the digests of every one of them."""
+
+    cells: dict  # (pairs, length) -> (tokens, targets)
+    digests: set
+
+    def __contains__(self, tokens: Tensor) -> bool:
+        return _digest(tokens.numpy()) in self.digests
+
+
+def make_test_set(task: RecallTask, cells: list[tuple[int, int]], n: int, seed: int) -> TestSet:
+    out, digests = {}, set()
+    for N, L in cells:
+        tok, tgt = make_batch(task, N, L, n, np.random.default_rng([seed, 1, N, L]))
+        out[(N, L)] = (tok, tgt)
+        digests.update(_digest(r) for r in tok.numpy())
+    return TestSet(out, digests)
+
+
+class TrainBatches:
+    """Fresh training batches, one cell per step (the cells in a new seeded order each round);
+    a row that equals a held-out row is drawn again."""
+
+    def __init__(self, task: RecallTask, cells: list[tuple[int, int]], batch: int, seed: int,
+                 test: TestSet | None = None, max_tries: int = 100):
+        self.task, self.cells, self.batch, self.test, self.max_tries = task, list(cells), batch, test, max_tries
+        self.rngs = {c: np.random.default_rng([seed, 0, *c]) for c in self.cells}
+        self.order_rng = np.random.default_rng([seed, 2])
+        self.queue: list[tuple[int, int]] = []
+        self.replaced = 0
+
+    def next(self) -> tuple[tuple[int, int], Tensor, Tensor]:
+        if not self.queue:
+            self.queue = [self.cells[i] for i in self.order_rng.permutation(len(self.cells))]
+        cell = self.queue.pop(0)
+        return (cell, *self.draw(cell, self.batch))
+
+    def draw(self, cell: tuple[int, int], batch: int) -> tuple[Tensor, Tensor]:
+        tok, tgt = make_batch(self.task, *cell, batch, self.rngs[cell])
+        if self.test is None:
+            return tok, tgt
+        for _ in range(self.max_tries):
+            seen = [i for i, r in enumerate(tok.numpy()) if _digest(r) in self.test.digests]
+            if not seen:
+                return tok, tgt
+            self.replaced += len(seen)
+            t2, g2 = make_batch(self.task, *cell, len(seen), self.rngs[cell])
+            tok[seen], tgt[seen] = t2, g2
+        raise RuntimeError(f"cell {cell}: could not draw a training row outside the test set in {self.max_tries} "
+                           "tries: the cell has too few distinct sequences for this test set")
+
+
+# ---------------------------------------------------------------------------- models
+def disable_memory_writes(model) -> int:
+    """HOPE's in-context writes off: eta = 0 in every self-modifying mixer (the learning rate of
+    the projection memory and of the main memory), so neither is ever written (the forget gate
+    still scales them). Returns the number of mixers changed."""
+    mixers = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)]
+    if not mixers:
+        raise ValueError("no self-modifying Titans mixer in this model: nothing to disable")
+    for m in mixers:
+        m.eta_max = 0.0  # eta = eta_max * sigmoid(.) (SelfModifyingTitans._project)
+    return len(mixers)
+
+
+def build_recall_model(name: str, task: RecallTask, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
+                       seed: int = 0, **overrides):
+    """The model `name` of MODELS at the shared width, seeded."""
+    if name not in MODELS:
+        raise ValueError(f"unknown recall model {name!r}; choose from {sorted(MODELS)}")
+    reg, over, writes = MODELS[name]
+    torch.manual_seed(seed)
+    model = build_model(reg, size="tiny", vocab_size=task.vocab_size, d_model=d_model, n_layers=n_layers,
+                        n_heads=n_heads, **{**over, **overrides})
+    if not writes:
+        disable_memory_writes(model)
+    return model
+
+
+# ---------------------------------------------------------------------------- training
+def train_step(model, opt, tokens: Tensor, targets: Tensor, clip: float | None = 1.0,
+               inner_updates: bool = True) -> dict:
+    """One optimizer step on a batch of fresh sequences, as Trainer.train_step does it:
+    train_forward from a fresh fast state, backward, gradient clipping, a guard (a non-finite
+    loss or gradient skips the step: no optimizer step, no inner update), the optimizer step,
+    then the CMS update pass (apply_updates). Differences: one micro-batch, one process, no
+    autocast or compile; the fast state after the update pass is dropped, because the next
+    batch starts fresh sequences (the Trainer resets a row's state at a document boundary,
+    which every row of every batch is here)."""
+    from ..checks import NonFiniteInputError
+
+    try:
+        loss, cap, state = model.train_forward(tokens, model.init_state(tokens.shape[0]), targets=targets)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if clip is None else clip))
+        loss_v = float(loss.detach())
+    except NonFiniteInputError:
+        loss_v, gnorm, cap, state = math.nan, math.nan, None, None
+    rec = {"loss": loss_v, "grad_norm": gnorm, "skipped": not (math.isfinite(loss_v) and math.isfinite(gnorm)),
+           "inner_updates": 0}
+    if not rec["skipped"]:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    if not rec["skipped"] and inner_updates and model.has_cms():
+        _, report = model.apply_updates(state.detach(), cap)
+        rec["inner_updates"] = report.updates_applied
+    return rec
+
+
+class _Progress:
+    """tqdm when installed, else a line on stderr every tenth of the way."""
+
+    def __init__(self, total: int, desc: str, off: bool = False):
+        self.total, self.desc, self.n, self.bar, self.off = total, desc, 0, None, off
+        self.t0 = time.perf_counter()
+        if off:
+            return
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    def update(self, **postfix) -> None:
+        self.n += 1
+        if self.off:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(**postfix, refresh=False)
+            self.bar.update(1)
+        elif self.n == self.total or self.n % max(1, self.total // 10) == 0:
+            info = " ".join(f"{k}={v}" for k, v in postfix.items())
+            print(f"{self.desc}: {self.n}/{self.total} steps, {time.perf_counter() - self.t0:.0f} s {info}",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(model, batches: TrainBatches, steps: int, optim: dict | None = None, clip: float | None = 1.0,
+          progress: bool = True, desc: str = "train", time_limit: float | None = None,
+          inner_updates: bool = True) -> dict:
+    """`steps` optimizer steps (linear warm-up over optim["warmup"] steps, then cosine decay to
+    min_lr_ratio, as train.py schedules them); a summary of the run. time_limit (seconds)
+    stops early, recorded as `stopped_at_step`."""
+    optim = {**DEFAULT_OPTIM, **(optim or {})}
+    opt = build_optimizer(model, optim)
+    model.train()
+    losses, skipped, updates, stopped = [], 0, 0, None
+    bar = _Progress(steps, desc, off=not progress)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        set_lr(opt, lr_factor(step, int(optim.get("warmup", 0)), steps, float(optim.get("min_lr_ratio", 0.1))))
+        _, tok, tgt = batches.next()
+        rec = train_step(model, opt, tok, tgt, clip, inner_updates)
+        skipped += rec["skipped"]
+        updates += rec["inner_updates"]
+        losses.append(rec["loss"])
+        bar.update(loss=f"{rec['loss']:.3f}")
+        if time_limit is not None and time.perf_counter() - t0 > time_limit and step + 1 < steps:
+            stopped = step + 1
+            break
+    bar.close()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    k = max(1, len(losses) // 10)
+    every = max(1, len(losses) // 50)
+    return {"steps": len(losses), "seconds": seconds, "skipped_steps": skipped, "inner_updates": updates,
+            "loss_first": _nanmean(losses[:k]), "loss_last": _nanmean(losses[-k:]),
+            "loss_curve": [[i + 1, losses[i]] for i in range(0, len(losses), every)],
+            "train_rows_replaced": batches.replaced, "stopped_at_step": stopped, "optimizer": optim, "clip": clip}
+
+
+def _nanmean(xs: list[float]) -> float:
+    xs = [x for x in xs if math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+# ---------------------------------------------------------------------------- evaluation
+def accuracy(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sequence: (correct, scored) [B] counts over the positions whose target is not -100;
+    a position is correct when the arg-max of its logits is its target."""
+    mask = targets != IGNORE
+    hit = (logits.argmax(-1) == targets) & mask
+    return hit.sum(1), mask.sum(1)
+
+
+@torch.no_grad()
+def evaluate(model, test: TestSet, batch: int = 128) -> dict[tuple[int, int], dict]:
+    """Per cell: accuracy over its query positions, the standard error over sequences (each
+    sequence's accuracy is one item: queries of a sequence share its memory), the counts."""
+    model.eval()
+    out = {}
+    for cell, (tok, tgt) in test.cells.items():
+        per_seq = []
+        for s in range(0, tok.shape[0], batch):
+            logits, _ = model(tok[s:s + batch])
+            c, n = accuracy(logits, tgt[s:s + batch])
+            per_seq += (c.double() / n.double()).tolist()
+        acc, se = mean_stderr(per_seq)
+        out[cell] = {"acc": acc, "stderr": se, "sequences": len(per_seq), "queries": cell[0] * len(per_seq)}
+    return out
+
+
+# ---------------------------------------------------------------------------- the suite
+def split_cells(task: RecallTask, pairs: list[int], lengths: list[int]):
+    """(cells that can be generated, [(cell, why not)] for the others), in pairs-major order."""
+    ok, skipped = [], []
+    for L in lengths:
+        for N in pairs:
+            why = task.check(N, L)
+            (skipped.append(((N, L), why)) if why else ok.append((N, L)))
+    return sorted(ok), sorted(skipped)
+
+
+def run_model(name: str, task: RecallTask, cells: list[tuple[int, int]], steps: int, seeds: list[int],
+              batch: int = 32, n_test: int = 256, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
+              optim: dict | None = None, clip: float | None = 1.0, progress: bool = True,
+              time_limit: float | None = None, inner_updates: bool = True, overrides: dict | None = None) -> dict:
+    """Train and evaluate model `name` once per seed; {"cells": {(N, L): summary over seeds},
+    "seeds": [per seed: training summary and per-cell results], "parameters", "config"}."""
+    per_seed = []
+    for seed in seeds:
+        test = make_test_set(task, cells, n_test, seed)
+        model = build_recall_model(name, task, d_model, n_layers, n_heads, seed, **(overrides or {}))
+        batches = TrainBatches(task, cells, batch, seed, test)
+        summary = train(model, batches, steps, optim, clip, progress, f"{name} seed {seed}", time_limit,
+                        inner_updates)
+        t0 = time.perf_counter()
+        res = evaluate(model, test)
+        summary["eval_seconds"] = time.perf_counter() - t0
+        per_seed.append({"seed": seed, "train": summary, "cells": res})
+    cfg = asdict(model.config)
+    return {"model": name, "parameters": model.num_parameters(), "config": cfg,
+            "cells": {c: combine([s["cells"][c] for s in per_seed]) for c in cells}, "seeds": per_seed}
+
+
+def combine(results: list[dict]) -> dict:
+    """One cell over seeds: the mean accuracy; its standard error over seeds when there are
+    several (training is the larger source of spread), else over the test sequences."""
+    accs = [r["acc"] for r in results]
+    mean, se = mean_stderr(accs)
+    if len(results) == 1:
+        se = results[0]["stderr"]
+    return {"acc": mean, "stderr": se, "stderr_over": "seeds" if len(results) > 1 else "sequences",
+            "per_seed": accs, "sequences": sum(r["sequences"] for r in results),
+            "queries": sum(r["queries"] for r in results)}
+
+
+def marginal(cells: dict, key: int) -> dict[int, dict]:
+    """Mean accuracy over the cells sharing cells' key-th coordinate (0: pairs, 1: length), with
+    the standard error of a mean of independent cells."""
+    groups: dict[int, list[dict]] = {}
+    for c, r in cells.items():
+        groups.setdefault(c[key], []).append(r)
+    out = {}
+    for k, rs in sorted(groups.items()):
+        ses = [r["stderr"] for r in rs]
+        se = math.sqrt(sum(s * s for s in ses)) / len(rs) if all(s is not None for s in ses) else None
+        out[k] = {"acc": sum(r["acc"] for r in rs) / len(rs), "stderr": se, "cells": len(rs)}
+    return out
+
+
+def result_tasks(run: dict, task: RecallTask, skipped: list, settings: dict) -> dict:
+    """The `tasks` block of the result file (schema nested_learning.eval/1): "mqar" (the mean
+    over cells, with the grid, the marginals and the training summaries in extra) and one
+    task per cell, "mqar_N{pairs}_L{length}"."""
+    cells = run["cells"]
+    overall = marginal({(0, c): r for c, r in cells.items()}, 0)[0]
+    tasks = {"mqar": {
+        "metrics": {"acc": {"value": overall["acc"], "stderr": overall["stderr"]}},
+        "n_items": sum(r["sequences"] for r in cells.values()), "chance": task.chance,
+        "extra": {"model": run["model"], "parameters": run["parameters"], "model_config": run["config"],
+                  "task": {**asdict(task), "n_keys": task.n_keys, "n_values": task.n_values},
+                  "query_placement": "Zoology: random later slots (power law a=power_a), keys in random order",
+                  "settings": settings,
+                  "by_pairs": {str(k): v for k, v in marginal(cells, 0).items()},
+                  "by_length": {str(k): v for k, v in marginal(cells, 1).items()},
+                  "not_run": [{"pairs": c[0], "length": c[1], "reason": why} for c, why in skipped],
+                  "training": [{"seed": s["seed"], **s["train"]} for s in run["seeds"]]},
+        "records": []}}
+    for (N, L), r in cells.items():
+        tasks[f"mqar_N{N}_L{L}"] = {
+            "metrics": {"acc": {"value": r["acc"], "stderr": r["stderr"]}}, "n_items": r["sequences"],
+            "chance": task.chance,
+            "extra": {"pairs": N, "length": L, "queries": r["queries"], "stderr_over": r["stderr_over"],
+                      "per_seed": r["per_seed"]},
+            "records": []}
+    return tasks
+
+
+def table(runs: list[dict], task: RecallTask) -> list[str]:
+    """Markdown: accuracy ± standard error per model (rows) and cell (columns), then the
+    marginals by pairs and by length, with the chance level."""
+    cells = sorted({c for r in runs for c in r["cells"]})
+    f = lambda r: f"{r['acc']:.3f} ± {r['stderr']:.3f}" if r["stderr"] is not None else f"{r['acc']:.3f}"  # noqa: E731
+    lines = [f"MQAR accuracy ± standard error (chance 1/{task.n_values} = {task.chance:.4f}; a model that answers "
+             "with one of the sequence's N values at random, without recall, scores 1/N)", "",
+             "| model | params | steps | train s | " + " | ".join(f"N={N} L={L}" for N, L in cells) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(cells)]
+    for r in runs:
+        steps = sum(s["train"]["steps"] for s in r["seeds"]) // len(r["seeds"])
+        secs = sum(s["train"]["seconds"] for s in r["seeds"]) / len(r["seeds"])
+        lines.append(f"| {r['model']} | {r['parameters']:,} | {steps} | {secs:.0f} | "
+                     + " | ".join(f(r["cells"][c]) if c in r["cells"] else "-" for c in cells) + " |")
+    for key, label in ((0, "pairs"), (1, "length")):
+        ks = sorted({c[key] for c in cells})
+        lines += ["", f"by {label} (mean over the other axis)", "",
+                  "| model | " + " | ".join(f"{label} {k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+        for r in runs:
+            m = marginal(r["cells"], key)
+            lines.append(f"| {r['model']} | " + " | ".join(f(m[k]) if k in m else "-" for k in ks) + " |")
+        if key == 0:
+            lines.append("| (a value of the sequence at random: 1/N) | " + " | ".join(f"{1 / k:.3f}" for k in ks) + " |")
+    return lines
+
+
+def plot(runs: list[dict], task: RecallTask, path: str) -> str | None:
+    """Accuracy against the number of pairs, one panel per length, one line per model (error
+    bars: standard errors), chance dashed, 1/N dotted (answering with one of the sequence's
+    values at random). None when matplotlib is not installed."""
+    try:
+        from .plots import pyplot
+
+        plt = pyplot()
+    except ImportError:
+        return None
+    lengths = sorted({c[1] for r in runs for c in r["cells"]})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(3.4 * len(lengths) + 0.6, 3.2), dpi=120, squeeze=False)
+    for ax, L in zip(axes[0], lengths):
+        for r in runs:
+            cs = sorted(c for c in r["cells"] if c[1] == L)
+            ys = [r["cells"][c] for c in cs]
+            ax.errorbar([c[0] for c in cs], [y["acc"] for y in ys], yerr=[y["stderr"] or 0 for y in ys],
+                        marker="o", ms=3, capsize=2, label=r["model"])
+        ax.axhline(task.chance, ls="--", color="grey", lw=0.8, label="chance")
+        ns = sorted({c[0] for r in runs for c in r["cells"] if c[1] == L})
+        ax.plot(ns, [1 / n for n in ns], ls=":", color="black", lw=0.8, label="a value of the sequence (1/N)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.set_xlabel("key-value pairs")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"length {L}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
