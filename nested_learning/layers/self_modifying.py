@@ -55,7 +55,7 @@ class SelfModifyingState:
 class SelfModifyingTitans(nn.Module):
     def __init__(self, d_model: int, n_heads: int, proj_chunk: int = 16, memory_chunk: int = 64,
                  eta_max: float = 0.3, differentiable_writes: bool = False, self_modifying: bool = True,
-                 memory_target: str = "self", residual: bool = True, forget_bias: float = 4.0):
+                 memory_target: str = "self", residual: bool = True, forget_bias: float = 8.0):
         """self_modifying=False: the projections are ordinary slow linear maps (P0, never
         written); memory_target: the main memory's target, "self" (self-generated values,
         a = 2k - v) or "values" (the given values, NL Eq. 28: a = 2k); residual: memories

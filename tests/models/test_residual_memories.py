@@ -78,7 +78,7 @@ def test_plain_memories_only_forget_and_residual_memories_keep_the_mixer_alive()
     out = {}
     for residual in (False, True):
         torch.manual_seed(1)
-        layer = SelfModifyingTitans(32, 2, residual=residual)
+        layer = SelfModifyingTitans(32, 2, residual=residual, forget_bias=4.0)  # the old default gate
         st = layer.init_state(1, "cpu", torch.float32)
         rms = []
         with torch.no_grad():
