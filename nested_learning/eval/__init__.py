@@ -2,6 +2,6 @@
 memorisation around an item, and the result files (see the README's "Evaluate" section)."""
 
 from .run import RunInfo, load_run
-from .stream import Memorize, segment_losses, stream_document, validation_loss
+from .stream import Memorize, Validation, segment_losses, stream_document, validation_loss
 
-__all__ = ["Memorize", "RunInfo", "load_run", "segment_losses", "stream_document", "validation_loss"]
+__all__ = ["Memorize", "RunInfo", "Validation", "load_run", "segment_losses", "stream_document", "validation_loss"]

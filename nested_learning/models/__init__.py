@@ -7,11 +7,11 @@ from __future__ import annotations
 from .config import ModelConfig
 from .hope import HOPE, HOPEBlock, HOPEConfig
 from .lm import Block, LanguageModel, UpdateReport
-from .registry import MODELS, NOMINAL_PARAMETERS, SIZES, build_model, size_config
+from .registry import MATCHED_SIZES, MODELS, NOMINAL_PARAMETERS, SIZES, build_model, size_config
 from .state import ModelState
 from .titans import Titans, TitansBlock, TitansConfig
 from .transformer import Transformer, TransformerBlock, TransformerConfig
 
-__all__ = ["Block", "HOPE", "HOPEBlock", "HOPEConfig", "LanguageModel", "MODELS", "ModelConfig", "ModelState",
-           "NOMINAL_PARAMETERS", "SIZES", "Titans", "TitansBlock", "TitansConfig", "Transformer", "TransformerBlock",
-           "TransformerConfig", "UpdateReport", "build_model", "size_config"]
+__all__ = ["Block", "HOPE", "HOPEBlock", "HOPEConfig", "LanguageModel", "MATCHED_SIZES", "MODELS", "ModelConfig",
+           "ModelState", "NOMINAL_PARAMETERS", "SIZES", "Titans", "TitansBlock", "TitansConfig", "Transformer",
+           "TransformerBlock", "TransformerConfig", "UpdateReport", "build_model", "size_config"]

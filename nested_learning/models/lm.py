@@ -71,9 +71,11 @@ class LanguageModel(nn.Module):
         self.norm = RMSNorm(config.d_model)
 
     # ----- parameters and state -------------------------------------------------------
-    def num_parameters(self) -> int:
-        """Exact count of trainable parameters (the tied embedding/head counted once)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+    def num_parameters(self, embedding: bool = True) -> int:
+        """Exact count of trainable parameters (the tied embedding/head counted once);
+        embedding=False leaves out the embedding (vocab_size x d_model)."""
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return n if embedding else n - self.embed.weight.numel()
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         p = self.embed.weight

@@ -13,20 +13,26 @@ from .transformer import Transformer, TransformerConfig
 MODELS = {"hope": (HOPE, HOPEConfig), "titans": (Titans, TitansConfig),
           "transformer": (Transformer, TransformerConfig)}
 
-# Sizes: shared dimensions, then per-model layer counts chosen so that every model's exact
-# parameter count is within 10% of the size's name (pilot ~160M, mid ~760M, target ~1.3B;
-# checked by tests/models/test_sizes.py). Model-specific fields keep their defaults.
+# Sizes: shared dimensions (d_model and the vocabulary, so the embedding is the same for every
+# model), then per-model layer counts and MLP widths chosen so that the three models of a size
+# match: total and non-embedding parameter counts within 5% of each other, and within 10% of the
+# size's name (pilot ~160M, mid ~760M, target ~1.3B). Both are checked by
+# tests/models/test_sizes.py. HOPE has no MLP of its own (its CMS levels are its MLPs), so its
+# mlp_mult is unused; the baselines' MLPs are widened to make up for HOPE's memories. "tiny" is for
+# tests only and is not matched. Model-specific fields keep their defaults.
 SIZES = {
     "tiny": dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, mlp_mult=2),
-    "smoke": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4),
+    "smoke": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4,
+                  mlp_mult=dict(hope=4, titans=4.75, transformer=7.5)),
     "pilot": dict(vocab_size=32000, d_model=768, n_heads=12,
-                  n_layers=dict(hope=13, titans=13, transformer=19)),
+                  n_layers=dict(hope=13, titans=14, transformer=20)),
     "mid": dict(vocab_size=32000, d_model=1536, n_heads=16,
                 n_layers=dict(hope=17, titans=18, transformer=25)),
     "target": dict(vocab_size=32000, d_model=2048, n_heads=16,
                    n_layers=dict(hope=16, titans=17, transformer=25)),
 }
 NOMINAL_PARAMETERS = {"pilot": 160e6, "mid": 760e6, "target": 1.3e9}
+MATCHED_SIZES = ("smoke", "pilot", "mid", "target")  # the sizes whose models are compared
 
 
 def size_config(name: str, size: str) -> dict:

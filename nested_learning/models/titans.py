@@ -34,7 +34,7 @@ class TitansBlock(Block):
         self.mem = TitansMemory(cfg.d_model, cfg.n_heads, memory=cfg.memory, chunk_size=cfg.chunk_size,
                                 conv_kernel=cfg.conv_kernel, mlp_hidden=cfg.memory_hidden_mult)
         self.n1, self.attn = RMSNorm(cfg.d_model), attention(cfg)
-        self.n2, self.mlp = RMSNorm(cfg.d_model), MLP(cfg.d_model, cfg.mlp_mult * cfg.d_model)
+        self.n2, self.mlp = RMSNorm(cfg.d_model), MLP(cfg.d_model, cfg.mlp_hidden)
 
     def init_state(self, batch, device, dtype) -> dict:
         return {"mem": self.mem.init_state(batch, device, dtype),

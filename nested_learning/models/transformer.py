@@ -25,7 +25,7 @@ class TransformerBlock(Block):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.n1, self.attn = RMSNorm(cfg.d_model), attention(cfg)
-        self.n2, self.mlp = RMSNorm(cfg.d_model), MLP(cfg.d_model, cfg.mlp_mult * cfg.d_model)
+        self.n2, self.mlp = RMSNorm(cfg.d_model), MLP(cfg.d_model, cfg.mlp_hidden)
 
     def init_state(self, batch, device, dtype) -> dict:
         return {"attn": self.attn.init_state(batch, device, dtype)}

@@ -97,7 +97,7 @@ class TrainConfig:
     fsdp: bool = False               # FSDP2 (fully_shard per block): PyTorch's counterpart of ZeRO-3
     inner_updates: bool = True       # the CMS update pass after each backward
     eval_every: int = 50
-    eval_batches: int = 4
+    eval_tokens: int = 32768         # next-token predictions scored by each validation (fixed held-out streams)
     save_every: int = 50             # checkpoint every N steps (0: never, except save_every_minutes)
     save_every_minutes: float | None = None  # also checkpoint when this much wall time passed since the last
     checkpoint_format: str = "auto"  # auto (dcp when train.fsdp, else single) | single | dcp
@@ -123,13 +123,13 @@ class TrainConfig:
             self.tokens = _int_like("train.tokens", self.tokens)
         for k in ("batch_size", "seq_len", "grad_accum", "max_bad_steps", "plan_world"):
             positive_int(f"train.{k}", getattr(self, k))
-        for k in ("eval_every", "save_every", "eval_batches"):
+        for k in ("eval_every", "save_every", "eval_tokens"):
             _nonneg_int(f"train.{k}", getattr(self, k))
         if self.keep_last is not None:
             positive_int("train.keep_last (null keeps every checkpoint)", self.keep_last)
-        if self.eval_every and not self.eval_batches:
-            raise ValueError("train.eval_batches must be positive when train.eval_every is (0 batches would log a "
-                             "validation loss of 0)")
+        if self.eval_every and not self.eval_tokens:
+            raise ValueError("train.eval_tokens must be positive when train.eval_every is (0 tokens would log no "
+                             "validation loss)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"train.seed must be a non-negative int, got {self.seed!r}")
         for k in ("resume", "overwrite", "bf16", "compile", "fsdp", "inner_updates", "progress", "export",

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..checks import positive_int
+
 IGNORE = -100
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
 TOKENIZER_FILE = "tokenizer.json"  # train.py writes the run's tokenizer into its out_dir
@@ -566,3 +568,72 @@ class DocumentStreams:
         if {k: len(v) for k, v in pos.items()} != {k: self.B for k in self.pos}:
             raise ValueError(f"data position is for another batch layout: {pos}")
         self.pos = {k: list(v) for k, v in pos.items()}
+
+
+# ---------------------------------------------------------------------------- held-out streams
+MIN_EVAL_STREAM = 1024  # shortest stream cap when context_len is null (with it: context_len)
+
+
+@dataclass(frozen=True)
+class HeldOutStreams:
+    """The fixed token streams of validation: stream k is the first lengths[k] next-token
+    predictions of validation document docs[k] (its tokens 0 .. lengths[k], read from a fresh
+    state in segments with the fast state carried, and reset every `context` tokens as
+    training resets it; None: never). Built from the document lengths alone (held_out_streams),
+    so every model, batch size and world size scores the same tokens at the same positions."""
+
+    docs: tuple[int, ...]  # distinct document indices, in split order
+    lengths: tuple[int, ...]  # predictions per stream (>= 1)
+    context: int | None
+
+    @property
+    def n_tokens(self) -> int:
+        """Next-token predictions scored (the sum of the lengths)."""
+        return sum(self.lengths)
+
+    def pieces(self) -> list[tuple[int, int, int]]:
+        """(stream, start, stop): the stream's predictions start .. stop - 1 (inputs tokens
+        start .. stop - 1 of its document, targets start + 1 .. stop), one piece per context.
+        Each piece starts from a fresh state, as training starts every context; pieces are
+        independent, so they may be read in any order and batched together."""
+        out = []
+        for k, n in enumerate(self.lengths):
+            step = self.context or n
+            out.extend((k, s, min(s + step, n)) for s in range(0, n, step))
+        return out
+
+
+def held_out_streams(docs: TokenDocs, eval_tokens: int, context_len: int | None) -> HeldOutStreams:
+    """Validation's streams: `eval_tokens` next-token predictions (or every one the split has)
+    from distinct documents, each document a stream of its leading tokens. The cap S on a
+    stream is the smallest that reaches eval_tokens over the whole split (water-filling: the
+    budget shared as evenly as the documents' lengths allow), but at least context_len
+    (MIN_EVAL_STREAM when null), so that many short streams do not replace a few long ones.
+    Documents are taken in split order, each contributing min(its predictions, S), until the
+    budget is met (the last stream cut to meet it exactly). No document is used twice."""
+    positive_int("train.eval_tokens", eval_tokens)
+    preds = np.maximum(np.diff(np.asarray(docs.offsets, dtype=np.int64)) - 1, 0)  # [n_docs]
+    if not preds.any():
+        raise ValueError("the validation split holds no document of 2 tokens or more: nothing to validate on")
+    if int(preds.sum()) <= eval_tokens:
+        cap = int(preds.max())
+    else:  # the smallest cap whose capped total reaches the budget
+        srt = np.sort(preds)
+        lo, hi = 1, int(srt[-1])
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(np.minimum(srt, mid).sum()) >= eval_tokens:
+                hi = mid
+            else:
+                lo = mid + 1
+        cap = max(lo, context_len or MIN_EVAL_STREAM)
+    ids, lengths, left = [], [], int(eval_tokens)
+    for i in range(len(preds)):
+        if left <= 0:
+            break
+        n = min(int(preds[i]), cap, left)
+        if n > 0:
+            ids.append(i)
+            lengths.append(n)
+            left -= n
+    return HeldOutStreams(tuple(ids), tuple(lengths), context_len)

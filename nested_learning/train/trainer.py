@@ -98,8 +98,9 @@ class Trainer:
         self.model = build_model(self.cfg["model"]["name"], self.cfg["size"]["name"],
                                  vocab_size=self.tok.get_vocab_size(), **(self.cfg["model"].get("overrides") or {}))
         self.summary["parameters"] = n = self.model.num_parameters()
-        console.say(f"model: {self.cfg['model']['name']} size={self.cfg['size']['name']} | {n:,} parameters | "
-                    f"world {info.world} on {info.device}")
+        self.summary["non_embedding_parameters"] = ne = self.model.num_parameters(embedding=False)
+        console.say(f"model: {self.cfg['model']['name']} size={self.cfg['size']['name']} | {n:,} parameters "
+                    f"({ne:,} non-embedding) | world {info.world} on {info.device}")
         self.model.to(info.device)
         self.sharded = sharding.wrap(self.model, info, t.fsdp, t.bf16)
         self.opt = build_optimizer(self.model, self.o)
@@ -302,7 +303,9 @@ class Trainer:
         return sharding.clip_mixed(self.model.parameters(), clip)
 
     # ------------------------------------------------------------------ evaluate / save
-    def evaluate(self) -> float:
+    def evaluate(self):
+        """The validation (eval.stream.Validation: mean loss, its standard error over the held-out
+        streams, tokens, streams) on train.eval_tokens predictions of fixed held-out streams."""
         return validation_loss(self.model, self.val_docs, self.cfg, self.info, self.pad_id,
                                batch=self.micro, seq_len=self.seq_len)
 
@@ -361,9 +364,12 @@ class Trainer:
                         "train.max_bad_steps")
                 last = self.step == self.steps
                 if t.eval_every and (self.step % t.eval_every == 0 or last):
-                    rec["val_loss"] = self.evaluate()
+                    v = self.evaluate()
+                    rec.update(val_loss=v.loss, val_loss_se=v.se, val_tokens=v.tokens, val_streams=v.streams)
                     self.summary["val_loss"].append((self.step, rec["val_loss"]))
-                    console.say(f"step {self.step}: val_loss {rec['val_loss']:.4f}")
+                    console.say(f"step {self.step}: val_loss {v.loss:.4f}"
+                                + (f" +- {v.se:.4f}" if v.se is not None else "")
+                                + f" ({v.tokens:,} tokens, {v.streams} held-out streams)")
                 metrics.log(rec)
                 if console.bar is not None:
                     console.bar.set_postfix(loss=f"{self.loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",

@@ -28,7 +28,7 @@ BASE = {
               "warmup": 2, "min_lr_ratio": 0.1},
     "train": {"steps": 6, "seed": 0, "out_dir": None, "batch_size": 2, "seq_len": 16, "context_len": 64, "grad_accum": 1,
               "clip": 1.0, "bf16": False, "compile": False, "device": "cpu", "dist_backend": None, "fsdp": False,
-              "inner_updates": True, "eval_every": 3, "eval_batches": 2, "save_every": 3, "resume": True,
+              "inner_updates": True, "eval_every": 3, "eval_tokens": 128, "save_every": 3, "resume": True,
               "progress": False, "wandb": {"enabled": False}},
 }
 

@@ -12,7 +12,7 @@ def test_train_py_with_hydra_overrides(corpus_dir, tmp_path):
            f"data.path={corpus_dir}", "data.vocab_size=300", f"data.data_dir={tmp_path / 'data'}",
            "model.overrides.chunk_size=4", "train.steps=3", "train.seed=7", f"train.out_dir={out}",
            "train.batch_size=2", "train.seq_len=16", "train.eval_every=3", "train.save_every=3",
-           "train.eval_batches=1", "train.progress=true"]
+           "train.eval_tokens=64", "train.progress=true"]
     # the console as a terminal shows it: the progress bar (stderr) and the lines (stdout) interleaved
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
                        cwd=str(tmp_path))

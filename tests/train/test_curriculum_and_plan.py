@@ -101,7 +101,7 @@ def test_a_token_budget_sets_the_steps(make_cfg):
     ({"stepz": 3}, r"unknown key\(s\) train.stepz"),
     ({"batch_size": 2, "seq_len": 32, "curriculum": [[0, 32], [4, 16]]}, "may not be shorter than the one before"),
     ({"keep_last": 0}, "train.keep_last"),
-    ({"eval_batches": 0}, "train.eval_batches must be positive"),
+    ({"eval_tokens": 0}, "train.eval_tokens must be positive"),
     ({"seed": -1}, "train.seed must be a non-negative int"),
 ])
 def test_train_config_errors_name_the_key(make_cfg, train, msg):

@@ -33,12 +33,14 @@ def torchrun_two_workers(cfg, tmp_path) -> list[dict]:
 
 
 def test_two_process_cpu_ddp_ranks_end_with_identical_slow_weights(make_cfg, tmp_path):
-    cfg = make_cfg("ddp", train={"steps": 4, "eval_every": 2, "save_every": 2})
+    cfg = make_cfg("ddp", train={"steps": 4, "eval_every": 2, "save_every": 2, "eval_tokens": 512})
     w = torchrun_two_workers(cfg, tmp_path)
     out = cfg["train"]["out_dir"]
     assert w[0]["checksum"] == w[1]["checksum"]  # identical slow weights, bit for bit
     recs = read_metrics(out)
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and "val_loss" in recs[1]
+    # the ranks split the held-out contexts (8 of 64 tokens over 2 x 2 rows) and all-reduce their sums
+    assert recs[1]["val_tokens"] == 512 and recs[1]["val_streams"] == 1
     assert recs[0]["tokens_per_s"] > 0
     ck = os.path.join(out, "checkpoints", "step_00000004")
     assert {f"fast_rank{i}.safetensors" for i in range(2)} <= set(os.listdir(ck))  # rank-local fast state
