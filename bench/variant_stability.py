@@ -47,6 +47,7 @@ VARIANTS = {
     "titans": ["model=titans"],
     "titans-mlp": ["model=titans", "model.overrides.memory=mlp"],
     "titans-mlp-lr1e-3": ["model=titans", "model.overrides.memory=mlp", "optim.lr=1e-3"],
+    "transformer": ["model=transformer"],
     "transformer-window64": ["model=transformer", "+model.overrides.window=64"],
 }
 # every ablation of configs/experiment/ (issue 20), as exp-NAME

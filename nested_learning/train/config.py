@@ -96,6 +96,7 @@ class TrainConfig:
     dist_backend: str | None = None  # null: nccl on CUDA, gloo on CPU
     fsdp: bool = False               # FSDP2 (fully_shard per block): PyTorch's counterpart of ZeRO-3
     inner_updates: bool = True       # the CMS update pass after each backward
+    health_every: int = 1            # log fast-memory norms, mixer rms, grouped gradient norms every N steps (0: never)
     eval_every: int = 50
     eval_tokens: int = 32768         # next-token predictions scored by each validation (fixed held-out streams)
     save_every: int = 50             # checkpoint every N steps (0: never, except save_every_minutes)

@@ -37,7 +37,7 @@ import torch
 from ..checks import NonFiniteInputError
 from ..eval.stream import validation_loss
 from ..models import build_model
-from . import checkpoint, run_dir, sharding
+from . import checkpoint, health, run_dir, sharding
 from .checkpointer import Checkpointer, format_for
 from .config import TrainConfig
 from .console import Console
@@ -79,7 +79,7 @@ class Trainer:
         os.makedirs(self.out, exist_ok=True)
         self.console = Console(self.out, info.main, t.progress)
         self.step = 0
-        self.summary = {"val_loss": [], "tokens_per_s": [], "skipped_steps": []}
+        self.summary = {"val_loss": [], "tokens_per_s": [], "skipped_steps": [], "grad_norms": [], "clipped_steps": 0}
         self.bad_run, self.loss = 0, None
         self.tokens_seen = 0   # training tokens consumed (all ranks), carried in checkpoints
         self.dormant: dict[int, dict] = {}  # positions of rows not read now (curriculum, world size)
@@ -115,6 +115,8 @@ class Trainer:
                          "seq_len": t.seq_len, "optimizer": self.o["name"], **fingerprint}
         self.autocast = ((lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if t.bf16
                          else contextlib.nullcontext)
+        self.probe = health.MixerProbe(self.model) if t.health_every else None
+        self.monitor = health.HealthMonitor(console.warn)
         self.fwd = torch.compile(self.sharded.module) if t.compile else self.sharded.module
 
     def _start_point(self) -> str | None:
@@ -217,6 +219,8 @@ class Trainer:
         t, info, model, step = self.t, self.info, self.model, self.step
         t0 = time.perf_counter()
         set_lr(self.opt, lr_factor(step, self.o.get("warmup", 0), self.steps, self.o.get("min_lr_ratio", 0.1)))
+        ctx = health.context_position(self.streams.pos["offset"], t.context_len)
+        watch = bool(t.health_every) and (step + 1) % t.health_every == 0
         tokens, targets, reset = (x.to(info.device) for x in self.streams.next())
         micro, accum = self.micro, t.grad_accum
         loss_acc, teach, reports, new_states, bad = 0.0, [], [], list(self.states), None
@@ -247,6 +251,7 @@ class Trainer:
             new_states[k] = st.detach()
             del loss, cap, sig  # this micro-batch's activations and signals go before the next forward
         self.sharded.sync_replicated_grads(info.world)
+        groups = health.grad_norms_by_group(self.model) if watch and bad is None else None
         gnorm = self._clip() if bad is None else math.nan
         if bad is None and not math.isfinite(loss_acc):
             bad = f"loss {loss_acc}"
@@ -278,6 +283,21 @@ class Trainer:
         rec = {"step": step + 1, "loss": loss_acc, "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": tps,
                "grad_norm": gnorm, "teach_signal_norm": statistics.fmean(teach) if teach else None,
                "seq_len": self.seq_len, **_inner_record(reports if bad is None else [])}
+        rec["context_pos"] = ctx
+        if math.isfinite(gnorm):
+            clipped = t.clip is not None and gnorm > t.clip
+            self.summary["grad_norms"].append(gnorm)
+            self.summary["clipped_steps"] += clipped
+            rec["clipped"] = clipped
+            rec["clip_frac"] = self.summary["clipped_steps"] / len(self.summary["grad_norms"])
+        if watch:
+            norms = health.memory_norms(self.model, self.states[0])
+            rec["health"] = {"memory": norms, "mixer_rms": self.probe.take() if self.probe else {},
+                             "grad_norm_groups": groups}
+            if info.main:
+                self.monitor.check(step + 1, norms)
+        elif self.probe is not None:
+            self.probe.take()
         if self.stage_change:
             rec["curriculum_stage"] = self.stage_change
         if bad is not None:
@@ -424,6 +444,10 @@ def _summary_lines(summary: dict) -> list[str]:
     lines = []
     if summary.get("final_loss") is not None:
         lines.append(f"final training loss {summary['final_loss']:.4f}")
+    g = summary.get("grad_norms")
+    if g:
+        lines.append(f"gradient norm before clipping: median {statistics.median(g):.3g}, max {max(g):.3g}; "
+                     f"clipped on {summary['clipped_steps']} of {len(g)} steps ({summary['clipped_steps'] / len(g):.0%})")
     if summary["val_loss"]:
         lines.append("validation loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in summary["val_loss"]))
     return lines
