@@ -42,7 +42,7 @@ def context_end_health(recs: list[dict], memories=("mixer.proj", "mixer.memory")
 
 
 def run_bias(bias: float, steps: int, eval_every: int, extra: list[str]) -> dict:
-    over = [f"+model.overrides.forget_bias={bias}", *extra]
+    over = [f"++model.overrides.forget_bias={bias}", *extra]
     recs, status, seconds = train_in_process(over, steps, eval_every=eval_every, label=f"forget-{bias}")
     gn = [r["grad_norm"] for r in recs if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"])]
     val = [r for r in recs if r.get("val_loss") is not None]

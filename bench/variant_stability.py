@@ -83,7 +83,7 @@ def before_28(stack: ExitStack, overrides: list[str]) -> list[str]:
     stack.enter_context(mock.patch.object(titans, "bounded_step", momentum_blind_bound))
     if any(o in ("model=titans", "model=transformer") for o in overrides):
         return overrides
-    return overrides + ["+model.overrides.residual_memories=false", "+model.overrides.forget_bias=4.0"]
+    return overrides + ["++model.overrides.residual_memories=false", "++model.overrides.forget_bias=4.0"]
 
 
 def train_in_process(overrides: list[str], steps: int, eval_every: int = 0, raw: bool = False,
