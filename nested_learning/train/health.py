@@ -92,7 +92,8 @@ def grad_norms_by_group(model) -> dict[str, float]:
 
 class MixerProbe:
     """Records the rms of each block's sequence-mixer output (forward hooks). `take()` returns
-    {"layer{i}": rms over the tokens since the last take} and clears it."""
+    {"layer{i}": rms over the tokens since the last take} and clears it; `clear()` drops what
+    was recorded (the trainer clears before each step, so validation forwards never count)."""
 
     def __init__(self, model):
         self._sums: dict[int, list[float]] = {}
@@ -111,14 +112,17 @@ class MixerProbe:
             y = output[0] if isinstance(output, tuple) else output
             y = y.detach().float()
             acc = self._sums.setdefault(layer, [0.0, 0])
-            acc[0] += float(y.square().sum())
+            acc[0] = acc[0] + y.square().sum()  # a tensor: no host sync per forward
             acc[1] += y.numel()
         return hook
 
     def take(self) -> dict[str, float]:
-        out = {f"layer{i}": math.sqrt(s / n) for i, (s, n) in sorted(self._sums.items()) if n}
+        out = {f"layer{i}": math.sqrt(float(s) / n) for i, (s, n) in sorted(self._sums.items()) if n}
         self._sums.clear()
         return out
+
+    def clear(self) -> None:
+        self._sums.clear()
 
     def remove(self) -> None:
         for h in self._handles:

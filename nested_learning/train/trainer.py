@@ -221,6 +221,8 @@ class Trainer:
         set_lr(self.opt, lr_factor(step, self.o.get("warmup", 0), self.steps, self.o.get("min_lr_ratio", 0.1)))
         ctx = health.context_position(self.streams.pos["offset"], t.context_len)
         watch = bool(t.health_every) and (step + 1) % t.health_every == 0
+        if self.probe is not None:
+            self.probe.clear()  # only this step's training forwards count
         tokens, targets, reset = (x.to(info.device) for x in self.streams.next())
         micro, accum = self.micro, t.grad_accum
         loss_acc, teach, reports, new_states, bad = 0.0, [], [], list(self.states), None
@@ -296,8 +298,6 @@ class Trainer:
                              "grad_norm_groups": groups}
             if info.main:
                 self.monitor.check(step + 1, norms)
-        elif self.probe is not None:
-            self.probe.take()
         if self.stage_change:
             rec["curriculum_stage"] = self.stage_change
         if bad is not None:
