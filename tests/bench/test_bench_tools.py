@@ -47,9 +47,6 @@ def test_ce_memory_json(tmp_path):
 
 
 def test_forget_sweep_reads_the_memories_at_the_start_and_end_of_each_context():
-    import sys
-
-    sys.path.insert(0, ROOT)
     from bench.forget_sweep import context_end_health
 
     def rec(pos, rel, rms):
