@@ -13,9 +13,12 @@ import argparse
 
 import torch
 
+from nested_learning.data.shards import prepare_corpus
+from nested_learning.data.sources import data_dir_of
+from nested_learning.data.streams import DocumentStreams
+from nested_learning.data.tokens import SPECIALS
 from nested_learning.layers.cms import dgd_inputs, dgd_step
 from nested_learning.models import build_model
-from nested_learning.train.data import SPECIALS, DocumentStreams, data_dir_of, prepare_corpus
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
     python bench/prepare_memory.py --json bench/out/prepare_memory.json --train-steps 200
 
 Builds synthetic corpora of 1x, 10x and 100x a reference size from the built-in Shakespeare
-corpus (nested_learning.train.data.fetch_shakespeare: the plays cut at blank lines into pieces of
+corpus (nested_learning.data.sources.fetch_shakespeare: the plays cut at blank lines into pieces of
 2-20k characters, each repetition shuffled anew) as .jsonl files of 10,000 documents in a
 temporary directory, then for each:
 
@@ -93,7 +93,7 @@ def tree_pss_mb(pid: int) -> float:
 # ---------------------------------------------------------------------------- corpora
 def pieces(data_dir: str, seed: int = 0) -> list[str]:
     """The Shakespeare texts cut at blank lines into pieces of 2k-20k characters."""
-    from nested_learning.train.data import fetch_shakespeare
+    from nested_learning.data.sources import fetch_shakespeare
 
     rng = random.Random(seed)
     out = []
@@ -146,7 +146,7 @@ def child_prepare(args) -> None:
     spec = importlib.util.spec_from_file_location("prepare_data", spec_path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    import nested_learning.train.shards  # noqa: F401  (the imports, counted in the baseline)
+    import nested_learning.data.shards  # noqa: F401  (the imports, counted in the baseline)
 
     base = _status_kb("VmRSS") / 1024
     t0 = time.perf_counter()
@@ -161,8 +161,9 @@ def child_prepare(args) -> None:
 
 
 def child_stream(args) -> None:
-    from nested_learning.train.data import SPECIALS, DocumentStreams
-    from nested_learning.train.shards import load_corpus
+    from nested_learning.data.shards import load_corpus
+    from nested_learning.data.streams import DocumentStreams
+    from nested_learning.data.tokens import SPECIALS
 
     base = _status_kb("VmRSS") / 1024
     tok, train, _ = load_corpus(args.cache)
@@ -305,7 +306,7 @@ def main() -> None:
     if args.child == "train":
         return child_train(args)
 
-    from nested_learning.train.data import data_dir_of
+    from nested_learning.data.sources import data_dir_of
 
     scales = [int(s) for s in args.scales.split(",")]
     work = args.workdir or tempfile.mkdtemp(prefix="prepare_memory-")

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, pow2
+from ._common import dot_precision, load_state, pow2, state_ptrs
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -80,26 +80,6 @@ def _store_bh(ptr, x, bh, t0, T, D: tl.constexpr, BT: tl.constexpr, BD: tl.const
     t = t0 + tl.arange(0, BT)
     d = d0 + tl.arange(0, BD)
     tl.store(ptr + (bh * T + t[:, None]) * D + d[None, :], x, mask=(t[:, None] < T) & (d[None, :] < D))
-
-
-@triton.jit
-def _state_ptrs(ptr, idx, v0, DV: tl.constexpr, DK: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-    """Pointers and mask of the [BV, BK] tile (rows v0..) of state number `idx` ([*, DV, DK])."""
-    v = v0 + tl.arange(0, BV)
-    k = tl.arange(0, BK)
-    return ptr + idx * DV * DK + v[:, None] * DK + k[None, :], (v[:, None] < DV) & (k[None, :] < DK)
-
-
-@triton.jit
-def _load_state(ptr, idx, v0, DV: tl.constexpr, DK: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-                PRESENT: tl.constexpr):
-    """The [BV, BK] float32 tile of state `idx`, or zeros when the state is absent."""
-    p, m = _state_ptrs(ptr, idx, v0, DV, DK, BV, BK)
-    if PRESENT:
-        x = tl.load(p, mask=m, other=0.0).to(tl.float32)
-    else:
-        x = tl.zeros([BV, BK], dtype=tl.float32)
-    return x
 
 
 @triton.jit
@@ -194,10 +174,10 @@ def dgd_state_fwd_kernel(k_ptr, g_ptr, wm_ptr, u0_ptr, h0_ptr, h_ptr, u_ptr, ht_
     b, h = bh // H, bh % H
     v0 = iv * BV
     r = tl.arange(0, BT)
-    S = _load_state(h0_ptr, bh, v0, DV, DK, BV, BK, HAS_H0)  # [BV, BK]
+    S = load_state(h0_ptr, bh, v0, DV, DK, BV, BK, HAS_H0)  # [BV, BK]
     for n in range(NT):
         t0 = n * BT
-        ph, mh = _state_ptrs(h_ptr, bh * NT + n, v0, DV, DK, BV, BK)
+        ph, mh = state_ptrs(h_ptr, bh * NT + n, v0, DV, DK, BV, BK)
         tl.store(ph, S, mask=mh)
         Wm = _load_bh(wm_ptr, bh, t0, T, DK, BT, BK, 0)
         U = _load_bh(u0_ptr, bh, t0, T, DV, BT, BV, v0) - tl.dot(Wm, tl.trans(S), input_precision=PREC)
@@ -206,7 +186,7 @@ def dgd_state_fwd_kernel(k_ptr, g_ptr, wm_ptr, u0_ptr, h0_ptr, h_ptr, u_ptr, ht_
         G, GC = _chunk_G(g_ptr, bh, t0, T, BT)
         tail = tl.where(t0 + r < T, tl.exp(GC - G), 0.0)
         S = tl.exp(GC) * S + tl.dot(tl.trans(tail[:, None] * U), K, input_precision=PREC)
-    pt, mt = _state_ptrs(ht_ptr, bh, v0, DV, DK, BV, BK)
+    pt, mt = state_ptrs(ht_ptr, bh, v0, DV, DK, BV, BK)
     tl.store(pt, S, mask=mt)
 
 
@@ -222,7 +202,7 @@ def dgd_output_fwd_kernel(q_ptr, k_ptr, alpha_ptr, g_ptr, h_ptr, u_ptr, o_ptr, T
     Gp = G - tl.log(_load_gate(alpha_ptr, b, h, t0, T, H, BT, 1.0))
     Q = _load_tok(q_ptr, b, h, t0, T, H, DK, BT, BK)
     K = _load_tok(k_ptr, b, h, t0, T, H, DK, BT, BK)
-    ph, mh = _state_ptrs(h_ptr, bh * NT + n, 0, DV, DK, BV, BK)
+    ph, mh = state_ptrs(h_ptr, bh * NT + n, 0, DV, DK, BV, BK)
     S = tl.load(ph, mask=mh, other=0.0)
     U = _load_bh(u_ptr, bh, t0, T, DV, BT, BV, 0)
     if AFTER:
@@ -269,11 +249,11 @@ def dgd_state_bwd_kernel(q_ptr, k_ptr, alpha_ptr, g_ptr, wm_ptr, do_ptr, duo_ptr
     b, h = bh // H, bh % H
     v0 = iv * BV
     r = tl.arange(0, BT)
-    dS = _load_state(dht_ptr, bh, v0, DV, DK, BV, BK, HAS_DHT)  # [BV, BK]
+    dS = load_state(dht_ptr, bh, v0, DV, DK, BV, BK, HAS_DHT)  # [BV, BK]
     for i in range(NT):
         n = NT - 1 - i
         t0 = n * BT
-        ph, mh = _state_ptrs(dh_ptr, bh * NT + n, v0, DV, DK, BV, BK)
+        ph, mh = state_ptrs(dh_ptr, bh * NT + n, v0, DV, DK, BV, BK)
         tl.store(ph, dS, mask=mh)
         G, GC = _chunk_G(g_ptr, bh, t0, T, BT)
         if AFTER:
@@ -293,7 +273,7 @@ def dgd_state_bwd_kernel(q_ptr, k_ptr, alpha_ptr, g_ptr, wm_ptr, do_ptr, duo_ptr
         Wm = _load_bh(wm_ptr, bh, t0, T, DK, BT, BK, 0)
         dS = (tl.exp(GC) * dS + tl.dot(tl.trans(dO), eq[:, None] * Q, input_precision=PREC)
               - tl.dot(tl.trans(dU), Wm, input_precision=PREC))
-    p0, m0 = _state_ptrs(dh0_ptr, bh, v0, DV, DK, BV, BK)
+    p0, m0 = state_ptrs(dh0_ptr, bh, v0, DV, DK, BV, BK)
     tl.store(p0, dS, mask=m0)
 
 
@@ -325,9 +305,9 @@ def dgd_grad_bwd_kernel(q_ptr, k_ptr, a_ptr, alpha_ptr, eta_ptr, g_ptr, ainv_ptr
     K = _load_tok(k_ptr, b, h, t0, T, H, DK, BT, BK)
     A = _load_tok(a_ptr, b, h, t0, T, H, DK, BT, BK)
     dO = _load_tok(do_ptr, b, h, t0, T, H, DV, BT, BV)
-    ph, mh = _state_ptrs(h_ptr, bh * NT + n, 0, DV, DK, BV, BK)
+    ph, mh = state_ptrs(h_ptr, bh * NT + n, 0, DV, DK, BV, BK)
     S = tl.load(ph, mask=mh, other=0.0)  # [BV, BK]
-    ph, mh = _state_ptrs(dh_ptr, bh * NT + n, 0, DV, DK, BV, BK)
+    ph, mh = state_ptrs(dh_ptr, bh * NT + n, 0, DV, DK, BV, BK)
     dSe = tl.load(ph, mask=mh, other=0.0)
     U = _load_bh(u_ptr, bh, t0, T, DV, BT, BV, 0)
     dU = _load_bh(du_ptr, bh, t0, T, DV, BT, BV, 0)

@@ -28,8 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, pow2
-from .dgd import _load_state, _state_ptrs
+from ._common import dot_precision, load_state, pow2, state_ptrs
 
 
 @triton.jit
@@ -70,13 +69,13 @@ def titan_fwd_kernel(q_ptr, k_ptr, v_ptr, theta_ptr, cpar_ptr, cmom_ptr, abar_pt
     iv, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     v0 = iv * BV
-    M = _load_state(m0_ptr, bh, v0, DV, DK, BV, BK, HAS_INIT)  # [BV, BK]
-    S = _load_state(s0_ptr, bh, v0, DV, DK, BV, BK, HAS_INIT)
+    M = load_state(m0_ptr, bh, v0, DV, DK, BV, BK, HAS_INIT)  # [BV, BK]
+    S = load_state(s0_ptr, bh, v0, DV, DK, BV, BK, HAS_INIT)
     for n in range(NT):
         t0 = n * CH
         te = tl.minimum(t0 + CH, T)
-        pm, mm = _state_ptrs(mck_ptr, bh * NT + n, v0, DV, DK, BV, BK)
-        ps, _ = _state_ptrs(sck_ptr, bh * NT + n, v0, DV, DK, BV, BK)
+        pm, mm = state_ptrs(mck_ptr, bh * NT + n, v0, DV, DK, BV, BK)
+        ps, _ = state_ptrs(sck_ptr, bh * NT + n, v0, DV, DK, BV, BK)
         tl.store(pm, M, mask=mm)
         tl.store(ps, S, mask=mm)
         Q = _ld(q_ptr, b, h, t0, te, T, H, DK, BT, BK, 0)  # [BT, BK]
@@ -95,8 +94,8 @@ def titan_fwd_kernel(q_ptr, k_ptr, v_ptr, theta_ptr, cpar_ptr, cmom_ptr, abar_pt
         M_new = abar * M + rho * S - Gp
         S = ebar * S - Gm
         M = M_new
-    pm, mm = _state_ptrs(mt_ptr, bh, v0, DV, DK, BV, BK)
-    ps, _ = _state_ptrs(st_ptr, bh, v0, DV, DK, BV, BK)
+    pm, mm = state_ptrs(mt_ptr, bh, v0, DV, DK, BV, BK)
+    ps, _ = state_ptrs(st_ptr, bh, v0, DV, DK, BV, BK)
     tl.store(pm, M, mask=mm)
     tl.store(ps, S, mask=mm)
 
@@ -113,8 +112,8 @@ def titan_bwd_kernel(q_ptr, k_ptr, v_ptr, theta_ptr, cpar_ptr, cmom_ptr, abar_pt
     iv, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     v0 = iv * BV
-    dM = _load_state(dmt_ptr, bh, v0, DV, DK, BV, BK, HAS_DFINAL)
-    dS = _load_state(dst_ptr, bh, v0, DV, DK, BV, BK, HAS_DFINAL)
+    dM = load_state(dmt_ptr, bh, v0, DV, DK, BV, BK, HAS_DFINAL)
+    dS = load_state(dst_ptr, bh, v0, DV, DK, BV, BK, HAS_DFINAL)
     r = tl.arange(0, BT)
     part_tok = iv * B * T * H  # offset of this tile's [B, T, H] slice
     part_bh = iv * B * H * T
@@ -122,8 +121,8 @@ def titan_bwd_kernel(q_ptr, k_ptr, v_ptr, theta_ptr, cpar_ptr, cmom_ptr, abar_pt
         n = NT - 1 - i
         t0 = n * CH
         te = tl.minimum(t0 + CH, T)
-        M = _load_state(mck_ptr, bh * NT + n, v0, DV, DK, BV, BK, True)
-        S = _load_state(sck_ptr, bh * NT + n, v0, DV, DK, BV, BK, True)
+        M = load_state(mck_ptr, bh * NT + n, v0, DV, DK, BV, BK, True)
+        S = load_state(sck_ptr, bh * NT + n, v0, DV, DK, BV, BK, True)
         Q = _ld(q_ptr, b, h, t0, te, T, H, DK, BT, BK, 0)
         K = _ld(k_ptr, b, h, t0, te, T, H, DK, BT, BK, 0)
         V = _ld(v_ptr, b, h, t0, te, T, H, DV, BT, BV, v0)
@@ -158,8 +157,8 @@ def titan_bwd_kernel(q_ptr, k_ptr, v_ptr, theta_ptr, cpar_ptr, cmom_ptr, abar_pt
                    + 2.0 * tl.dot(tl.trans(dE), K, input_precision=PREC))
         dS = rho * dM + ebar * dS
         dM = dM_prev
-    pm, mm = _state_ptrs(dm0_ptr, bh, v0, DV, DK, BV, BK)
-    ps, _ = _state_ptrs(ds0_ptr, bh, v0, DV, DK, BV, BK)
+    pm, mm = state_ptrs(dm0_ptr, bh, v0, DV, DK, BV, BK)
+    ps, _ = state_ptrs(ds0_ptr, bh, v0, DV, DK, BV, BK)
     tl.store(pm, dM, mask=mm)
     tl.store(ps, dS, mask=mm)
 

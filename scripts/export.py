@@ -1,5 +1,5 @@
 """Export a training run's model as one safetensors file plus its config (from single-file or
-DCP checkpoints alike), readable by nested_learning.eval.load_run.
+DCP checkpoints alike), readable by nested_learning.runs.load_run.
 
     python scripts/export.py runs/hope-mid                 # the latest checkpoint -> runs/hope-mid/export
     python scripts/export.py runs/hope-mid --step 50000 --out exports/hope-mid-50k
@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nested_learning.train.export import export_run  # noqa: E402
+from nested_learning.runs.export import export_run  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from nested_learning.eval import load_run  # noqa: E402
-from nested_learning.train.data import SPECIALS  # noqa: E402
+from nested_learning.data.tokens import SPECIALS  # noqa: E402
+from nested_learning.runs import load_run  # noqa: E402
 
 
 def main(argv=None) -> str:

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
         argv, progress = [a for a in argv if a != "--no-progress"], False
     data = compose_data(argv)
 
-    from nested_learning.train.data import data_dir_of
-    from nested_learning.train.shards import prepare_shards
+    from nested_learning.data.shards import prepare_shards
+    from nested_learning.data.sources import data_dir_of
 
     index = prepare_shards(data, data_dir_of(data), log=print, progress=progress)
     s = index["splits"]

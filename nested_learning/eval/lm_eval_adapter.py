@@ -19,10 +19,10 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ..train.data import SPECIALS
+from ..data.tokens import SPECIALS
+from ..models.streaming import Memorize, MemorizeTally, stream_document
+from ..runs.load import load_run
 from .loglik import consume_context, encode_pair, score_requests
-from .run import load_run
-from .stream import Memorize, MemorizeTally, stream_document
 
 
 @register_model("nested_learning")

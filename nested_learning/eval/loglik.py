@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..constants import IGNORE
+from ..data.tokens import SPECIALS
 from ..models.state import ModelState, map_tensors
-from ..train.data import IGNORE, SPECIALS
-from .stream import Memorize, segment_losses
+from ..models.streaming import Memorize, segment_losses
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -25,7 +25,6 @@ The prompt streams through the fast state in segments; attention layers keep at 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import re
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..layers.attention import CausalSelfAttention
+from ..checks import NonFiniteInputError
 from .loglik import consume_context, score_rows
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
@@ -233,31 +232,6 @@ class NeedleTask:
 
 
 # ---------------------------------------------------------------------------- scoring
-@contextlib.contextmanager
-def attention_window(model, window: int | None):
-    """Every attention layer keeps at most `window` keys (None: as configured) while inside."""
-    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
-    saved = [m.window for m in layers]
-    try:
-        if window is not None:
-            for m in layers:
-                m.window = window if m.window is None else min(m.window, window)
-        yield layers
-    finally:
-        for m, w in zip(layers, saved):
-            m.window = w
-
-
-def has_attention(model) -> bool:
-    return any(isinstance(m, CausalSelfAttention) for m in model.modules())
-
-
-def attended_keys(model) -> int | None:
-    """The most keys any attention layer attends to (None: unbounded, or no attention)."""
-    ws = [m.window for m in model.modules() if isinstance(m, CausalSelfAttention)]
-    return None if not ws or None in ws else max(ws)
-
-
 def stream_prompt(model, ids: list[int], segment: int, memorize=None, reports=None):
     """The state after every prompt token but the last (streamed or memorised in segments;
     memorisation sees only the prompt's own next tokens)."""
@@ -272,8 +246,6 @@ def score_item(task: NeedleTask, model, item: Item, segment: int, max_new_tokens
     each expected value among the distractors, and the prompt's measured token count. A prompt
     on which the model's state goes non-finite (a NaN gate) is a failed item, scored as wrong
     (worst rank) and marked `non_finite` with the error."""
-    from ..ops import NonFiniteInputError
-
     record = {"variant": item.variant, "length": item.length, "depth": item.depth, "prompt_tokens": len(item.ids),
               "needles": item.needles, "expected": item.expected, "haystack_wraps": item.haystack_wraps}
     try:

@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from ..train.data import SPECIALS
+from ..data.tokens import SPECIALS
+from ..models.streaming import Memorize, stream_document
 from .results import mean_stderr
-from .stream import Memorize, stream_document
 
 
 def bucket_edges(n_tokens: int, first: int = 1024) -> list[int]:

@@ -51,12 +51,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..layers.self_modifying import SelfModifyingTitans
+from ..checks import NonFiniteInputError
+from ..constants import IGNORE
 from ..models import build_model
 from ..train.optim import build_optimizer, lr_factor, set_lr
+from .plots import pyplot
 from .results import mean_stderr
-
-IGNORE = -100
 
 # name -> (registry model, config overrides, in-context writes of HOPE's self-modifying mixer)
 MODELS = {
@@ -200,18 +200,6 @@ class TrainBatches:
 
 
 # ---------------------------------------------------------------------------- models
-def disable_memory_writes(model) -> int:
-    """HOPE's in-context writes off: eta = 0 in every self-modifying mixer (the learning rate of
-    the projection memory and of the main memory), so neither is ever written (the forget gate
-    still scales them). Returns the number of mixers changed."""
-    mixers = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)]
-    if not mixers:
-        raise ValueError("no self-modifying Titans mixer in this model: nothing to disable")
-    for m in mixers:
-        m.eta_max = 0.0  # eta = eta_max * sigmoid(.) (SelfModifyingTitans._project)
-    return len(mixers)
-
-
 def build_recall_model(name: str, task: RecallTask, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
                        seed: int = 0, **overrides):
     """The model `name` of MODELS at the shared width, seeded."""
@@ -222,7 +210,7 @@ def build_recall_model(name: str, task: RecallTask, d_model: int = 64, n_layers:
     model = build_model(reg, size="tiny", vocab_size=task.vocab_size, d_model=d_model, n_layers=n_layers,
                         n_heads=n_heads, **{**over, **overrides})
     if not writes:
-        disable_memory_writes(model)
+        model.disable_memory_writes()
     return model
 
 
@@ -236,8 +224,6 @@ def train_step(model, opt, tokens: Tensor, targets: Tensor, clip: float | None =
     autocast or compile; the fast state after the update pass is dropped, because the next
     batch starts fresh sequences (the Trainer resets a row's state at a document boundary,
     which every row of every batch is here)."""
-    from ..checks import NonFiniteInputError
-
     try:
         loss, cap, state = model.train_forward(tokens, model.init_state(tokens.shape[0]), targets=targets)
         loss.backward()
@@ -471,8 +457,6 @@ def plot(runs: list[dict], task: RecallTask, path: str) -> str | None:
     bars: standard errors), chance dashed, 1/N dotted (answering with one of the sequence's
     values at random). None when matplotlib is not installed."""
     try:
-        from .plots import pyplot
-
         plt = pyplot()
     except ImportError:
         return None

@@ -33,7 +33,7 @@ import warnings
 
 import torch
 
-from .stream import Memorize, MemorizeTally, has_cms
+from ..models.streaming import Memorize, MemorizeTally
 
 SCHEMA = "nested_learning.eval/1"
 
@@ -159,7 +159,7 @@ def baseline_and_memorised(name: str, model, args, evaluate) -> dict[str, dict]:
     for label, setting in [(name, None)] + ([(f"{name}_memorize", settings)] if settings else []):
         reports = MemorizeTally()
         torch.manual_seed(args.seed)
-        if setting is not None and not has_cms(model):  # nothing to memorise: the same numbers
+        if setting is not None and not model.has_cms():  # nothing to memorise: the same numbers
             blocks = copy.deepcopy(out[name]["tasks"])
         else:
             blocks = evaluate(setting, reports)

@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import time
 
-from .needle import NeedleTask, attended_keys, attention_window, has_attention, length_name, score_item
+from ..data.sources import read_local
+from ..runs.load import held_out_documents, load_run
+from . import results as R
+from .needle import (
+    PASSKEY_FILLER,
+    VARIANTS,
+    Haystack,
+    NeedleTask,
+    length_name,
+    parse_depths,
+    parse_lengths,
+    score_item,
+)
 from .plots import finish, pyplot
 from .results import mean_stderr
-
-
-def kv_bytes(model, length: int, rows: int = 1) -> int:
-    """Bytes of the KV caches at `length` keys per attention layer, for `rows` copies of the
-    state (scoring repeats the prompt's state once per candidate value), in the weights' dtype."""
-    from ..layers.attention import CausalSelfAttention
-
-    per_key = sum(2 * m.h * m.d for m in model.modules() if isinstance(m, CausalSelfAttention))
-    return rows * length * per_key * model.embed.weight.element_size()
 
 
 def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], depths: list[float], samples: int,
@@ -28,9 +31,9 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
     entries), the depth x length grid, and per-item records."""
     records, by_length, spent = [], [], 0.0
     rate = None  # measured prompt tokens per second
-    attn = has_attention(model)
-    with attention_window(model, window):
-        keys = attended_keys(model)  # None: unbounded (or no attention)
+    attn = model.has_attention()
+    with model.attention_window(window):
+        keys = model.attended_keys()  # None: unbounded (or no attention)
     for L in sorted(lengths):
         entry = {"length": L, "name": length_name(L), "status": "run",
                  "windowed": bool(attn and keys is not None and L > keys),
@@ -38,7 +41,7 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
         todo = len(depths) * samples
         reason = None
         rows = 2 + task.k + task.n  # the prompt's state and its copies for the candidate values
-        need = kv_bytes(model, min(L, keys) if keys else L, rows)
+        need = model.kv_bytes(min(L, keys) if keys else L, rows)
         if attn and need > max_kv_gib * 2**30:
             reason = (f"attention over {min(L, keys) if keys else L} keys needs {need / 2**30:.1f} GiB of KV cache "
                       f"({rows} copies of the state while scoring) > --max-kv-gib {max_kv_gib}: "
@@ -58,7 +61,7 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
                 progress.update(todo)
             continue
         t0, recs = time.perf_counter(), []
-        with attention_window(model, window):
+        with model.attention_window(window):
             for it in items:
                 recs.append(score_item(task, model, it, segment, memorize=memorize, reports=reports))
                 if progress is not None:
@@ -154,10 +157,6 @@ def main(kind: str, argv=None) -> dict:
     import argparse
     import os
 
-    from . import results as R
-    from .needle import PASSKEY_FILLER, VARIANTS, Haystack, parse_depths, parse_lengths
-    from .run import held_out_documents, load_run
-
     ap = argparse.ArgumentParser(description=(__import__("sys").modules["__main__"].__doc__ or ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     R.add_common_args(ap)
@@ -206,8 +205,6 @@ def main(kind: str, argv=None) -> dict:
         if kind == "passkey":
             hay = Haystack.from_texts(tok, [PASSKEY_FILLER], "passkey filler (Mohtashami & Jaggi, 2023)")
         elif a.haystack:
-            from ..train.data import read_local
-
             hay = Haystack.from_texts(tok, [t for _, t in read_local(a.haystack)], a.haystack)
         else:
             name, docs = held_out_documents(model, a.data_dir)

@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 
-from ..train.data import download_sdist
+from ..data.sources import download_sdist
 from . import blimp
 
 BIGBENCH = ("bigbench", "1.0.0")

@@ -5,9 +5,9 @@ the item count and the chance level (the mean over items of |gold| / |choices|).
 
 from __future__ import annotations
 
+from ..models.streaming import Memorize
 from .loglik import encode_pair, score_requests
 from .results import mean_stderr
-from .stream import Memorize
 from .tasks import Item
 
 

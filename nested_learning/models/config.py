@@ -9,7 +9,8 @@ from dataclasses import dataclass, fields
 from ..checks import positive_int
 
 
-def _pos_int(cfg, name):
+def positive_field(cfg, name):
+    """cfg.name must be a positive int (ValueError naming the config class and field)."""
     positive_int(f"{type(cfg).__name__}.{name}", getattr(cfg, name))
 
 
@@ -27,7 +28,7 @@ class ModelConfig:
 
     def __post_init__(self):
         for n in ("vocab_size", "d_model", "n_layers", "n_heads"):
-            _pos_int(self, n)
+            positive_field(self, n)
         m = self.mlp_mult
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0 or (m * self.d_model) % 1:
             raise ValueError(f"{type(self).__name__}.mlp_mult must be a positive number with mlp_mult * d_model a whole "
@@ -38,7 +39,7 @@ class ModelConfig:
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(f"{type(self).__name__}: head dim d_model/n_heads must be even (RoPE)")
         if self.window is not None:
-            _pos_int(self, "window")
+            positive_field(self, "window")
         if not self.init_std > 0:
             raise ValueError(f"{type(self).__name__}.init_std must be positive, got {self.init_std}")
 

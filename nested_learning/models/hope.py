@@ -16,7 +16,7 @@ from ..layers.cms import CMSChain, CMSConfig
 from ..layers.common import RMSNorm
 from ..layers.deltanet import GatedDeltaNet
 from ..layers.self_modifying import MEMORY_TARGETS, SelfModifyingTitans
-from .config import ModelConfig, _pos_int
+from .config import ModelConfig, positive_field
 from .lm import Block, LanguageModel
 
 MIXERS = ("selfmod", "attention", "sliding_window", "deltanet")
@@ -50,7 +50,7 @@ class HOPEConfig(ModelConfig):
     def __post_init__(self):
         super().__post_init__()
         for n in ("proj_chunk", "memory_chunk", "mixer_window"):
-            _pos_int(self, n)
+            positive_field(self, n)
         if self.mixer not in MIXERS:
             raise ValueError(f"HOPEConfig.mixer must be one of {MIXERS}, got {self.mixer!r}")
         if not 0 < self.eta_max <= 1:

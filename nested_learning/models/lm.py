@@ -3,6 +3,7 @@ blocks, final norm; per-sequence fast state; teach signals; test-time memorisati
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -13,8 +14,11 @@ from torch import Tensor
 
 from .. import ops
 from ..checks import positive_int
+from ..constants import IGNORE
+from ..layers.attention import CausalSelfAttention
 from ..layers.cms import UpdateEvent, UpdateLog
 from ..layers.common import RMSNorm
+from ..layers.self_modifying import SelfModifyingTitans
 from ..layers.teach import TeachCapture
 from .state import ModelState, reset_rows
 
@@ -101,6 +105,51 @@ class LanguageModel(nn.Module):
         """Whether any block has CMS levels (fast weights that memorisation updates)."""
         return any(b.has_cms for b in self.blocks)
 
+    def _attention(self) -> list[CausalSelfAttention]:
+        return [m for m in self.modules() if isinstance(m, CausalSelfAttention)]
+
+    def has_attention(self) -> bool:
+        """Whether any block attends (its state then grows with the context: a KV cache)."""
+        return bool(self._attention())
+
+    def attended_keys(self) -> int | None:
+        """The most keys any attention layer attends to (None: unbounded, or no attention)."""
+        ws = [m.window for m in self._attention()]
+        return None if not ws or None in ws else max(ws)
+
+    def kv_bytes(self, length: int, rows: int = 1) -> int:
+        """Bytes of the KV caches at `length` keys per attention layer, for `rows` copies of the
+        state, in the weights' dtype."""
+        per_key = sum(2 * m.h * m.d for m in self._attention())
+        return rows * length * per_key * self.embed.weight.element_size()
+
+    def disable_memory_writes(self) -> int:
+        """A control for in-context learning: every self-modifying mixer stops writing its
+        memories (eta = 0: neither the projection memory nor the main memory is ever written; the
+        forget gate still scales them). Returns the number of mixers changed; a model without
+        one raises ValueError."""
+        mixers = [m for m in self.modules() if isinstance(m, SelfModifyingTitans)]
+        if not mixers:
+            raise ValueError("no self-modifying Titans mixer in this model: nothing to disable")
+        for m in mixers:
+            m.eta_max = 0.0  # eta = eta_max * sigmoid(.) (SelfModifyingTitans._project)
+        return len(mixers)
+
+    @contextlib.contextmanager
+    def attention_window(self, window: int | None):
+        """Inside, every attention layer keeps at most `window` keys (None: as configured; a
+        layer's own smaller window stays); the configured windows come back on exit."""
+        layers = self._attention()
+        saved = [m.window for m in layers]
+        try:
+            if window is not None:
+                for m in layers:
+                    m.window = window if m.window is None else min(m.window, window)
+            yield self
+        finally:
+            for m, w in zip(layers, saved):
+                m.window = w
+
     # ----- forward -------------------------------------------------------------------
     def hidden(self, tokens: Tensor, state: ModelState | None = None,
                capture: TeachCapture | None = None) -> tuple[Tensor, ModelState]:
@@ -134,7 +183,7 @@ class LanguageModel(nn.Module):
         return self.loss(h, targets, reduction)[0], state
 
     @staticmethod
-    def next_token_targets(tokens: Tensor, next_token: Tensor | None = None, ignore_index: int = -100) -> Tensor:
+    def next_token_targets(tokens: Tensor, next_token: Tensor | None = None, ignore_index: int = IGNORE) -> Tensor:
         """targets[t] = tokens[t+1]; the last position gets next_token [B] (the first token of
         the next segment) when given, else ignore_index."""
         last = (torch.full_like(tokens[:, :1], ignore_index) if next_token is None
@@ -222,7 +271,7 @@ class LanguageModel(nn.Module):
         capture = TeachCapture()
         targets = self.next_token_targets(tokens, next_token) if targets is None else targets
         loss, new_state = (self if module is None else module)(tokens, state, capture, targets=targets)
-        capture.scale = float((targets != -100).sum().clamp(min=1))  # mean -> summed loss
+        capture.scale = float((targets != IGNORE).sum().clamp(min=1))  # mean -> summed loss
         return loss, capture, new_state
 
     def apply_updates(self, state: ModelState, capture: TeachCapture, lr: float | None = None,

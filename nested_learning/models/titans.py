@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..layers.common import MLP, RMSNorm
 from ..layers.titans import TitansMemory
-from .config import ModelConfig, _pos_int
+from .config import ModelConfig, positive_field
 from .lm import Block, LanguageModel
 from .transformer import attention
 
@@ -24,7 +24,7 @@ class TitansConfig(ModelConfig):
         if self.memory not in ("linear", "mlp"):
             raise ValueError(f"TitansConfig.memory must be 'linear' or 'mlp', got {self.memory!r}")
         for n in ("chunk_size", "conv_kernel", "memory_hidden_mult"):
-            _pos_int(self, n)
+            positive_field(self, n)
 
 
 class TitansBlock(Block):

@@ -3,7 +3,7 @@
 The fast backends split the op in two: the kernels do the O(d^2)-per-token work (reads,
 errors, the chunk's gradient sums, the state recurrence), and the O(C^2)-per-chunk gate
 algebra is done here, batched over all chunks with ATen (no Python work per chunk). Per chunk
-(reference/titan.py, _ChunkScan):
+(reference/titan.py, ChunkScan):
 
     M' = abar M + rho S - sum_s c_par[s] theta_s g_s,    S' = ebar S - sum_s c_mom[s] theta_s g_s
 
@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference.titan import _ChunkScan
+from ..reference.titan import ChunkScan
 
 
 def _build(eta: Tensor, alpha: Tensor) -> tuple[Tensor, ...]:
     """eta, alpha [B, H, n, L] -> abar, rho, ebar [B, H, n]; c_par, c_mom [B, H, n, L]."""
-    s = _ChunkScan.build(eta, alpha)
+    s = ChunkScan.build(eta, alpha)
     return s.abar, s.rho, s.ebar, s.c_par, s.c_mom
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import checks as _checks
+from ..constants import IGNORE
 from ..reference.cross_entropy import REDUCTIONS, linear_cross_entropy_reference
 from . import _backend
 from ._define import define_op
@@ -139,7 +140,7 @@ def linear_cross_entropy(
     h: Tensor,
     weight: Tensor,
     targets: Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE,
     reduction: str = "mean",
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..constants import IGNORE
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def linear_cross_entropy_reference(
-    h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100, reduction: str = "mean"
+    h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE, reduction: str = "mean"
 ) -> tuple[Tensor, Tensor]:
     """h [..., D]; weight [V, D]; targets [...] integer. Returns (loss, delta [..., D]).
     reduction "mean" averages over the non-ignored positions (0 when there are none)."""

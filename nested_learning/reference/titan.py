@@ -27,7 +27,7 @@ from torch import Tensor
 
 
 @dataclass
-class _ChunkScan:
+class ChunkScan:
     """Scan coefficients of one chunk, each batched over [B, H]."""
 
     ebar: Tensor  # [B,H]      prod of eta over the chunk
@@ -37,7 +37,7 @@ class _ChunkScan:
     c_mom: Tensor  # [B,H,C]   weight of token s's gradient in the momentum
 
     @classmethod
-    def build(cls, eta: Tensor, alpha: Tensor) -> _ChunkScan:
+    def build(cls, eta: Tensor, alpha: Tensor) -> ChunkScan:
         """eta, alpha: [B,H,C] gates of one chunk."""
         C = eta.shape[-1]
         idx = torch.arange(C, device=eta.device)
@@ -101,7 +101,7 @@ def titan_update_reference(
         kc = k_[:, :, sl]
         outs.append(q_[:, :, sl] @ M.transpose(-1, -2))
         err = kc @ M.transpose(-1, -2) - v_[:, :, sl]  # [B,H,C,dv]
-        scan = _ChunkScan.build(et[:, :, sl], al[:, :, sl])
+        scan = ChunkScan.build(et[:, :, sl], al[:, :, sl])
         M, S = scan.step(M, S, th[:, :, sl], 2 * err, kc)
     o = torch.cat(outs, 2).transpose(1, 2) if outs else q.new_zeros(B, 0, H, dv, dtype=cdt)
     return o.to(q.dtype), (M, S)
@@ -146,7 +146,7 @@ def titan_mlp_reference(
         hid = act(z)
         err2 = 2 * (kc + hid @ W1.transpose(-1, -2) - v_[:, :, sl])  # dloss/dM(k) [B,H,C,d]
         back = (err2 @ W1) * dact(z)  # dloss/dz [B,H,C,h]
-        scan = _ChunkScan.build(et[:, :, sl], al[:, :, sl])
+        scan = ChunkScan.build(et[:, :, sl], al[:, :, sl])
         W1, S1 = scan.step(W1, S1, th[:, :, sl], err2, hid)
         W2, S2 = scan.step(W2, S2, th[:, :, sl], back, kc)
     o = torch.cat(outs, 2).transpose(1, 2) if outs else q.new_zeros(B, 0, H, d, dtype=cdt)

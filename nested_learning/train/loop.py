@@ -6,8 +6,9 @@ the saves."""
 
 from __future__ import annotations
 
-from . import distributed
+from .. import distributed
 from .config_checks import validate
+from .plan import print_plan
 from .trainer import Trainer, TrainingDiverged, seed_everything
 
 __all__ = ["TrainingDiverged", "run", "seed_everything", "validate"]
@@ -16,8 +17,6 @@ __all__ = ["TrainingDiverged", "run", "seed_everything", "validate"]
 def run(cfg: dict) -> dict:
     t = validate(cfg)
     if t.dry_run:
-        from .plan import print_plan
-
         return print_plan(cfg, t)
     info = distributed.setup(t.device, t.dist_backend)
     try:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .distributed import DistInfo
+from ..distributed import DistInfo
 
 __all__ = ["Sharded", "state_init_parameters", "wrap"]
 

@@ -35,23 +35,21 @@ import numpy as np
 import torch
 
 from ..checks import NonFiniteInputError
-from ..eval.stream import validation_loss
+from ..constants import IGNORE
+from ..data.shards import prepare_corpus
+from ..data.sources import corpus_cache_dir, data_dir_of
+from ..data.streams import DocumentStreams
+from ..data.tokens import SPECIALS, TOKENIZER_FILE
 from ..models import build_model
-from . import checkpoint, health, run_dir, sharding
-from .checkpointer import Checkpointer, format_for
+from ..runs import checkpoint, run_dir
+from ..runs.checkpointer import Checkpointer, format_for
+from ..runs.export import export_run
+from . import health, sharding
 from .config import TrainConfig
 from .console import Console
-from .data import (
-    IGNORE,
-    SPECIALS,
-    TOKENIZER_FILE,
-    DocumentStreams,
-    corpus_cache_dir,
-    data_dir_of,
-    prepare_corpus,
-)
 from .metrics import MetricsLog, inner_stats, inner_updates, read_records, truncate
 from .optim import build_optimizer, lr_factor, set_lr
+from .validation import validation_loss
 
 __all__ = ["Trainer", "TrainingDiverged", "seed_everything"]
 
@@ -92,7 +90,7 @@ class Trainer:
         seed_everything(t.seed)
         self.tok, self.train_docs, self.val_docs, fingerprint = self._corpus()
         if info.main:
-            self.tok.save(os.path.join(self.out, TOKENIZER_FILE))  # the run carries its tokenizer (eval.load_run)
+            self.tok.save(os.path.join(self.out, TOKENIZER_FILE))  # the run carries its tokenizer (runs.load_run)
         self.pad_id = self.tok.token_to_id(SPECIALS[1])
         torch.manual_seed(t.seed)  # the model init depends on the seed only
         self.model = build_model(self.cfg["model"]["name"], self.cfg["size"]["name"],
@@ -324,7 +322,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluate / save
     def evaluate(self):
-        """The validation (eval.stream.Validation: mean loss, its standard error over the held-out
+        """The validation (train.validation.Validation: mean loss, its standard error over the held-out
         streams, tokens, streams) on train.eval_tokens predictions of fixed held-out streams."""
         return validation_loss(self.model, self.val_docs, self.cfg, self.info, self.pad_id,
                                batch=self.micro, seq_len=self.seq_len)
@@ -400,8 +398,6 @@ class Trainer:
             console.close()
             metrics.close()
         if t.export and info.main:
-            from .export import export_run
-
             console.say(f"exported the final model to {export_run(self.out)}")
         info.barrier()
         return self._finish()
@@ -413,8 +409,6 @@ class Trainer:
         self.console.say(f"the run is already complete: {self.start_from} is at step {self.step} and "
                          f"train.steps={self.steps}; raise train.steps (or train.tokens) to train further")
         if self.t.export and self.info.main and not os.path.exists(os.path.join(self.out, "export", "meta.json")):
-            from .export import export_run  # a run that died while exporting
-
             self.console.say(f"exported the final model to {export_run(self.out)}")
         return self._finish(log_final=False)
 

@@ -28,11 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
+from nested_learning.data.sources import data_dir_of  # noqa: E402
 from nested_learning.eval import continual as C  # noqa: E402
 from nested_learning.eval import results as R  # noqa: E402
-from nested_learning.eval.run import load_run  # noqa: E402
-from nested_learning.eval.stream import MemorizeTally  # noqa: E402
-from nested_learning.train.data import data_dir_of  # noqa: E402
+from nested_learning.models.streaming import MemorizeTally  # noqa: E402
+from nested_learning.runs.load import load_run  # noqa: E402
 
 
 def run_config(model) -> dict:

@@ -15,10 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from nested_learning.data.sources import read_local  # noqa: E402
 from nested_learning.eval import results as R  # noqa: E402
 from nested_learning.eval.perplexity import document_perplexity, plot_loss_by_position  # noqa: E402
-from nested_learning.eval.run import held_out_documents, load_run  # noqa: E402
-from nested_learning.train.data import read_local  # noqa: E402
+from nested_learning.runs.load import held_out_documents, load_run  # noqa: E402
 
 
 def main(argv=None) -> dict:

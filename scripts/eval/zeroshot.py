@@ -21,11 +21,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from nested_learning.eval import blimp, load_run  # noqa: E402
+from nested_learning.data.sources import data_dir_of  # noqa: E402
+from nested_learning.eval import blimp  # noqa: E402
 from nested_learning.eval import results as R  # noqa: E402
 from nested_learning.eval.tasks import read_jsonl, resolve_tasks  # noqa: E402
 from nested_learning.eval.zeroshot import score_items  # noqa: E402
-from nested_learning.train.data import data_dir_of  # noqa: E402
+from nested_learning.runs import load_run  # noqa: E402
 
 
 def main(argv=None) -> dict:

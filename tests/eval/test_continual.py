@@ -5,10 +5,10 @@ import os
 
 import pytest
 
+from nested_learning.constants import IGNORE
 from nested_learning.eval import continual as C
-from nested_learning.eval import load_run
-from nested_learning.eval.stream import Memorize, MemorizeTally
-from nested_learning.train.data import IGNORE
+from nested_learning.models.streaming import Memorize, MemorizeTally
+from nested_learning.runs import load_run
 
 
 def test_transfer_metrics_on_a_hand_made_matrix():
@@ -96,8 +96,8 @@ def test_protocol_end_to_end(tiny_runs, corpus_dir, tmp_path, name):
 
 
 def test_a_diverging_segment_is_skipped_and_recorded(tiny_runs, corpus_dir, tmp_path, monkeypatch):
+    from nested_learning.data.tokens import SPECIALS, TokenDocs
     from nested_learning.ops import NonFiniteInputError
-    from nested_learning.train.data import SPECIALS, TokenDocs
     from nested_learning.train.optim import build_optimizer
 
     model, tok = load_run(tiny_runs["hope"], device="cpu")

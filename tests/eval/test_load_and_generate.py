@@ -7,10 +7,9 @@ import shutil
 import pytest
 import torch
 
-from nested_learning.eval import load_run
 from nested_learning.models import build_model
-from nested_learning.train import checkpoint
-from nested_learning.train.checkpoint import CheckpointError
+from nested_learning.runs import checkpoint, load_run
+from nested_learning.runs.checkpoint import CheckpointError
 from tests.eval.conftest import OVERRIDES
 
 

@@ -9,22 +9,21 @@ import time
 import pytest
 import torch
 
-from nested_learning.eval import load_run
 from nested_learning.eval.loglik import score_rows
 from nested_learning.eval.needle import (
     PASSKEY_FILLER,
     VARIANTS,
     Haystack,
     NeedleTask,
-    attention_window,
     parse_depths,
     parse_lengths,
     score_item,
     stream_prompt,
 )
 from nested_learning.eval.retrieval import evaluate_grid
-from nested_learning.eval.run import held_out_documents
 from nested_learning.models import build_model
+from nested_learning.runs import load_run
+from nested_learning.runs.load import held_out_documents
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +132,7 @@ def test_streaming_64k_tokens_in_bounded_state(task, name):
     size = lambda st: sum(t.numel() for t in st.tensors())  # noqa: E731
     start = size(model.init_state(1))
     t0 = time.process_time()
-    with attention_window(model, 256):
+    with model.attention_window(256):
         state = stream_prompt(model, it.ids, segment=model.prefill_segment())
     # CPU seconds of this process (its threads summed): under a minute of wall time on an idle
     # 2-core machine (about 15-25 s measured), and unaffected by other jobs sharing the cores

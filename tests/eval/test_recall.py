@@ -159,7 +159,7 @@ def test_the_control_never_writes_hopes_memories():
     assert drift("hope-nowrites") < 1e-6
     assert drift("hope") > 1e-3
     with pytest.raises(ValueError, match="no self-modifying"):
-        RC.disable_memory_writes(RC.build_recall_model("transformer", TASK, d_model=16, n_heads=2))
+        RC.build_recall_model("transformer", TASK, d_model=16, n_heads=2).disable_memory_writes()
 
 
 def test_train_step_trains_and_skips_nothing():

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from nested_learning.eval import loglik, zeroshot
 from nested_learning.eval.loglik import Scored, encode_pair, score_requests
-from nested_learning.eval.stream import Memorize
 from nested_learning.eval.tasks import Item
 from nested_learning.models import build_model
+from nested_learning.models.streaming import Memorize
 
 SMALL = dict(hope=dict(proj_chunk=4, memory_chunk=8, cms_periods=(1, 4)), titans=dict(chunk_size=4), transformer={})
 

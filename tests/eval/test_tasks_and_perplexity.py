@@ -11,8 +11,8 @@ import torch
 
 from nested_learning.eval import perplexity as P
 from nested_learning.eval import tasks as T
-from nested_learning.eval.stream import Memorize, stream_document
 from nested_learning.models import build_model
+from nested_learning.models.streaming import Memorize, stream_document
 
 
 def test_read_jsonl_checks_every_line(tmp_path):
@@ -80,7 +80,7 @@ def test_prepare_bigbench_from_an_sdist(tmp_path, monkeypatch):
 def test_bigbench_without_an_sdist_fails_saying_what_to_do(tmp_path, monkeypatch):
     """Where the registry no longer serves bigbench 1.0.0, asking for it fails with the way out;
     --tasks all goes on without it (tests/eval/test_blimp.py)."""
-    from nested_learning.train import data as D
+    from nested_learning.data import sources as D
 
     def registry_without_it(cmd, **kw):
         return type("R", (), {"returncode": 1, "stderr": "No matching distribution found for bigbench==1.0.0"})()

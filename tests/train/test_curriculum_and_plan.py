@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from nested_learning.train import checkpoint, trainer
+from nested_learning.runs import checkpoint
+from nested_learning.train import trainer
 from nested_learning.train.config import TrainConfig, compose_config
 from nested_learning.train.loop import run
 from tests.train.conftest import read_metrics

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from nested_learning.train.data import prepare_corpus, read_local, split_documents
+from nested_learning.data.shards import prepare_corpus
+from nested_learning.data.sources import read_local, split_documents
 from nested_learning.train.loop import run
 from tests.train.conftest import read_metrics
 

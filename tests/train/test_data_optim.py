@@ -2,15 +2,12 @@ import numpy as np
 import pytest
 import torch
 
+from nested_learning.constants import IGNORE
+from nested_learning.data.shards import prepare_corpus
+from nested_learning.data.sources import read_local, split_documents
+from nested_learning.data.streams import DocumentStreams
+from nested_learning.data.tokens import TokenDocs
 from nested_learning.models import build_model
-from nested_learning.train.data import (
-    IGNORE,
-    DocumentStreams,
-    TokenDocs,
-    prepare_corpus,
-    read_local,
-    split_documents,
-)
 from nested_learning.train.optim import (
     NewtonSchulzMuon,
     build_optimizer,

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from nested_learning.train import checkpoint
-from nested_learning.train.checkpointer import load_whole_model
+from nested_learning.runs import checkpoint
+from nested_learning.runs.checkpointer import load_whole_model
 from tests.train.conftest import read_metrics
 from tests.train.test_ddp import torchrun
 
@@ -47,9 +47,9 @@ def _restored(cfg, path, world_note=True):
     one-process run restores from a checkpoint, through the trainer's own Checkpointer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    from nested_learning.distributed import DistInfo
     from nested_learning.models import build_model
-    from nested_learning.train.checkpointer import Checkpointer
-    from nested_learning.train.distributed import DistInfo
+    from nested_learning.runs.checkpointer import Checkpointer
     from nested_learning.train.optim import build_optimizer
 
     meta = checkpoint.meta_of(path)
@@ -149,8 +149,8 @@ def test_a_dcp_checkpoint_restores_exactly_into_the_same_world(make_cfg, tmp_pat
 
 
 def test_export_of_an_fsdp_run_loads_for_evaluation(make_cfg, tmp_path):
-    from nested_learning.eval import load_run
-    from nested_learning.train.export import export_run
+    from nested_learning.runs import load_run
+    from nested_learning.runs.export import export_run
 
     cfg = make_cfg("fsdp", train={**FSDP, "steps": 2, "export": True})
     r = torchrun(cfg, tmp_path)

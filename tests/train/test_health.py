@@ -80,7 +80,7 @@ def _train(make_cfg, name, overrides, out):
 
 def _stream_health(cfg):
     """Memory norms and mixer rms after each segment of 4 x CONTEXT tokens from a fresh state."""
-    from nested_learning.eval.run import load_run
+    from nested_learning.runs.load import load_run
 
     model, tok = load_run(cfg["train"]["out_dir"], device="cpu")
     torch.manual_seed(0)

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import nested_learning.eval.stream as stream_mod
-from nested_learning.eval.stream import mean_and_se, validation_loss
+import nested_learning.train.validation as stream_mod
+from nested_learning.constants import IGNORE
+from nested_learning.data.streams import held_out_streams
+from nested_learning.data.tokens import TokenDocs
 from nested_learning.models import build_model
-from nested_learning.train.data import IGNORE, TokenDocs, held_out_streams
+from nested_learning.train.validation import mean_and_se, validation_loss
 
 PAD = 1
 CPU = torch.device("cpu")

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from nested_learning.layers.teach import TeachCapture
-from nested_learning.train import checkpoint
+from nested_learning.runs import checkpoint
 from nested_learning.train.loop import run
 from tests.train.conftest import read_metrics
 

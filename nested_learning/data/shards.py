@@ -1,7 +1,7 @@
 """Token shards: a corpus tokenized once, streaming, into memory-mapped files (docs/DATA.md).
 
-`prepare_shards` reads the documents of a data config one at a time (data.iter_documents), splits
-them as they pass (data.iter_split: document i of the stream is validation when i % 10 == 5),
+`prepare_shards` reads the documents of a data config one at a time (sources.iter_documents), splits
+them as they pass (sources.iter_split: document i of the stream is validation when i % 10 == 5),
 trains the tokenizer on the first data.tokenizer_sample characters of the training split,
 encodes batches of documents in a pool of worker processes (results taken in order, so the
 output does not depend on the number of workers) and appends them to shards of at most
@@ -11,7 +11,7 @@ under a temporary name and renamed when complete, then recorded in progress.json
 an interruption skips the documents of the recorded shards and writes the rest. index.json,
 written last, marks the corpus complete; a rerun is then a no-op.
 
-Files in the cache directory (data.corpus_cache_dir):
+Files in the cache directory (sources.corpus_cache_dir):
 
     tokenizer.json             the byte-level BPE tokenizer
     train-00000.bin            tokens of whole documents, each followed by <|endoftext|>, raw
@@ -41,20 +41,17 @@ from collections import deque
 
 import numpy as np
 
-from .data import (
+from .sources import (
     DEFAULT_SHARD_TOKENS,
-    SPECIALS,
     SPLIT_EVERY,
-    TOKENIZER_FILE,
     Skips,
     corpus_cache_dir,
     data_dir_of,
     iter_documents,
     iter_split,
-    token_dtype,
     tokenizer_sample,
-    train_tokenizer,
 )
+from .tokens import SPECIALS, TOKENIZER_FILE, token_dtype, train_tokenizer
 
 FORMAT = 1
 INDEX_FILE = "index.json"
@@ -545,3 +542,16 @@ def load_corpus(cache: str):
     tok = Tokenizer.from_file(os.path.join(cache, TOKENIZER_FILE))
     return tok, ShardedDocs(cache, index["splits"]["train"], index["dtype"]), \
         ShardedDocs(cache, index["splits"]["val"], index["dtype"])
+
+
+def prepare_corpus(data_cfg, data_dir: str, log=print):
+    """Tokenizer and train/val documents of a data config: the corpus is tokenized once into
+    memory-mapped shards under data_dir (prepare_shards, as scripts/prepare_data.py
+    does; a no-op when they are complete) and read from them (shards.ShardedDocs: the TokenDocs
+    interface, nothing loaded into memory)."""
+    index = prepare_shards(data_cfg, data_dir, log=log, quiet_if_done=True)
+    tok, train, val = load_corpus(index["cache"])
+    log(f"data: {data_cfg['source']} | {len(train)} train docs ({train.n_tokens:,} tokens), "
+        f"{len(val)} val docs ({val.n_tokens:,} tokens) | vocab {int(data_cfg['vocab_size'])} | "
+        f"cache {index['cache']}")
+    return tok, train, val

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.sources import corpus_cache_dir, data_dir_of, read_corpus, split_documents
+from ..data.tokens import TOKENIZER_FILE
 from ..models import MODELS
-from ..train import checkpoint
-from ..train.checkpoint import CheckpointError
-from ..train.checkpointer import load_whole_model
-from ..train.data import TOKENIZER_FILE
+from . import checkpoint
+from .checkpoint import CheckpointError
+from .checkpointer import load_whole_model
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, str | None
         parent = os.path.dirname(os.path.dirname(os.path.abspath(path)))
         if os.path.exists(os.path.join(parent, "config.json")):  # checkpoints/step_X of a run
             return path, parent
-        # an export (train/export.py) carries its run's config and tokenizer itself
+        # an export (runs/export.py) carries its run's config and tokenizer itself
         return path, path if os.path.exists(os.path.join(path, "config.json")) else None
     if step is not None:
         ck = checkpoint.checkpoint_dir(path, step)
@@ -107,8 +108,6 @@ def load_tokenizer(run_dir: str | None, ck: str):
     if run_dir and os.path.exists(os.path.join(run_dir, "config.json")):
         with open(os.path.join(run_dir, "config.json")) as f:
             cfg = json.load(f)
-        from ..train.data import corpus_cache_dir
-
         cache = corpus_cache_dir(cfg["data"])
         if os.path.exists(os.path.join(cache, TOKENIZER_FILE)):
             return Tokenizer.from_file(os.path.join(cache, TOKENIZER_FILE))
@@ -120,8 +119,6 @@ def load_tokenizer(run_dir: str | None, ck: str):
 
 def held_out_documents(model, data_dir: str | None) -> tuple[str, list[tuple[str, str]]]:
     """The validation split of the run's own corpus, as train.py split it."""
-    from ..train.data import data_dir_of, read_corpus, split_documents
-
     run_dir = model.run_info.run_dir
     if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.json")):
         raise CheckpointError("this checkpoint has no run directory with config.json, so its corpus is unknown: "

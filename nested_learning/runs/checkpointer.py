@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from ..distributed import DistInfo
 from . import checkpoint
 from .checkpoint import CheckpointError
-from .distributed import DistInfo
 
 __all__ = ["Checkpointer", "Restored", "format_for"]
 

@@ -1,6 +1,6 @@
 """Export a run's model as one safetensors file plus its config, whatever format its
 checkpoints are in (single-file, or DCP shards written by any number of ranks), so an
-FSDP-trained model evaluates like any other: `nested_learning.eval.load_run(EXPORT_DIR)`.
+FSDP-trained model evaluates like any other: `nested_learning.runs.load_run(EXPORT_DIR)`.
 
     python scripts/export.py RUN [--step N] [--out DIR]      (train.export=true: at the end of a run)
 
@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 
+from ..data.tokens import TOKENIZER_FILE
 from . import checkpoint
-from .data import TOKENIZER_FILE
+from .load import load_run
 
 __all__ = ["export_run"]
 
@@ -24,8 +25,6 @@ _META_KEYS = ("model", "size", "model_config", "tokenizer_sha256", "corpus", "st
 
 def export_run(run: str, step: int | None = None, out: str | None = None) -> str:
     from safetensors.torch import save_file
-
-    from ..eval.run import load_run
 
     net, _ = load_run(run, step, device="cpu")  # verified, either checkpoint format, read in this process
     ck, run_dir = net.run_info.checkpoint, net.run_info.run_dir

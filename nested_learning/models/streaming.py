@@ -1,0 +1,94 @@
+"""Scoring through the fast state, a capability of every language model of the package: tokens
+go through the model segment by segment with the fast state carried, and each token's
+next-token loss is read off, optionally memorising each segment after it is scored
+(test-time memorisation). Training's validation loss, perplexity, the zero-shot pack,
+continual learning and the lm-evaluation-harness adapter all use this one code path."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..constants import IGNORE
+from .state import ModelState
+
+
+@dataclass(frozen=True)
+class Memorize:
+    """Test-time memorisation settings (model.memorize): steps per segment, the CMS learning
+    rate (None: the model's), the surprise threshold and the levels (None: all)."""
+
+    steps: int = 1
+    lr: float | None = None
+    surprise_threshold: float = 0.0
+    levels: tuple[int, ...] | None = None
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "lr": self.lr, "surprise_threshold": self.surprise_threshold,
+                "levels": None if self.levels is None else list(self.levels)}
+
+
+@dataclass
+class MemorizeTally:
+    """Running totals of the memorisation reports of an evaluation, in constant memory however
+    many items it memorises; pass it where a list of reports is accepted (it has `append`)."""
+
+    reports: int = 0
+    updates: dict = field(default_factory=dict)  # "layer L level K" -> chunk updates of a sequence
+    tokens: int = 0  # token signals seen (token x level x layer)
+    passed: int = 0  # of which above the surprise threshold
+    lo: float = math.inf
+    hi: float = -math.inf
+    mean_sum: float = 0.0  # of the per-pass mean surprises
+    mean_n: int = 0
+
+    def append(self, rep) -> None:
+        self.reports += 1
+        for e in rep.events:
+            key = f"layer {e.layer} level {e.level}"
+            self.updates[key] = self.updates.get(key, 0) + e.rows_updated
+        self.tokens += rep.surprise_tokens
+        self.passed += rep.surprise_passed
+        self.lo, self.hi = min(self.lo, rep.surprise_min), max(self.hi, rep.surprise_max)
+        self.mean_sum += sum(rep.surprise)
+        self.mean_n += len(rep.surprise)
+
+
+def segment_losses(model, tokens: Tensor, targets: Tensor, state: ModelState,
+                   memorize: Memorize | None = None, reports: list | None = None) -> tuple[Tensor, ModelState]:
+    """Per-token loss [B, T] (float32, 0 where the target is IGNORE) of one segment and the new
+    state. Without `memorize`: a plain forward (the in-forward memories update as always; CMS
+    levels are read). With it: the segment's losses are taken first, then its tokens are
+    memorised (model.memorize), so later segments see the updated CMS levels and no token is
+    scored by a state that has learned from it. The memorisation report goes to `reports`."""
+    if memorize is None or not model.has_cms():
+        with torch.no_grad():
+            loss, state = model(tokens, state, targets=targets, reduction="none")
+        return loss.float(), state
+    state, rep = model.memorize(tokens, state, steps=memorize.steps, lr=memorize.lr,
+                                surprise_threshold=memorize.surprise_threshold, levels=memorize.levels,
+                                targets=targets)
+    loss, rep.token_loss = rep.token_loss.float(), None  # the report stays small
+    if reports is not None:
+        reports.append(rep)
+    return loss, state
+
+
+def stream_document(model, doc: Tensor, segment: int, memorize: Memorize | None = None,
+                    state: ModelState | None = None, reports: list | None = None) -> tuple[Tensor, ModelState]:
+    """Losses of every next-token prediction of one document doc [N] (N - 1 values), streamed
+    in segments of `segment` tokens from a fresh state (or `state`, batch 1)."""
+    doc = doc.to(model.embed.weight.device).view(1, -1).long()
+    state = model.init_state(1) if state is None else state
+    out = []
+    for s in range(0, doc.shape[1] - 1, segment):
+        tok = doc[:, s:s + segment]
+        tgt = doc[:, s + 1:s + segment + 1]
+        if tgt.shape[1] < tok.shape[1]:  # the last token has no target
+            tgt = torch.cat([tgt, torch.full_like(tok[:, :1], IGNORE)], 1)
+        loss, state = segment_losses(model, tok, tgt, state, memorize, reports)
+        out.append(loss[0, : tgt.shape[1]][tgt[0] != IGNORE])
+    return torch.cat(out), state
