@@ -1,55 +1,7 @@
-"""Complete a prompt with a trained run.
+"""The text generation command line, installed as `nl-generate`: its code and --help are
+nested_learning/cli/generate.py."""
 
-    python scripts/generate.py --run runs/hope-smoke --prompt "ROMEO:" --max-new-tokens 100
-    python scripts/generate.py --run RUN --prompt-file long.txt --temperature 0.8 --top-k 50 --seed 1
-
-Greedy (--temperature 0, the default) is deterministic. The prompt streams through the fast
-state in segments (any length), then tokens are decoded one by one with the state carried."""
-
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-
-from nested_learning.data.tokens import SPECIALS  # noqa: E402
-from nested_learning.runs import load_run  # noqa: E402
-
-
-def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="a run directory of train.py, or one of its checkpoints")
-    ap.add_argument("--step", type=int, default=None)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt")
-    src.add_argument("--prompt-file")
-    ap.add_argument("--max-new-tokens", type=int, default=100)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--stop-at-eot", action="store_true", help="stop at the end-of-text token")
-    a = ap.parse_args(argv)
-    model, tok = load_run(a.run, a.step, a.device)
-    text = a.prompt if a.prompt is not None else open(a.prompt_file, encoding="utf-8").read()
-    ids = tok.encode(text).ids or [tok.token_to_id(SPECIALS[0])]
-    device = model.embed.weight.device
-    gen = torch.Generator(device=device).manual_seed(a.seed)
-    t0 = time.perf_counter()
-    out, _ = model.generate(torch.tensor(ids, device=device), a.max_new_tokens, a.temperature, a.top_k,
-                            eos=tok.token_to_id(SPECIALS[0]) if a.stop_at_eot else None, generator=gen)
-    dt = time.perf_counter() - t0
-    completion = tok.decode(out[0].tolist())
-    print(text + completion)
-    print(f"\n[{model.run_info.model} step {model.run_info.step}: {len(ids)} prompt tokens, {out.shape[1]} new tokens "
-          f"in {dt:.2f} s]", file=sys.stderr)
-    return completion
-
+from nested_learning.cli.generate import main
 
 if __name__ == "__main__":
     main()

@@ -1,69 +1,7 @@
-"""Long-document perplexity of a trained run: held-out documents of its own corpus (the
-validation split) by default, or any local text (--data: a .txt/.jsonl file or a folder).
+"""The long-document perplexity command line, installed as `nl-perplexity`: its code and --help are
+nested_learning/cli/perplexity.py."""
 
-    python scripts/eval/perplexity.py --run runs/hope-smoke --out results/hope
-    python scripts/eval/perplexity.py --run RUN --data my_texts/ --max-docs 20 --out DIR --memorize
-
-Writes DIR/perplexity.json and DIR/perplexity_loss_by_position.png (with --memorize also
-DIR/perplexity_memorize.json, and both curves in the plot)."""
-
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from nested_learning.data.sources import read_local  # noqa: E402
-from nested_learning.eval import results as R  # noqa: E402
-from nested_learning.eval.perplexity import document_perplexity, plot_loss_by_position  # noqa: E402
-from nested_learning.runs.load import held_out_documents, load_run  # noqa: E402
-
-
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    R.add_common_args(ap)
-    ap.add_argument("--data", default=None, help="local text instead of the run's validation split")
-    ap.add_argument("--text-field", default="text", help="the text field of .jsonl files")
-    ap.add_argument("--max-docs", type=int, default=None, help="the first N documents")
-    ap.add_argument("--max-tokens", type=int, default=None, help="score at most N tokens of each document")
-    ap.add_argument("--segment", type=int, default=None,
-                    help="tokens per streamed segment (default: the model's prefill segment)")
-    ap.add_argument("--data-dir", default=None, help="corpus cache (default: as in training)")
-    a = ap.parse_args(argv)
-    R.memorize_settings(a)
-    model, tok = load_run(a.run, a.step, a.device)
-    if a.data:
-        name, docs = os.path.splitext(os.path.basename(a.data.rstrip("/")))[0], read_local(a.data, a.text_field)
-    else:
-        name, docs = held_out_documents(model, a.data_dir)
-    docs = docs[: a.max_docs]
-    segment = a.segment or model.prefill_segment()
-    total = sum(min(len(tok.encode(t).ids), a.max_tokens or 1 << 62) for _, t in docs)
-
-    def evaluate(setting, reports):
-        bar = R.progress_bar(total, f"perplexity{' (memorised)' if setting else ''}", "tok", a.no_progress)
-        block = document_perplexity(model, tok, docs, segment, setting, a.max_tokens, reports, bar)
-        if bar is not None:
-            bar.close()
-        return {name: block}
-
-    out = R.baseline_and_memorised("perplexity", model, a, evaluate)
-    curves = {("memorised" if "memorize" in label else "baseline"): res["tasks"][name] for label, res in out.items()}
-    info = model.run_info
-    png = plot_loss_by_position(curves, os.path.join(a.out, "perplexity_loss_by_position.png"),
-                                f"{info.model} ({info.size}, step {info.step}) on {name}")
-    for label, res in out.items():
-        m = res["tasks"][name]["metrics"]
-        print(f"{label}: {res['tasks'][name]['n_items']} documents, {res['tasks'][name]['extra']['tokens']} tokens | "
-              f"perplexity {m['perplexity']['value']:.3f} | bits/byte {m['bits_per_byte']['value']:.4f} | "
-              f"loss {m['loss']['value']:.4f} ± {m['loss']['stderr'] or 0:.4f}")
-        for r in res["tasks"][name]["extra"]["loss_by_position"]:
-            print(f"    {r['bucket']:>10}: loss {r['loss']:.4f} ({r['tokens']} tokens, {r['documents']} documents)")
-    print(f"plot: {png}")
-    return out
-
+from nested_learning.cli.perplexity import main
 
 if __name__ == "__main__":
     main()

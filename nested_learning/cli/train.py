@@ -1,0 +1,50 @@
+"""Train a HOPE, Titans or Transformer language model.
+
+    python train.py                                    # smoke HOPE on the offline default corpus
+    python train.py model=titans train.steps=500 train.out_dir=runs/t
+    torchrun --standalone --nproc_per_node=2 train.py model=transformer optim=mixed_muon_adamw
+    python train.py experiment=plan_mid train.dry_run=true   # the plan: parameters, tokens, steps, memory
+
+`nl-train` is the same command (Hydra overrides as arguments; the configs are the repository's
+configs/, so it needs the editable install of a clone)."""
+
+from __future__ import annotations
+
+import sys
+
+from nested_learning.cli._common import config_dir
+
+
+def _train(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from nested_learning.train.loop import run
+
+    run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))  # prints its summary (rank 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Hydra reads the overrides from sys.argv; argv (a list of overrides) stands in for them."""
+    import hydra
+
+    from nested_learning.train.config import register
+
+    register()  # the train section's schema and defaults (TrainConfig)
+    app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(_train)
+    if argv is None:
+        return app()
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "nl-train", *argv]
+    try:
+        return app()
+    finally:
+        sys.argv = saved
+
+
+def console() -> None:
+    """`nl-train`: main, its return value (results, for callers in Python) not passed on as an exit status."""
+    main()
+
+
+if __name__ == "__main__":
+    main()
