@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import sys
 
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
 from nested_learning.cli._common import config_dir
+from nested_learning.data.shards import prepare_shards
+from nested_learning.data.sources import data_dir_of
+from nested_learning.train.config import register
 
 
 def compose_data(overrides: list[str]) -> dict:
     """The resolved `data` section of train.py's config with these overrides."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from nested_learning.train.config import register
-
     register()  # the train section's schema, as train.py registers it (configs/config.yaml names it)
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -41,10 +42,6 @@ def main(argv: list[str] | None = None) -> dict:
     if "--no-progress" in argv:
         argv, progress = [a for a in argv if a != "--no-progress"], False
     data = compose_data(argv)
-
-    from nested_learning.data.shards import prepare_shards
-    from nested_learning.data.sources import data_dir_of
-
     index = prepare_shards(data, data_dir_of(data), log=print, progress=progress)
     s = index["splits"]
     print(f"{index['cache']}: train {s['train']['n_docs']:,} documents, {s['train']['n_tokens']:,} tokens "

@@ -12,23 +12,20 @@ from __future__ import annotations
 
 import sys
 
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
 from nested_learning.cli._common import config_dir
+from nested_learning.train.config import register
+from nested_learning.train.loop import run
 
 
-def _train(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    from nested_learning.train.loop import run
-
+def _train(cfg: DictConfig) -> None:
     run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))  # prints its summary (rank 0)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Hydra reads the overrides from sys.argv; argv (a list of overrides) stands in for them."""
-    import hydra
-
-    from nested_learning.train.config import register
-
     register()  # the train section's schema and defaults (TrainConfig)
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(_train)
     if argv is None:
