@@ -58,10 +58,8 @@ print(json.dumps({"peak_mib": peak, "median_ms": times[len(times) // 2] if times
 
 def measure(N: int, D: int, V: int, backend: str, repeat: int = 0) -> dict:
     """{"peak_mib", "median_ms"} of one fresh process; backend "naive" or an op backend."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                       os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", _CHILD, str(N), str(D), str(V), backend, str(repeat)],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"measuring {backend} failed:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -10,14 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nested_learning.eval.tasks import read_jsonl  # noqa: E402
-from nested_learning.eval.zeroshot import score_items  # noqa: E402
-from nested_learning.models.streaming import Memorize, MemorizeTally  # noqa: E402
-from nested_learning.runs import load_run  # noqa: E402
+from nested_learning.eval.tasks import read_jsonl
+from nested_learning.eval.zeroshot import score_items
+from nested_learning.models.streaming import Memorize, MemorizeTally
+from nested_learning.runs import load_run
 
 
 def rss_mb() -> float:

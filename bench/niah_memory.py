@@ -17,10 +17,9 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from nested_learning.eval.needle import length_name, parse_lengths
 
-from nested_learning.eval.needle import length_name, parse_lengths  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def measure(run: str, length: int, extra: list[str]) -> dict:

@@ -21,13 +21,15 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-from run import median_ms  # noqa: E402
+from nested_learning import ops
+from nested_learning.layers.titans import TitansMemory
 
-from nested_learning import ops  # noqa: E402
-from nested_learning.layers.titans import TitansMemory  # noqa: E402
+if __package__:  # imported as bench.peer_titans (python -m bench.peer_titans)
+    from .run import median_ms
+else:  # python bench/peer_titans.py: bench/ is sys.path[0]
+    from run import median_ms
 
 
 def main(argv=None) -> int:

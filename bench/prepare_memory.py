@@ -51,7 +51,6 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 CHARS_PER_TOKEN = 3.05  # Shakespeare with the 4096-token tokenizer (5,057,198 characters, 1,656,725 tokens)
 DOCS_PER_FILE = 10_000
 

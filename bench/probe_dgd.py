@@ -4,14 +4,15 @@ float32 parity check against the float64 reference, and (when the extension was 
 CUDA kernels) the fused per-token kernel against the chunk kernels on 1 and 8 tokens, raw and
 through ops.dgd_update. Needs no compiled extension for the rest:
 
-    PYTHONPATH=. TRITON_INTERPRET=0 python bench/probe_dgd.py
+    TRITON_INTERPRET=0 python bench/probe_dgd.py
 """
+
+import nested_learning.kernels.dgd as K
 import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-import kernels.dgd as K
 from nested_learning.reference.dgd import dgd_update_reference
 
 B, T, H, d = 8, 4096, 16, 64

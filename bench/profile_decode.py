@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import os
 import pstats
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from nested_learning.models import build_model  # noqa: E402
+from nested_learning.models import build_model
 
 
 def main(argv=None) -> float:

@@ -9,16 +9,18 @@ alone, and torch.profiler's table of the ops that dominate.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+from torch.profiler import profile
 
-import torch  # noqa: E402
-from cases import StepCase  # noqa: E402
-from run import median_ms  # noqa: E402
-from torch.profiler import profile  # noqa: E402
+if __package__:  # imported as bench.profile_step (python -m bench.profile_step)
+    from .cases import StepCase
+    from .run import median_ms
+else:  # python bench/profile_step.py: bench/ is sys.path[0]
+    from cases import StepCase
+    from run import median_ms
 
 
 def main(argv=None) -> int:

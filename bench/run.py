@@ -21,13 +21,15 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-from cases import cases, decode_cases, step_cases  # noqa: E402
+import nested_learning
+from nested_learning import ops
 
-import nested_learning  # noqa: E402
-from nested_learning import ops  # noqa: E402
+if __package__:  # imported as bench.run (the tests; python -m bench.run)
+    from .cases import cases, decode_cases, step_cases
+else:  # python bench/run.py: bench/ is sys.path[0]
+    from cases import cases, decode_cases, step_cases
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

@@ -2,16 +2,8 @@
 what they say (tiny models; the real rows use the smoke size)."""
 
 import json
-import os
-import sys
 
-from tests.helpers import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-
-import eval_memory  # noqa: E402
-import profile_decode  # noqa: E402
-import train_memory  # noqa: E402
+from bench import eval_memory, profile_decode, train_memory
 
 
 def test_eval_memory_scores_the_same_items_each_round(tiny_runs, tmp_path, capsys):
