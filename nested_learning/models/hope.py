@@ -33,7 +33,7 @@ class HOPEConfig(ModelConfig):
     self_modifying: bool = True  # False: q, k, v and the gates are ordinary slow linear maps
     memory_target: str = "self"  # the main memory's target: "self" (a = 2k - v) | "values" (Eq. 28: a = 2k)
     residual_memories: bool = True  # memories read x + W x and write eta (v - k) (MATH 6); False: W x
-    forget_bias: float = 8.0  # the forget gate's initial bias: alpha = sigmoid(8) per token, a ~3k-token horizon (bench/forget_sweep.py)
+    forget_bias: float = 8.0  # the forget gate's initial bias: alpha = sigmoid(8) per token, a ~3k-token horizon (studies/forget_sweep.py)
     # the CMS chain (checked by CMSConfig)
     cms_periods: tuple = (1, 4, 16, 64)
     cms_hidden_mult: int = 2

@@ -44,16 +44,3 @@ def test_ce_memory_json(tmp_path):
            "--json", str(tmp_path / "c.json"))
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert [r["backend"] for r in rows] == ["naive", "cpu"] and all(r["median_ms"] > 0 for r in rows)
-
-
-def test_forget_sweep_reads_the_memories_at_the_start_and_end_of_each_context():
-    from bench.forget_sweep import context_end_health
-
-    def rec(pos, rel, rms):
-        mem = {f"layer{i}": {"mixer.proj": {"rel": rel}, "mixer.memory": {"rel": rel / 2}} for i in range(2)}
-        return {"context_pos": pos, "health": {"memory": mem, "mixer_rms": {"layer0": rms, "layer1": rms}}}
-
-    recs = [rec(0.0, 0.9, 0.5), rec(128.0, 0.5, 0.4), rec(0.0, 0.7, 0.3), rec(128.0, 0.1, 0.2)]
-    h = context_end_health(recs)
-    assert abs(h["mixer.proj_rel_start"] - 0.8) < 1e-12 and abs(h["mixer.proj_rel_end"] - 0.3) < 1e-12
-    assert abs(h["mixer.memory_rel_end"] - 0.15) < 1e-12 and abs(h["mixer_rms_end"] - 0.3) < 1e-12

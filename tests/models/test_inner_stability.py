@@ -154,7 +154,7 @@ def test_the_bounded_titans_layer_stays_bounded_over_a_long_stream_with_large_ga
     (as text's do), streams 4096 tokens with a bounded memory; with the old bound (sum theta
     kappa <= 1 per chunk, momentum ignored) the same stream overflows."""
     import nested_learning.layers.titans as titans
-    from bench.variant_stability import momentum_blind_bound  # the bound before issue 28
+    from studies.variant_stability import momentum_blind_bound  # the bound before issue 28
 
     def stream(bias):
         torch.manual_seed(0)

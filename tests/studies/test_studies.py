@@ -1,0 +1,40 @@
+"""The research studies of studies/: what can be checked without their training runs."""
+
+import pytest
+
+from tests.helpers import run_python
+
+
+@pytest.mark.parametrize("study", ["forget_sweep.py", "optimizer_compare.py", "variant_stability.py",
+                                   "inner_curvature.py"])
+def test_a_study_runs_as_a_file_from_the_repository_root(study):
+    """`python studies/X.py` finds its sibling modules (studies/ is sys.path[0]) and the package
+    (installed), with no sys.path edit."""
+    r = run_python(f"studies/{study}", "--help", timeout=300)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
+
+
+def test_the_studies_import_as_a_package():
+    """Imported as studies.X (the tests; python -m studies.X), a study uses the one
+    studies.variant_stability module, not a second copy."""
+    import studies.forget_sweep
+    import studies.optimizer_compare
+    import studies.titans_memory_trace
+    import studies.variant_stability as vs
+
+    assert studies.forget_sweep.train_in_process is vs.train_in_process
+    assert studies.optimizer_compare.train_in_process is vs.train_in_process
+    assert studies.titans_memory_trace.raw_rules is vs.raw_rules
+
+
+def test_forget_sweep_reads_the_memories_at_the_start_and_end_of_each_context():
+    from studies.forget_sweep import context_end_health
+
+    def rec(pos, rel, rms):
+        mem = {f"layer{i}": {"mixer.proj": {"rel": rel}, "mixer.memory": {"rel": rel / 2}} for i in range(2)}
+        return {"context_pos": pos, "health": {"memory": mem, "mixer_rms": {"layer0": rms, "layer1": rms}}}
+
+    recs = [rec(0.0, 0.9, 0.5), rec(128.0, 0.5, 0.4), rec(0.0, 0.7, 0.3), rec(128.0, 0.1, 0.2)]
+    h = context_end_health(recs)
+    assert abs(h["mixer.proj_rel_start"] - 0.8) < 1e-12 and abs(h["mixer.proj_rel_end"] - 0.3) < 1e-12
+    assert abs(h["mixer.memory_rel_end"] - 0.15) < 1e-12 and abs(h["mixer_rms_end"] - 0.3) < 1e-12
