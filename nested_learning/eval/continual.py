@@ -23,6 +23,8 @@ from ..data.sources import read_local, split_documents
 from ..data.streams import DocumentStreams
 from ..data.tokens import SPECIALS, TokenDocs
 from ..models.streaming import Memorize, segment_losses
+from ..train.optim import build_optimizer, lr_factor, set_lr
+from ..train.step import TrainStep
 from .plots import annotated_heatmap, finish, pyplot
 from .results import mean_stderr
 
@@ -193,50 +195,41 @@ class LevelClock:
 
 def train_segment(model, opt, docs: TokenDocs, steps: int, batch: int, seq_len: int, context_len: int | None,
                   seed: int, pad_id: int, clip: float | None, warmup: int = 0, done: int = 0, max_bad: int = 3,
-                  progress=None) -> dict:
-    """`steps` optimizer steps on one segment's training documents (the training step of
-    train.py: streamed fast state, outer step, then the CMS update pass), the learning rate
-    warmed up linearly over the protocol's first `warmup` steps (`done` steps were taken
-    before this segment) and constant after. A step whose loss or gradient is not finite, or
-    whose forward meets a NaN gate, is skipped (no update) and counted; `max_bad` in a row stop
-    the segment's training, recorded as `diverged_at_step`."""
+                  progress=None, on_step=None) -> dict:
+    """`steps` optimizer steps on one segment's training documents, each the one training step
+    of train.py (nested_learning.train.step.TrainStep, one micro-batch): the fast state streamed
+    across steps and reset at document boundaries, forward and backward, the CMS update pass,
+    clipping, the guard, then the optimizer step. The learning rate is optim.lr_factor with
+    min_ratio=1 counted over the protocol (`done` steps were taken before this segment): linear
+    warm-up over the protocol's first `warmup` steps, constant after. A skipped step (the loss,
+    gradient norm or new fast state not finite, or a NaN gate reaching an op) changes nothing: no
+    optimizer step, no inner update, the pre-step fast state is kept; it is counted, and `max_bad`
+    in a row stop the segment's training, recorded as `diverged_at_step`. on_step(k, StepResult)
+    is called after each step k (0-based) of the segment."""
     streams = DocumentStreams(docs, batch, seq_len, seed, pad_id, context_len=context_len)
-    state, clock, losses, skipped, bad, diverged = model.init_state(batch), LevelClock(), [], 0, 0, None
-    base = [g["lr"] for g in opt.param_groups]
+    one_step = TrainStep(model, opt, clip=clip)
+    states, clock, losses, skipped, bad, diverged = [model.init_state(batch)], LevelClock(), [], 0, 0, None
     dev = model.embed.weight.device
     model.train()
     for k in range(steps):
-        for g, lr in zip(opt.param_groups, base):
-            g["lr"] = lr * min(1.0, (done + k + 1) / warmup) if warmup else lr
         tok, tgt, reset = (x.to(dev) for x in streams.next())
-        if reset.any():
-            state = model.reset_state(state, reset)
-        try:
-            loss, cap, new = model.train_forward(tok, state, targets=tgt)
-            loss.backward()
-            g = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if clip is None else clip)
-            ok = bool(torch.isfinite(loss) and torch.isfinite(g))
-        except NonFiniteInputError:
-            ok = False
-        if not ok:
+        r = one_step(tok, tgt, states, reset, lr_factor=lr_factor(done + k, warmup, done + steps, min_ratio=1.0))
+        states = r.states
+        if on_step is not None:
+            on_step(k, r)
+        if progress is not None:
+            progress.update(1)
+        if r.skipped is not None:
             skipped, bad = skipped + 1, bad + 1
-            opt.zero_grad(set_to_none=True)
-            state = model.init_state(batch)
             if bad >= max_bad:
                 diverged = k + 1
                 break
             continue
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        new, rep = model.apply_updates(new, cap)
-        clock.add(rep.events)
-        state, bad = new.detach(), 0
-        losses.append(float(loss.detach()))
-        del cap, loss
-        if progress is not None:
-            progress.update(1)
-    for g, lr in zip(opt.param_groups, base):
-        g["lr"] = lr
+        bad = 0
+        for rep in r.reports:
+            clock.add(rep.events)
+        losses.append(r.loss)
+    set_lr(opt, 1.0)  # the configured learning rate again
     model.eval()
     return {"train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
             "skipped_steps": skipped, "diverged_at_step": diverged, "level_clock": clock.as_list()}
@@ -250,8 +243,6 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: in
     each stage every segment scored plainly (and, with `memorize`, after memorising each held-out
     document's context prefix). A block holds R (and the losses), the transfer metrics, the
     per-stage training summaries with the level clocks, and the scored token counts."""
-    from ..train.optim import build_optimizer
-
     if prefix < 1:
         raise ValueError(f"the context prefix must be >= 1 token, got {prefix}")
     torch.manual_seed(seed)

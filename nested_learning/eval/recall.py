@@ -31,8 +31,8 @@ Data and seeds: the test set of a cell (N, L) comes from numpy's generator seede
 row is replaced (counted as `train_rows_replaced`), so no test sequence is ever trained on.
 Training mixes the cells: each step is one batch of one cell, the cells visited in a fresh
 seeded order every round. Each model is built at the same width (d_model, n_heads, n_layers)
-with torch seeded by `seed`, and trained by `train_step`, the training step of
-`nested_learning.train.trainer.Trainer.train_step` for a batch of fresh sequences (see there).
+with torch seeded by `seed`, and trained by `train_step`: the one training step of train.py
+(`nested_learning.train.step.TrainStep`) on a batch of fresh sequences, from a fresh fast state.
 
 The control `hope-nowrites` is HOPE with its in-context writes disabled: eta (the learning
 rate of the projection memory and of the main memory) is 0, set through the layer's eta_max
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -51,12 +50,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checks import NonFiniteInputError
 from ..constants import IGNORE
 from ..models import build_model
-from ..train.optim import build_optimizer, lr_factor, set_lr
+from ..train.optim import build_optimizer, lr_factor
+from ..train.step import TrainStep
 from .plots import pyplot
-from .results import mean_stderr
+from .results import mean_stderr, progress_bar
 
 # name -> (registry model, config overrides, in-context writes of HOPE's self-modifying mixer)
 MODELS = {
@@ -216,62 +215,17 @@ def build_recall_model(name: str, task: RecallTask, d_model: int = 64, n_layers:
 
 # ---------------------------------------------------------------------------- training
 def train_step(model, opt, tokens: Tensor, targets: Tensor, clip: float | None = 1.0,
-               inner_updates: bool = True) -> dict:
-    """One optimizer step on a batch of fresh sequences, as Trainer.train_step does it:
-    train_forward from a fresh fast state, backward, gradient clipping, a guard (a non-finite
-    loss or gradient skips the step: no optimizer step, no inner update), the optimizer step,
-    then the CMS update pass (apply_updates). Differences: one micro-batch, one process, no
-    autocast or compile; the fast state after the update pass is dropped, because the next
-    batch starts fresh sequences (the Trainer resets a row's state at a document boundary,
-    which every row of every batch is here)."""
-    try:
-        loss, cap, state = model.train_forward(tokens, model.init_state(tokens.shape[0]), targets=targets)
-        loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if clip is None else clip))
-        loss_v = float(loss.detach())
-    except NonFiniteInputError:
-        loss_v, gnorm, cap, state = math.nan, math.nan, None, None
-    rec = {"loss": loss_v, "grad_norm": gnorm, "skipped": not (math.isfinite(loss_v) and math.isfinite(gnorm)),
-           "inner_updates": 0}
-    if not rec["skipped"]:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    if not rec["skipped"] and inner_updates and model.has_cms():
-        _, report = model.apply_updates(state.detach(), cap)
-        rec["inner_updates"] = report.updates_applied
-    return rec
-
-
-class _Progress:
-    """tqdm when installed, else a line on stderr every tenth of the way."""
-
-    def __init__(self, total: int, desc: str, off: bool = False):
-        self.total, self.desc, self.n, self.bar, self.off = total, desc, 0, None, off
-        self.t0 = time.perf_counter()
-        if off:
-            return
-        try:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-        except ImportError:
-            pass
-
-    def update(self, **postfix) -> None:
-        self.n += 1
-        if self.off:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix(**postfix, refresh=False)
-            self.bar.update(1)
-        elif self.n == self.total or self.n % max(1, self.total // 10) == 0:
-            info = " ".join(f"{k}={v}" for k, v in postfix.items())
-            print(f"{self.desc}: {self.n}/{self.total} steps, {time.perf_counter() - self.t0:.0f} s {info}",
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+                inner_updates: bool = True, lr_factor: float | None = None) -> dict:
+    """One optimizer step on a batch of fresh sequences: the one training step of train.py
+    (nested_learning.train.step.TrainStep, one micro-batch) from a fresh fast state (every row
+    starts a new sequence), its result's state dropped (the next batch starts fresh too). A
+    skipped step (the loss, gradient norm or fast state not finite, or a NaN gate reaching an
+    op) changes nothing: no optimizer step, no inner update. lr_factor: the schedule's factor
+    for this step (optim.lr_factor), set before it."""
+    r = TrainStep(model, opt, clip=clip, inner_updates=inner_updates)(
+        tokens, targets, [model.init_state(tokens.shape[0])], lr_factor=lr_factor)
+    return {"loss": r.loss, "grad_norm": r.grad_norm, "skipped": r.skipped is not None,
+            "inner_updates": r.updates_applied}
 
 
 def train(model, batches: TrainBatches, steps: int, optim: dict | None = None, clip: float | None = 1.0,
@@ -284,20 +238,23 @@ def train(model, batches: TrainBatches, steps: int, optim: dict | None = None, c
     opt = build_optimizer(model, optim)
     model.train()
     losses, skipped, updates, stopped = [], 0, 0, None
-    bar = _Progress(steps, desc, off=not progress)
+    bar = progress_bar(steps, desc, "step", off=not progress)
     t0 = time.perf_counter()
     for step in range(steps):
-        set_lr(opt, lr_factor(step, int(optim.get("warmup", 0)), steps, float(optim.get("min_lr_ratio", 0.1))))
         _, tok, tgt = batches.next()
-        rec = train_step(model, opt, tok, tgt, clip, inner_updates)
+        rec = train_step(model, opt, tok, tgt, clip, inner_updates,
+                         lr_factor(step, int(optim.get("warmup", 0)), steps, float(optim.get("min_lr_ratio", 0.1))))
         skipped += rec["skipped"]
         updates += rec["inner_updates"]
         losses.append(rec["loss"])
-        bar.update(loss=f"{rec['loss']:.3f}")
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", refresh=False)
+            bar.update(1)
         if time_limit is not None and time.perf_counter() - t0 > time_limit and step + 1 < steps:
             stopped = step + 1
             break
-    bar.close()
+    if bar is not None:
+        bar.close()
     seconds = time.perf_counter() - t0
     model.eval()
     k = max(1, len(losses) // 10)

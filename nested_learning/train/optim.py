@@ -129,7 +129,10 @@ def build_optimizer(model: nn.Module, cfg) -> OptimizerGroup:
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
-    """Linear warm-up to 1, then cosine decay to min_ratio at `total` steps."""
+    """Linear warm-up to 1 over the first `warmup` steps (step 0 at 1/warmup), then cosine
+    decay to min_ratio at `total` steps. min_ratio=1 is a linear warm-up then a constant 1
+    (exactly: `total` no longer matters): continual learning's schedule, counted over the whole
+    protocol (eval/continual.py)."""
     if step < warmup:
         return (step + 1) / warmup
     prog = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -3,8 +3,9 @@
     build()       corpus, model, sharding, optimizer, data streams, fast states
     restore()     the newest intact checkpoint, if any (slow weights, optimizer, fast states,
                   RNG, data position)
-    train_step()  one optimizer step: forward + backward over the micro-batches (loss, outer
-                  gradients, teach signals), the CMS update pass, the guards, the optimizer step
+    train_step()  one optimizer step: the one training step of step.py (forward + backward over
+                  the micro-batches, the CMS update pass, clipping, the guards, the optimizer
+                  step or a skip) with this run's sharding hooks, then telemetry and the record
     evaluate()    the validation loss
     save()        a checkpoint (single-file or DCP format, checkpointer.py)
 
@@ -12,10 +13,11 @@
 changes and the checkpoint cadence (every train.save_every steps and/or
 train.save_every_minutes of wall time).
 
-Guards: a step whose loss, gradient norm or new fast state is not finite changes nothing (no
-optimizer step, no inner update: the pre-step fast state is kept) and is logged as skipped;
-train.max_bad_steps in a row stop the run with TrainingDiverged, leaving the last good
-checkpoint as the newest."""
+Guards (step.py): a step whose loss, gradient norm or new fast state is not finite changes
+nothing (no optimizer step, no inner update: the pre-step fast state is kept) and is logged
+as skipped; train.max_bad_steps in a row stop the run with TrainingDiverged, leaving the last
+good checkpoint as the newest. With several ranks every rank takes the same decision
+(`_agree`), and a non-finite input reaching an op stops the run at once."""
 
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ import numpy as np
 import torch
 
 from ..checks import NonFiniteInputError
-from ..constants import IGNORE
 from ..data.shards import prepare_corpus
 from ..data.sources import corpus_cache_dir, data_dir_of
 from ..data.streams import DocumentStreams
@@ -48,7 +49,8 @@ from . import health, sharding
 from .config import TrainConfig
 from .console import Console
 from .metrics import MetricsLog, inner_stats, inner_updates, read_records, truncate
-from .optim import build_optimizer, lr_factor, set_lr
+from .optim import build_optimizer, lr_factor
+from .step import TrainStep
 from .validation import validation_loss
 
 __all__ = ["Trainer", "TrainingDiverged", "seed_everything"]
@@ -116,6 +118,7 @@ class Trainer:
         self.probe = health.MixerProbe(self.model) if t.health_every else None
         self.monitor = health.HealthMonitor(console.warn)
         self.fwd = torch.compile(self.sharded.module) if t.compile else self.sharded.module
+        self.one_step = self._make_step()
 
     def _start_point(self) -> str | None:
         """The checkpoint to resume from (None: a fresh run). A fresh run into a directory that
@@ -212,77 +215,55 @@ class Trainer:
                          + ("; accepted changes since it was saved: " + "; ".join(changes) if changes else ""))
 
     # ------------------------------------------------------------------ one step
+    def _make_step(self) -> TrainStep:
+        """The one training step (step.py) with this run's settings and the sharded wrapper's
+        hooks: DDP's no_sync, FSDP's replicated-gradient sync and mixed clipping, and (several
+        ranks) one skip decision for all ranks."""
+        t, info, sharded = self.t, self.info, self.sharded
+        return TrainStep(self.model, self.opt, clip=t.clip, grad_accum=t.grad_accum, inner_updates=t.inner_updates,
+                         autocast=self.autocast, forward=self._forward, no_sync=sharded.no_sync,
+                         sync=lambda: sharded.sync_replicated_grads(info.world),
+                         clip_norm=sharding.clip_mixed if sharded.replicated else None,
+                         agree=self._agree if info.world > 1 else None, raise_op_errors=info.world > 1)
+
     def train_step(self) -> dict:
-        """One optimizer step; returns its metrics record."""
-        t, info, model, step = self.t, self.info, self.model, self.step
+        """One optimizer step (step.TrainStep on the next batch of the streams, from the carried
+        fast states, the learning rate of optim.lr_factor); the guards' bookkeeping and the
+        console message of a skipped step; returns its metrics record."""
+        t, info, step = self.t, self.info, self.step
         t0 = time.perf_counter()
-        set_lr(self.opt, lr_factor(step, self.o.get("warmup", 0), self.steps, self.o.get("min_lr_ratio", 0.1)))
+        factor = lr_factor(step, self.o.get("warmup", 0), self.steps, self.o.get("min_lr_ratio", 0.1))
         ctx = health.context_position(self.streams.pos["offset"], t.context_len)
         watch = bool(t.health_every) and (step + 1) % t.health_every == 0
         if self.probe is not None:
             self.probe.clear()  # only this step's training forwards count
         tokens, targets, reset = (x.to(info.device) for x in self.streams.next())
-        micro, accum = self.micro, t.grad_accum
-        loss_acc, teach, reports, new_states, bad = 0.0, [], [], list(self.states), None
-        for k in range(accum):
-            sl = slice(k * micro, (k + 1) * micro)
-            st = self.states[k]
-            if reset[sl].any():
-                st = model.reset_state(st, reset[sl])
-            sync = self.sharded.no_sync() if k < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with self.autocast():
-                    try:
-                        loss, cap, st = self._forward(tokens[sl], targets[sl], st)
-                    except NonFiniteInputError as err:
-                        if info.world > 1:  # the other ranks wait in the gradient all-reduce: stop all
-                            raise TrainingDiverged(f"step {step + 1}: non-finite values reached an op ({err})") from err
-                        bad, loss_acc = f"non-finite values reached an op ({err})", math.nan
-                        break
-                cap.scale *= accum
-                (loss / accum).backward()
-            loss_acc += float(loss.detach()) / accum
-            sig = cap.signal(("final",))
-            valid = targets[sl] != IGNORE
-            teach.append(float(sig.float().norm(dim=-1)[valid].mean()) if valid.any() else 0.0)
-            if t.inner_updates and math.isfinite(loss_acc):
-                st, rep = model.apply_updates(st, cap)
-                reports.append(rep)
-            new_states[k] = st.detach()
-            del loss, cap, sig  # this micro-batch's activations and signals go before the next forward
-        self.sharded.sync_replicated_grads(info.world)
-        groups = health.grad_norms_by_group(self.model) if watch and bad is None else None
-        gnorm = self._clip() if bad is None else math.nan
-        if bad is None and not math.isfinite(loss_acc):
-            bad = f"loss {loss_acc}"
-        elif bad is None and not math.isfinite(gnorm):
-            bad = f"gradient norm {gnorm}"
-        elif bad is None and not _finite_states(new_states):
-            bad = "the fast state after the inner updates is not finite"
-        if info.world > 1:  # every rank takes the same decision, from the mean loss and any rank's flag
-            lt = torch.tensor([loss_acc, float(bad is not None)], device=info.device, dtype=torch.float64)
-            torch.distributed.all_reduce(lt)
-            loss_acc = float(lt[0]) / info.world
-            if bad is None and lt[1] > 0:
-                bad = "another rank had a non-finite loss, gradient or fast state"
+        groups = [None]  # the pre-clip gradient norms by group (telemetry), read before clipping
+        on_grads = (lambda: groups.__setitem__(0, health.grad_norms_by_group(self.model))) if watch else None
+        try:
+            r = self.one_step(tokens, targets, self.states, reset, lr_factor=factor, on_grads=on_grads)
+        except NonFiniteInputError as err:  # from a forward only with several ranks (one rank skips the step)
+            if info.world == 1:
+                raise
+            # the other ranks wait in the gradient all-reduce: stop all
+            raise TrainingDiverged(f"step {step + 1}: non-finite values reached an op ({err})") from err
+        micro, accum, bad, gnorm, loss_acc = self.micro, t.grad_accum, r.skipped, r.grad_norm, r.loss
+        self.states = r.states  # a skipped step returns the pre-step states
         if bad is None:
-            self.opt.step()
-            self.states, self.bad_run = new_states, 0
+            self.bad_run = 0
         else:
             self.bad_run += 1
             self.summary["skipped_steps"].append(step + 1)
             self.console.warn(f"step {step + 1} skipped: {bad} (no optimizer step, no inner update; "
                               f"{self.bad_run} in a row, the run stops at {t.max_bad_steps})")
-        self.opt.zero_grad(set_to_none=True)
-        del new_states
         dt = time.perf_counter() - t0
         self.tokens_seen += micro * accum * self.seq_len * info.world
         tps = micro * accum * self.seq_len * info.world / dt
         self.summary["tokens_per_s"].append(tps)
         self.step, self.loss = step + 1, loss_acc
         rec = {"step": step + 1, "loss": loss_acc, "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": tps,
-               "grad_norm": gnorm, "teach_signal_norm": statistics.fmean(teach) if teach else None,
-               "seq_len": self.seq_len, **_inner_record(reports if bad is None else [])}
+               "grad_norm": gnorm, "teach_signal_norm": statistics.fmean(r.teach) if r.teach else None,
+               "seq_len": self.seq_len, **_inner_record(r.reports)}
         rec["context_pos"] = ctx
         if math.isfinite(gnorm):
             clipped = t.clip is not None and gnorm > t.clip
@@ -293,7 +274,7 @@ class Trainer:
         if watch:
             norms = health.memory_norms(self.model, self.states[0])
             rec["health"] = {"memory": norms, "mixer_rms": self.probe.take() if self.probe else {},
-                             "grad_norm_groups": groups}
+                             "grad_norm_groups": groups[0]}
             if info.main:
                 self.monitor.check(step + 1, norms)
         if self.stage_change:
@@ -301,6 +282,15 @@ class Trainer:
         if bad is not None:
             rec["skipped"] = bad
         return rec
+
+    def _agree(self, loss: float, bad: str | None) -> tuple[float, str | None]:
+        """Every rank takes the same decision, from the mean loss and any rank's flag."""
+        lt = torch.tensor([loss, float(bad is not None)], device=self.info.device, dtype=torch.float64)
+        torch.distributed.all_reduce(lt)
+        loss = float(lt[0]) / self.info.world
+        if bad is None and lt[1] > 0:
+            bad = "another rank had a non-finite loss, gradient or fast state"
+        return loss, bad
 
     def _forward(self, tokens, targets, st):
         try:
@@ -313,12 +303,6 @@ class Trainer:
             warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); running eagerly", stacklevel=1)
             self.fwd = self.sharded.module
             return self.model.train_forward(tokens, st, targets=targets, module=self.fwd)
-
-    def _clip(self) -> float:
-        clip = self.t.clip if self.t.clip is not None else math.inf
-        if not self.sharded.replicated:
-            return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        return sharding.clip_mixed(self.model.parameters(), clip)
 
     # ------------------------------------------------------------------ evaluate / save
     def evaluate(self):
@@ -427,11 +411,6 @@ def _inner_record(reports: list) -> dict:
     metrics.inner_stats) for metrics.jsonl."""
     stats = inner_stats(reports)
     return {"inner_updates": inner_updates(stats), "inner_stats": stats}
-
-
-def _finite_states(states) -> bool:
-    flags = [torch.isfinite(x).all() for s in states for x in s.tensors() if x.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _summary_lines(summary: dict) -> list[str]:
