@@ -1,6 +1,6 @@
 """Backend registry and selection for the public ops.
 
-Order of choice for `backend=None` (docs/DESIGN.md): triton -> cuda on CUDA tensors, cpu on
+Order of choice for `backend=None` (docs/ARCHITECTURE.md): triton -> cuda on CUDA tensors, cpu on
 CPU tensors, then reference everywhere. Forcing: the `backend=` argument, the
 `use_backend(name)` context manager, or the NL_BACKEND environment variable, in that order of
 precedence. A forced backend that cannot run raises BackendUnavailableError, never a silent
