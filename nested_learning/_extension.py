@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch  # (also loads libtorch before the extension links against it)
 
-try:
-    from . import _C  # type: ignore[attr-defined]
+try:  # by name: the compiled module is a submodule, not a source file of the package it could cycle with
+    _C = importlib.import_module(f"{__package__}._C")
 
     EXTENSION_ERROR: str | None = None
 except (ImportError, OSError) as err:  # not built, or built against another torch

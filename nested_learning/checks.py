@@ -12,8 +12,11 @@ reduction and one host sync per input).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 from collections.abc import Sequence
+from dataclasses import asdict, fields
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -128,3 +131,38 @@ def finite(named: dict[str, Tensor | None]) -> None:
 
 def nonnegative(name: str, x: Tensor) -> None:
     in_range(name, x, 0.0, float("inf"))
+
+
+# ----------------------------------------------------------------------------- config sections
+def unknown_keys_message(section: str, unknown, known) -> str:
+    """One line: the unknown keys of `section`, each with its nearest known keys."""
+    parts = []
+    for k in sorted(unknown):
+        near = difflib.get_close_matches(k, sorted(known), n=3, cutoff=0.5)
+        parts.append(f"{section}.{k}" + (f" (did you mean {', '.join(f'{section}.{n}' for n in near)}?)" if near else ""))
+    return (f"unknown key{'s' if len(parts) > 1 else ''} {'; '.join(parts)}; the {section} section's keys are "
+            f"{', '.join(sorted(known))}")
+
+
+class ConfigSection:
+    """What the typed config sections (TrainConfig, OptimConfig, DataConfig: dataclasses) share:
+    built from a plain dict whose unknown keys are refused in one line naming the nearest known
+    ones; `of` accepts the section or a dict of its keys."""
+
+    SECTION: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, d: dict | None):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d or {}) - known
+        if unknown:
+            raise ValueError(unknown_keys_message(cls.SECTION, unknown, known))
+        return cls(**(d or {}))
+
+    @classmethod
+    def of(cls, cfg):
+        return cfg if isinstance(cfg, cls) else cls.from_dict(dict(cfg))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+

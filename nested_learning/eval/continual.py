@@ -23,6 +23,7 @@ from ..data.sources import read_local, split_documents
 from ..data.streams import DocumentStreams
 from ..data.tokens import SPECIALS, TokenDocs
 from ..models.streaming import Memorize, segment_losses
+from ..train.config import OptimConfig
 from ..train.optim import build_optimizer, lr_factor, set_lr
 from ..train.step import TrainStep
 from .plots import annotated_heatmap, finish, pyplot
@@ -235,7 +236,7 @@ def train_segment(model, opt, docs: TokenDocs, steps: int, batch: int, seq_len: 
             "skipped_steps": skipped, "diverged_at_step": diverged, "level_clock": clock.as_list()}
 
 
-def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: int, batch: int, seq_len: int,
+def run_protocol(model, tok, segments: list[Segment], optim_cfg: OptimConfig | dict, steps: int, batch: int, seq_len: int,
                  context_len: int | None, seed: int, prefix: int, max_docs: int, max_tokens: int,
                  clip: float | None = 1.0, memorize: Memorize | None = None, reports=None,
                  progress=None) -> dict[str, dict]:
@@ -250,6 +251,7 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: in
     segment = model.prefill_segment()
     train_docs = [TokenDocs.encode(s.train, tok) for s in segments]
     evals = [held_out_ids(tok, s, max_docs, max_tokens, prefix) for s in segments]
+    optim_cfg = OptimConfig.of(optim_cfg)
     opt = build_optimizer(model, optim_cfg)
     modes = {"baseline": None, **({"memorised": memorize} if memorize is not None and model.has_cms() else {})}
 
@@ -271,7 +273,7 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: in
     for i, s in enumerate(segments):
         stages.append({"segment": s.name, **train_segment(model, opt, train_docs[i], steps, batch, seq_len,
                                                           context_len, seed + i, pad, clip,
-                                                          int(optim_cfg.get("warmup", 0)), i * steps,
+                                                          optim_cfg.warmup, i * steps,
                                                           progress=progress)})
         for m, st in modes.items():
             losses[m].append(row(m, st))
@@ -293,7 +295,7 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: dict, steps: in
                             "held_out_documents": [len(d) for d in evals], "scored_tokens": scored,
                             "context_prefix": prefix, "memorised_prefix": m == "memorised",
                             "steps_per_segment": steps, "batch_size": batch, "seq_len": seq_len,
-                            "context_len": context_len, "optimizer": optim_cfg, "stages": stages,
+                            "context_len": context_len, "optimizer": optim_cfg.as_dict(), "stages": stages,
                             "level_clocks_note": None if model.has_cms() else
                             "no CMS levels: this model's memories learn in the forward pass, so no level clock"},
                   "records": []}

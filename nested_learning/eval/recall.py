@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ..constants import IGNORE
 from ..models import build_model
+from ..train.config import OptimConfig
 from ..train.optim import build_optimizer, lr_factor
 from ..train.step import TrainStep
 from .plots import pyplot
@@ -65,8 +66,7 @@ MODELS = {
     "hope-deltanet": ("hope", {"mixer": "deltanet"}, True),
     "hope-nowrites": ("hope", {}, False),
 }
-DEFAULT_OPTIM = {"name": "adamw", "lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1, "eps": 1e-8,
-                 "warmup": 50, "min_lr_ratio": 0.1}
+DEFAULT_OPTIM = {"warmup": 50}  # train.py's optimizer (OptimConfig's defaults) with a longer warm-up
 
 
 # ---------------------------------------------------------------------------- the task
@@ -234,7 +234,7 @@ def train(model, batches: TrainBatches, steps: int, optim: dict | None = None, c
     """`steps` optimizer steps (linear warm-up over optim["warmup"] steps, then cosine decay to
     min_lr_ratio, as train.py schedules them); a summary of the run. time_limit (seconds)
     stops early, recorded as `stopped_at_step`."""
-    optim = {**DEFAULT_OPTIM, **(optim or {})}
+    optim = OptimConfig.from_dict({**DEFAULT_OPTIM, **(optim or {})})
     opt = build_optimizer(model, optim)
     model.train()
     losses, skipped, updates, stopped = [], 0, 0, None
@@ -243,7 +243,7 @@ def train(model, batches: TrainBatches, steps: int, optim: dict | None = None, c
     for step in range(steps):
         _, tok, tgt = batches.next()
         rec = train_step(model, opt, tok, tgt, clip, inner_updates,
-                         lr_factor(step, int(optim.get("warmup", 0)), steps, float(optim.get("min_lr_ratio", 0.1))))
+                         lr_factor(step, optim.warmup, steps, optim.min_lr_ratio))
         skipped += rec["skipped"]
         updates += rec["inner_updates"]
         losses.append(rec["loss"])
@@ -262,7 +262,7 @@ def train(model, batches: TrainBatches, steps: int, optim: dict | None = None, c
     return {"steps": len(losses), "seconds": seconds, "skipped_steps": skipped, "inner_updates": updates,
             "loss_first": _nanmean(losses[:k]), "loss_last": _nanmean(losses[-k:]),
             "loss_curve": [[i + 1, losses[i]] for i in range(0, len(losses), every)],
-            "train_rows_replaced": batches.replaced, "stopped_at_step": stopped, "optimizer": optim, "clip": clip}
+            "train_rows_replaced": batches.replaced, "stopped_at_step": stopped, "optimizer": optim.as_dict(), "clip": clip}
 
 
 def _nanmean(xs: list[float]) -> float:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import ops
 from ..checks import positive_int
-from ..reference.cms import OPTIMIZERS as INNER_OPTIMIZERS
+from ..ops import INNER_OPTIMIZERS
 from .common import RMSNorm, dense, fast_weight
 from .teach import TeachCapture
 
@@ -124,17 +124,18 @@ class CMSConfig:
     "deep_momentum"; one name, or one per level) at learning rate `lr` (one value, or one per
     level). Deep momentum's MLP memory has `deep_momentum_hidden` hidden units."""
 
+    # no defaults here: a model's config holds them (HOPEConfig's cms_* fields) and passes every one
     d_model: int
-    periods: tuple = (1, 4, 16, 64)
-    hidden_mult: int = 4
-    optimizer: str | tuple = "gd"
-    lr: float | tuple = 1e-2
-    beta: float = 0.9  # momentum's decay
-    dgd_alpha: float = 1.0  # DGD's retention
-    deep_momentum_hidden: int = 16  # H of deep momentum's memory (reference/deep_momentum.py)
-    teach_scale: float = 1.0
-    teach_clip: float | None = None  # per-token L2 clip of the teach signal
-    differentiable_writes: bool = False
+    periods: tuple
+    hidden_mult: int
+    optimizer: str | tuple
+    lr: float | tuple
+    beta: float  # momentum's decay
+    dgd_alpha: float  # DGD's retention
+    deep_momentum_hidden: int  # H of deep momentum's memory (reference/deep_momentum.py)
+    teach_scale: float
+    teach_clip: float | None  # per-token L2 clip of the teach signal
+    differentiable_writes: bool
     names: dict | None = field(default=None, repr=False, compare=False)  # field -> name in messages
 
     def _n(self, f: str) -> str:

@@ -3,6 +3,7 @@ counts): `build_model(name, size, **overrides)`."""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import fields
 
 from .hope import HOPE, HOPEConfig
@@ -53,5 +54,7 @@ def build_model(name: str, size: str = "smoke", **overrides) -> LanguageModel:
     known = {f.name for f in fields(cfg_cls)}
     bad = set(overrides) - known
     if bad:
-        raise ValueError(f"{cfg_cls.__name__} has no field(s) {sorted(bad)}; fields: {sorted(known)}")
+        near = {b: difflib.get_close_matches(b, sorted(known), n=3, cutoff=0.5) for b in sorted(bad)}
+        said = "; ".join(f"{b}" + (f" (did you mean {', '.join(n)}?)" if n else "") for b, n in near.items())
+        raise ValueError(f"{cfg_cls.__name__} has no field {said}; its fields are {', '.join(sorted(known))}")
     return cls(cfg_cls(**{**base, **overrides}))

@@ -2,6 +2,7 @@
 `use_backend(name)` or NL_BACKEND force one; otherwise the fastest available runs."""
 
 from ..checks import NonFiniteInputError, check_finite
+from ..reference.cms import FUSED_OPTIMIZERS, INNER_OPTIMIZERS
 from ._backend import (
     BACKEND_ORDER,
     BackendUnavailableError,
@@ -23,6 +24,8 @@ __all__ = [
     "BackendUnavailableError",
     "CMSState",
     "CMSUpdate",
+    "FUSED_OPTIMIZERS",
+    "INNER_OPTIMIZERS",
     "NonFiniteInputError",
     "available_backends",
     "check_finite",

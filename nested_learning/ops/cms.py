@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import checks as _checks
 from .._extension import extension_unavailable
-from ..reference.cms import OPTIMIZERS, cms_update_reference
+from ..reference.cms import INNER_OPTIMIZERS, cms_update_reference
 from ..reference.deep_momentum import deep_momentum_reference, initial_keys
 from . import _backend
 from ._define import define_op
@@ -40,7 +40,7 @@ class CMSState:
         per-sequence weight [B, Dout, Din]. `hidden`: deep momentum's hidden width H."""
         _checks.positive_int("period", period)
         _checks.positive_int("hidden", hidden)
-        _checks.choice("optimizer", optimizer, OPTIMIZERS)
+        _checks.choice("optimizer", optimizer, INNER_OPTIMIZERS)
         _checks.tensor("weight", weight)
         if weight.dim() == 2:
             if batch_size is None:
@@ -208,7 +208,7 @@ def cms_update(
     _checks.tensor("delta", delta, 3)
     _checks.shape("delta", delta, (B, T, Dout), "[B, T, Dout] matching x and state.weight")
     _checks.same_dtype({"state.weight": state.weight, "x": x, "delta": delta})
-    _checks.choice("optimizer", optimizer, OPTIMIZERS)
+    _checks.choice("optimizer", optimizer, INNER_OPTIMIZERS)
     if optimizer in ("momentum", "deep_momentum") and state.momentum is None:
         raise ValueError(f"optimizer={optimizer!r} needs state.momentum (CMSState.create(..., optimizer={optimizer!r}))")
     if optimizer == "deep_momentum" and state.deep is None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 FUSED_OPTIMIZERS = ("gd", "momentum", "dgd")  # the ones the C++ and Triton kernels fuse
-OPTIMIZERS = FUSED_OPTIMIZERS + ("deep_momentum",)  # deep momentum: reference/deep_momentum.py
+INNER_OPTIMIZERS = FUSED_OPTIMIZERS + ("deep_momentum",)  # deep momentum: reference/deep_momentum.py
 
 
 def buffered_tokens(buffer_x: Tensor, buffer_delta: Tensor, filled: int, x: Tensor,

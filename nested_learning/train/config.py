@@ -2,19 +2,22 @@
 Hydra structured config, registered as the `train` group's `default`), the one place its
 defaults live. `TrainConfig.from_dict` builds it from a plain dict (what `run(cfg)` receives,
 from Hydra or a test) and `__post_init__` checks every field, each message naming the key and
-the rule. The optimizer section (two shapes: adamw, mixed_muon_adamw) is checked by
-`check_optim`; the model section by the model's own config."""
+the rule. `OptimConfig` is the `optim:` section (here too) and `DataConfig` the `data:`
+section (nested_learning/data/config.py); the model section is checked by the model's own
+config."""
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..checks import positive_int
+from ..checks import ConfigSection, positive_int
+from ..data.config import DataConfig
 
-__all__ = ["TrainConfig", "WandbConfig", "check_optim", "compose_config", "number", "register"]
+__all__ = ["OPTIMIZERS", "OptimConfig", "TrainConfig", "WandbConfig", "compose_config", "model_overrides", "number",
+           "register"]
 
 
 def number(name: str, v, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
@@ -75,7 +78,9 @@ class WandbConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigSection):
+    SECTION = "train"
+
     # how long: train.steps, or a token budget from which the steps are derived (one of the two)
     steps: int | None = 150
     tokens: Any | None = None     # token budget; steps = ceil(tokens / tokens per step) (steps must be null)
@@ -239,45 +244,65 @@ class TrainConfig:
                 return int(step)
         return int(step)
 
-    # ----- construction
-    @classmethod
-    def from_dict(cls, d: dict | None) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d or {}) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) train.{', train.'.join(unknown)}; the train section's keys are "
-                             f"{', '.join(sorted(known))} (nested_learning/train/config.py)")
-        return cls(**(d or {}))
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+OPTIMIZERS = ("adamw", "mixed_muon_adamw")  # the outer (slow-weight) optimizers; the inner ones are ops.INNER_OPTIMIZERS
 
 
-def check_optim(o: dict) -> None:
-    """The optimizer section (configs/optim/*.yaml)."""
-    _nonneg_int("optim.warmup", o.get("warmup", 0))
-    number("optim.lr", o.get("lr"), 0.0, lo_open=True)
-    number("optim.weight_decay", o.get("weight_decay", 0.0), 0.0)
-    number("optim.eps", o.get("eps", 1e-8), 0.0, lo_open=True)
-    number("optim.min_lr_ratio", o.get("min_lr_ratio", 0.1), 0.0, 1.0)
-    betas = o.get("betas", [0.9, 0.95])
-    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
-        raise ValueError(f"optim.betas must be a pair [beta1, beta2], got {betas!r}")
-    for i, b in enumerate(betas):
-        number(f"optim.betas[{i}]", b, 0.0, 1.0, hi_open=True)
-    if "muon_lr" in o:
-        number("optim.muon_lr", o["muon_lr"], 0.0, lo_open=True)
-    if "muon_momentum" in o:
-        number("optim.muon_momentum", o["muon_momentum"], 0.0, 1.0, hi_open=True)
+@dataclass
+class OptimConfig(ConfigSection):
+    """The `optim:` section (configs/optim/*.yaml extend it as their schema): the one place the
+    optimizer's keys, defaults and checks live."""
+
+    SECTION = "optim"
+
+    name: str = "adamw"                  # adamw | mixed_muon_adamw
+    lr: float = 3e-3                     # AdamW (for mixed_muon_adamw: the AdamW part)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+    warmup: int = 20                     # steps of linear warm-up, then cosine decay
+    min_lr_ratio: float = 0.1            # the cosine's floor, as a fraction of lr
+    muon_lr: float = 3e-3                # mixed_muon_adamw: the Muon part (update RMS matched to AdamW's)
+    muon_momentum: float = 0.95
+    muon_impl: str = "auto"              # auto: torch.optim.Muon when present, else newton_schulz
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
+        _nonneg_int("optim.warmup", self.warmup)
+        self.lr = number("optim.lr", self.lr, 0.0, lo_open=True)
+        self.weight_decay = number("optim.weight_decay", self.weight_decay, 0.0)
+        self.eps = number("optim.eps", self.eps, 0.0, lo_open=True)
+        self.min_lr_ratio = number("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be a pair [beta1, beta2], got {self.betas!r}")
+        self.betas = [number(f"optim.betas[{i}]", b, 0.0, 1.0, hi_open=True) for i, b in enumerate(self.betas)]
+        self.muon_lr = number("optim.muon_lr", self.muon_lr, 0.0, lo_open=True)
+        self.muon_momentum = number("optim.muon_momentum", self.muon_momentum, 0.0, 1.0, hi_open=True)
+        if self.muon_impl not in ("auto", "newton_schulz"):
+            raise ValueError(f"optim.muon_impl must be auto or newton_schulz, got {self.muon_impl!r}")
+
 
 
 # ----------------------------------------------------------------------------- Hydra
 def register() -> None:
-    """Register TrainConfig as the `train` group's `default` (configs/config.yaml's defaults
-    list names it); idempotent."""
+    """Register the typed sections with Hydra (idempotent): TrainConfig as the `train` group's
+    `default` (configs/config.yaml's defaults list names it), DataConfig and OptimConfig as the
+    `schema` of the `data` and `optim` groups (each configs/data/*.yaml and configs/optim/*.yaml
+    extends it), so Hydra knows every key of the three sections."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(group="train", name="default", node=TrainConfig)
+    cs = ConfigStore.instance()
+    cs.store(group="train", name="default", node=TrainConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="optim", name="schema", node=OptimConfig)
+
+
+def model_overrides(overrides: list[str]) -> list[str]:
+    """`model.overrides.K=V` sets any field K of the model's config (configs/model/*.yaml list
+    none of them: the model config classes hold every default): rewritten to Hydra's
+    `++model.overrides.K=V` (add or replace); a misspelt field is refused by the model config."""
+    return [f"++{o}" if o.startswith("model.overrides.") else o for o in overrides]
 
 
 def compose_config(overrides: list[str], config_dir: str | None = None) -> dict:
@@ -290,5 +315,5 @@ def compose_config(overrides: list[str], config_dir: str | None = None) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     config_dir = config_dir or os.path.join(root, "configs")
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
+        cfg = compose("config", overrides=model_overrides(overrides))
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

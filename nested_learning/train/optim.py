@@ -10,8 +10,7 @@ import torch.nn as nn
 
 from ..layers.cms import CMSChain
 from ..layers.common import CausalDepthwiseConv
-
-OPTIMIZERS = ("adamw", "mixed_muon_adamw")
+from .config import OptimConfig
 
 
 def muon_parameters(model: nn.Module) -> set[int]:
@@ -107,25 +106,23 @@ def _adamw(params, lr, betas, wd, eps):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
-def build_optimizer(model: nn.Module, cfg) -> OptimizerGroup:
-    """cfg: name, lr, betas, weight_decay, eps, and for mixed_muon_adamw muon_lr, muon_momentum."""
-    name = cfg["name"]
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}")
+def build_optimizer(model: nn.Module, cfg: OptimConfig | dict) -> OptimizerGroup:
+    """The optimizers of an `optim:` section (OptimConfig, or a dict of its keys): AdamW, or
+    Muon on 2-D weight matrices beside AdamW for the rest (mixed_muon_adamw)."""
+    cfg = OptimConfig.of(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    betas = tuple(cfg.get("betas", (0.9, 0.95)))
-    wd, eps = float(cfg.get("weight_decay", 0.1)), float(cfg.get("eps", 1e-8))
-    if name == "adamw":
-        return OptimizerGroup({"adamw": _adamw(params, float(cfg["lr"]), betas, wd, eps)})
+    betas, wd, eps = tuple(cfg.betas), cfg.weight_decay, cfg.eps
+    if cfg.name == "adamw":
+        return OptimizerGroup({"adamw": _adamw(params, cfg.lr, betas, wd, eps)})
     ids = muon_parameters(model)
     mat = [p for p in params if id(p) in ids and p.dim() == 2]
     rest = [p for p in params if not (id(p) in ids and p.dim() == 2)]
-    mlr, mom = float(cfg.get("muon_lr", 0.02)), float(cfg.get("muon_momentum", 0.95))
-    if hasattr(torch.optim, "Muon") and cfg.get("muon_impl", "auto") != "newton_schulz":
-        muon = torch.optim.Muon(mat, lr=mlr, momentum=mom, weight_decay=wd, adjust_lr_fn="match_rms_adamw")
+    if hasattr(torch.optim, "Muon") and cfg.muon_impl != "newton_schulz":
+        muon = torch.optim.Muon(mat, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=wd,
+                                adjust_lr_fn="match_rms_adamw")
     else:
-        muon = NewtonSchulzMuon(mat, lr=mlr, momentum=mom, weight_decay=wd)
-    return OptimizerGroup({"muon": muon, "adamw": _adamw(rest, float(cfg["lr"]), betas, wd, eps)})
+        muon = NewtonSchulzMuon(mat, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=wd)
+    return OptimizerGroup({"muon": muon, "adamw": _adamw(rest, cfg.lr, betas, wd, eps)})
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:

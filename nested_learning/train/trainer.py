@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..checks import NonFiniteInputError
+from ..data.config import DataConfig
 from ..data.shards import prepare_corpus
 from ..data.sources import corpus_cache_dir, data_dir_of
 from ..data.streams import DocumentStreams
@@ -46,7 +47,7 @@ from ..runs import checkpoint, run_dir
 from ..runs.checkpointer import Checkpointer, format_for
 from ..runs.export import export_run
 from . import health, sharding
-from .config import TrainConfig
+from .config import OptimConfig, TrainConfig
 from .console import Console
 from .metrics import MetricsLog, inner_stats, inner_updates, read_records, truncate
 from .optim import build_optimizer, lr_factor
@@ -74,7 +75,7 @@ class Trainer:
         cfg = copy.deepcopy(cfg)
         cfg["train"]["steps"] = self.steps  # config.json and checkpoints record the steps a token budget gave
         self.cfg, self.t, self.info = cfg, t, info
-        self.o, self.d = cfg["optim"], cfg["data"]
+        self.o, self.d = OptimConfig.from_dict(cfg["optim"]), DataConfig.from_dict(cfg["data"])  # typed
         self.out = t.out_dir
         os.makedirs(self.out, exist_ok=True)
         self.console = Console(self.out, info.main, t.progress)
@@ -112,7 +113,7 @@ class Trainer:
         self.run_meta = {"model": self.cfg["model"]["name"], "size": self.cfg["size"]["name"],
                          "model_config": json.loads(json.dumps(dataclasses.asdict(self.model.config), default=list)),
                          "world": info.world, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-                         "seq_len": t.seq_len, "optimizer": self.o["name"], **fingerprint}
+                         "seq_len": t.seq_len, "optimizer": self.o.name, **fingerprint}
         self.autocast = ((lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if t.bf16
                          else contextlib.nullcontext)
         self.probe = health.MixerProbe(self.model) if t.health_every else None
@@ -232,7 +233,7 @@ class Trainer:
         console message of a skipped step; returns its metrics record."""
         t, info, step = self.t, self.info, self.step
         t0 = time.perf_counter()
-        factor = lr_factor(step, self.o.get("warmup", 0), self.steps, self.o.get("min_lr_ratio", 0.1))
+        factor = lr_factor(step, self.o.warmup, self.steps, self.o.min_lr_ratio)
         ctx = health.context_position(self.streams.pos["offset"], t.context_len)
         watch = bool(t.health_every) and (step + 1) % t.health_every == 0
         if self.probe is not None:

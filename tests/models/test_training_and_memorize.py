@@ -50,7 +50,7 @@ def test_unknown_model_size_and_field():
         build_model("gpt")
     with pytest.raises(ValueError, match="unknown size"):
         build_model("hope", "huge")
-    with pytest.raises(ValueError, match=r"no field\(s\) \['cms_period'\]"):
+    with pytest.raises(ValueError, match=r"HOPEConfig has no field cms_period \(did you mean cms_periods"):
         build_model("hope", "tiny", cms_period=(1, 2))
 
 

@@ -17,7 +17,8 @@ from tests.helpers import F64, rel_err
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 interpreted = pytest.mark.skipif(triton_unavailable_reason("cpu") is not None,
                                  reason=str(triton_unavailable_reason("cpu")))
-OPTIMIZERS = ("gd", "momentum", "dgd")
+OPTIMIZERS = ops.FUSED_OPTIMIZERS  # the inner optimizers the kernels fuse
+
 FIELDS = ("weight", "momentum", "buffer_x", "buffer_delta")
 
 

@@ -99,7 +99,7 @@ def test_a_token_budget_sets_the_steps(make_cfg):
     ({"export": True, "save_every": 0}, "train.export=true exports the final checkpoint"),
     ({"checkpoint_format": "zip"}, "train.checkpoint_format must be"),
     ({"wandb": {"enabled": True, "mode": "cloud"}}, "train.wandb.mode"),
-    ({"stepz": 3}, r"unknown key\(s\) train.stepz"),
+    ({"stepz": 3}, r"unknown key train.stepz \(did you mean train.steps\?\)"),
     ({"batch_size": 2, "seq_len": 32, "curriculum": [[0, 32], [4, 16]]}, "may not be shorter than the one before"),
     ({"keep_last": 0}, "train.keep_last"),
     ({"eval_tokens": 0}, "train.eval_tokens must be positive"),

@@ -39,8 +39,9 @@ def test_dgd_event_statistics_by_hand_across_calls():
     eta_x2 of a chunk = eta * mean over batch, chunk tokens and both layers of ||k_t||^2 with
     k_t = x_t / ||x_t|| (0 for a zero input), eta = min(lr, 1 / period)."""
     lr, alpha = 0.3, 0.8
-    chain = CMSChain(CMSConfig(d_model=D, periods=(2,), hidden_mult=H // D, optimizer="dgd", lr=lr,
-                               dgd_alpha=alpha)).double()
+    chain = CMSChain(CMSConfig(d_model=D, periods=(2,), hidden_mult=H // D, optimizer="dgd", lr=lr, beta=0.9,
+                               dgd_alpha=alpha, deep_momentum_hidden=16, teach_scale=1.0, teach_clip=None,
+                               differentiable_writes=False)).double()
     state = chain.init_state(B, "cpu", torch.float64)
     W0 = state[0].up.weight.clone()
     eta = min(lr, 1 / 2)
