@@ -6,6 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import NoReturn
+
+from nested_learning.runs.checkpoint import CheckpointError
+from nested_learning.runs.run_dir import RunExistsError
+from nested_learning.train.trainer import TrainingDiverged
 
 # the repository's top level (the Hydra configs live there, beside the package, not in it)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,3 +37,19 @@ def main_doc(doc: str | None):
         yield
     finally:
         main.__doc__ = saved
+
+
+# what a user can cause and fix (a bad value, a missing or damaged file, a run directory in the
+# way, a diverged run): said in one line, without a traceback
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               CheckpointError, RunExistsError, TrainingDiverged)
+
+
+def user_error(prog: str, err: BaseException) -> NoReturn:
+    """Print `prog: message` (one line) and exit 2; NL_TRACEBACK=1 raises instead (the traceback)."""
+    if os.environ.get("NL_TRACEBACK"):
+        raise err
+    msg = " ".join(str(err).split()) or type(err).__name__
+    print(f"{prog}: {msg} (NL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+    raise SystemExit(2) from None
+

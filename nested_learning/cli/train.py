@@ -19,14 +19,29 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nested_learning.cli._common import config_dir
+from nested_learning.cli._common import USER_ERRORS, config_dir, user_error
 from nested_learning.train.config import model_overrides, register
 from nested_learning.train.config_checks import ConfigError, check_command_line
+from nested_learning.train.interrupt import TrainingInterrupted
 from nested_learning.train.loop import run
 
 
 def _train(cfg: DictConfig) -> None:
-    run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))  # prints its summary (rank 0)
+    try:
+        run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))  # prints its summary (rank 0)
+    except TrainingInterrupted as err:  # the step was saved and the run said so, in one line
+        raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:  # before training started (corpus, build) or a second Ctrl-C
+        if os.environ.get("NL_TRACEBACK"):
+            raise
+        print(f"{_prog()}: interrupted before a step could be saved", file=sys.stderr)
+        raise SystemExit(130) from None
+    except USER_ERRORS as err:
+        user_error(_prog(), err)
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0] or "train.py")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,10 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_command_line(overrides, config_dir())
     except ConfigError as err:
-        if os.environ.get("NL_TRACEBACK"):
-            raise
-        print(f"{os.path.basename(sys.argv[0] or 'train.py')}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        user_error(_prog(), err)
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(_train)
     saved = sys.argv
     # model.overrides.K=V: any field of the model's config (configs/model/*.yaml list none)

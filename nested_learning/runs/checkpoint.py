@@ -224,24 +224,56 @@ def step_dirs(out_dir: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def prune(out_dir: str, keep_last: int | None) -> list[str]:
-    """Delete all but the newest keep_last checkpoints (None or 0: keep all); returns the
-    deleted paths."""
+DAMAGED = "damaged"  # checkpoints/damaged/: where damaged checkpoints are moved, out of every count
+
+
+def set_aside(path: str) -> str:
+    """Move a damaged checkpoint to checkpoints/damaged/ (kept for inspection, never resumed
+    from and never counted by retention); returns its new path."""
+    root = os.path.join(os.path.dirname(path), DAMAGED)
+    os.makedirs(root, exist_ok=True)
+    dest, n = os.path.join(root, os.path.basename(path)), 1
+    while os.path.exists(dest):
+        dest, n = os.path.join(root, f"{os.path.basename(path)}.{n}"), n + 1
+    os.replace(path, dest)
+    return dest
+
+
+def prune(out_dir: str, keep_last: int | None, trusted: set[str] | None = None,
+          warn=print) -> list[str]:
+    """Keep the newest keep_last checkpoints that verify (None or 0: keep all) and delete the
+    older ones; a damaged one met on the way is moved aside (set_aside), never counted as kept.
+    Paths in `trusted` (written or verified by this process) are not hashed again; the ones
+    verified here are added to it. Returns the deleted paths."""
     if not keep_last:
         return []
-    gone = [p for _, p in step_dirs(out_dir)[keep_last:]]
-    for p in gone:
-        shutil.rmtree(p, ignore_errors=True)
+    trusted = set() if trusted is None else trusted
+    kept, gone = 0, []
+    for _, path in step_dirs(out_dir):
+        if kept >= keep_last:
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+            continue
+        if path not in trusted:
+            try:
+                verify(path)
+            except CheckpointError as err:
+                warn(f"warning: checkpoint {path} is damaged ({err}); moved to {set_aside(path)}, not counted "
+                     f"as one of the {keep_last} kept")
+                continue
+            trusted.add(path)
+        kept += 1
     return gone
 
 
 def resume_point(out_dir: str, warn=print, part: tuple[int, int] | None = None,
                  gather=lambda obj: [obj]) -> str | None:
     """The newest checkpoint of a run that verifies, or None when the run has none. A newer
-    damaged one is skipped with a warning naming it, the reason and the one used instead;
-    when every checkpoint is damaged, CheckpointError lists them. In a multi-rank run each
-    rank verifies its share (`part`) and `gather` (every rank's value, on every rank) makes
-    them agree on the verdict, so all pick the same checkpoint."""
+    damaged one is skipped with a warning naming it, the reason and the one used instead, and
+    moved to checkpoints/damaged/ (by rank 0; set_aside), so retention never counts it; when
+    every checkpoint is damaged, CheckpointError lists them and nothing is moved. In a
+    multi-rank run each rank verifies its share (`part`) and `gather` (every rank's value, on
+    every rank) makes them agree on the verdict, so all pick the same checkpoint."""
     damaged = []
     for _, path in step_dirs(out_dir):
         why = None
@@ -254,7 +286,10 @@ def resume_point(out_dir: str, warn=print, part: tuple[int, int] | None = None,
             damaged.append((path, why))
             continue
         for bad, why in damaged:
-            warn(f"warning: skipping damaged checkpoint {bad} ({why}); resuming from {path} instead")
+            moved = set_aside(bad) if part is None or part[0] == 0 else os.path.join(
+                os.path.dirname(bad), DAMAGED, os.path.basename(bad))
+            warn(f"warning: skipping damaged checkpoint {bad} ({why}); resuming from {path} instead "
+                 f"(the damaged one is moved to {moved})")
         return path
     if damaged:
         raise CheckpointError("every checkpoint of this run is damaged:\n" + "\n".join(f"  {p}: {w}" for p, w in damaged)

@@ -49,6 +49,7 @@ from ..runs.export import export_run
 from . import health, sharding
 from .config import OptimConfig, TrainConfig
 from .console import Console
+from .interrupt import Interrupts, TrainingInterrupted, signal_name
 from .metrics import MetricsLog, inner_stats, inner_updates, read_records, truncate
 from .optim import build_optimizer, lr_factor
 from .step import TrainStep
@@ -85,6 +86,7 @@ class Trainer:
         self.tokens_seen = 0   # training tokens consumed (all ranks), carried in checkpoints
         self.dormant: dict[int, dict] = {}  # positions of rows not read now (curriculum, world size)
         self.last_save = _clock()
+        self.trusted: set[str] = set()  # checkpoints written or verified here (retention hashes the others)
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
@@ -181,6 +183,7 @@ class Trainer:
     def restore(self) -> None:
         if not self.start_from:
             return
+        self.trusted.add(self.start_from)  # verified by resume_point: retention need not hash it again
         info, t = self.info, self.t
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         r = self.checkpointer.restore(self.start_from, self.run_meta, self.model, self.opt)
@@ -317,7 +320,8 @@ class Trainer:
                "dormant": {str(k): v for k, v in sorted(self.dormant.items())}}
         path = self.checkpointer.save(self.step, {**self.run_meta, "config": self.cfg, "tokens_seen": self.tokens_seen},
                                       self.model, self.opt, self.states, pos)
-        gone = checkpoint.prune(self.out, self.t.keep_last) if self.info.main else []
+        self.trusted.add(path)
+        gone = checkpoint.prune(self.out, self.t.keep_last, self.trusted, self.console.warn) if self.info.main else []
         self.last_save = _clock()
         self.console.say(f"step {self.step}: saved {path}" + (f" (deleted {len(gone)} older: train.keep_last="
                                                               f"{self.t.keep_last})" if gone else ""))
@@ -351,34 +355,8 @@ class Trainer:
         metrics = MetricsLog(self.out, info.main, self.cfg["train"].get("wandb"), self.cfg)
         self.last_save = _clock()  # corpus preparation and resume are not time since a save
         try:
-            for step in console.progress_bar(self.step, self.steps):
-                stage = t.stage_at(step)[0]
-                if stage != self.stage:
-                    self._enter_stage(stage)
-                rec = self.train_step()
-                self.stage_change = None
-                if self.bad_run >= t.max_bad_steps:
-                    metrics.log(rec)
-                    newest = checkpoint.step_dirs(self.out)
-                    raise TrainingDiverged(
-                        f"training diverged: {self.bad_run} steps in a row (to step {self.step}) had a non-finite "
-                        f"loss, gradient or fast state (last: {rec['skipped']}). The newest checkpoint is "
-                        f"{newest[0][1] if newest else 'none (no checkpoint was saved)'}; lower optim.lr or raise "
-                        "train.max_bad_steps")
-                last = self.step == self.steps
-                if t.eval_every and (self.step % t.eval_every == 0 or last):
-                    v = self.evaluate()
-                    rec.update(val_loss=v.loss, val_loss_se=v.se, val_tokens=v.tokens, val_streams=v.streams)
-                    self.summary["val_loss"].append((self.step, rec["val_loss"]))
-                    console.say(f"step {self.step}: val_loss {v.loss:.4f}"
-                                + (f" +- {v.se:.4f}" if v.se is not None else "")
-                                + f" ({v.tokens:,} tokens, {v.streams} held-out streams)")
-                metrics.log(rec)
-                if console.bar is not None:
-                    console.bar.set_postfix(loss=f"{self.loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                            updates=sum(rec["inner_updates"].values()))
-                if self._save_due(last):
-                    self.save()
+            with Interrupts() as interrupts:
+                self._loop(metrics, interrupts)
         finally:
             console.close()
             metrics.close()
@@ -386,6 +364,54 @@ class Trainer:
             console.say(f"exported the final model to {export_run(self.out)}")
         info.barrier()
         return self._finish()
+
+    def _loop(self, metrics: MetricsLog, interrupts: Interrupts) -> None:
+        t, console = self.t, self.console
+        for step in console.progress_bar(self.step, self.steps):
+            stage = t.stage_at(step)[0]
+            if stage != self.stage:
+                self._enter_stage(stage)
+            rec = self.train_step()
+            self.stage_change = None
+            if self.bad_run >= t.max_bad_steps:
+                metrics.log(rec)
+                newest = checkpoint.step_dirs(self.out)
+                raise TrainingDiverged(
+                    f"training diverged: {self.bad_run} steps in a row (to step {self.step}) had a non-finite "
+                    f"loss, gradient or fast state (last: {rec['skipped']}). The newest checkpoint is "
+                    f"{newest[0][1] if newest else 'none (no checkpoint was saved)'}; lower optim.lr or raise "
+                    "train.max_bad_steps")
+            last = self.step == self.steps
+            if t.eval_every and (self.step % t.eval_every == 0 or last):
+                v = self.evaluate()
+                rec.update(val_loss=v.loss, val_loss_se=v.se, val_tokens=v.tokens, val_streams=v.streams)
+                self.summary["val_loss"].append((self.step, rec["val_loss"]))
+                console.say(f"step {self.step}: val_loss {v.loss:.4f}"
+                            + (f" +- {v.se:.4f}" if v.se is not None else "")
+                            + f" ({v.tokens:,} tokens, {v.streams} held-out streams)")
+            metrics.log(rec)
+            if console.bar is not None:
+                console.bar.set_postfix(loss=f"{self.loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                        updates=sum(rec["inner_updates"].values()))
+            saved = self._save_due(last)
+            if saved:
+                self.save()
+            if (signum := interrupts.pending(self.info)) is not None and not last:  # the last step ends the run anyway
+                self._stop(signum, saved)
+
+    def _stop(self, signum: int, saved: bool) -> None:
+        """A signal arrived: the step in flight has finished; save it (unless it was just saved,
+        or skipped: the newest checkpoint then holds the last good weights) and stop."""
+        name = signal_name(signum)
+        if self.bad_run:
+            newest = checkpoint.step_dirs(self.out)
+            msg = (f"interrupted by {name} at step {self.step}, a skipped step, so nothing new is saved (the newest "
+                   f"checkpoint is {newest[0][1] if newest else 'none'}); run the same command again to resume")
+        else:
+            path = checkpoint.checkpoint_dir(self.out, self.step) if saved else self.save()
+            msg = f"interrupted by {name} at step {self.step}: saved {path}; run the same command again to resume"
+        self.console.say(msg)
+        raise TrainingInterrupted(signum, msg)
 
     def _already_complete(self, metrics_path: str) -> dict:
         recs = read_records(metrics_path)

@@ -6,16 +6,18 @@ import sys
 from tests.train.conftest import read_metrics
 
 
-def torchrun(cfg, tmp_path, nproc: int = 2, kill_after: int = 0, dump: str = "") -> subprocess.CompletedProcess:
+def torchrun(cfg, tmp_path, nproc: int = 2, kill_after: int = 0, dump: str = "",
+             signal_after: int = 0) -> subprocess.CompletedProcess:
     """Train `cfg` with `nproc` CPU processes (gloo) through tests/train/ddp_worker.py;
     kill_after=N: every rank is SIGKILLed right after step N is logged; dump=PATH: the live
-    model and AdamW state after each save in PATH.stepN.pt."""
+    model and AdamW state after each save in PATH.stepN.pt; signal_after=N: rank 0 alone gets
+SIGTERM right after step N is logged."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "NL_TEST_KILL_AFTER_STEP": str(kill_after),
-           "NL_TEST_DUMP": dump}
+           "NL_TEST_DUMP": dump, "NL_TEST_SIGNAL_AFTER_STEP": str(signal_after)}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            worker, str(path)], capture_output=True, text=True, timeout=600, env=env)
 
