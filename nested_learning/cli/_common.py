@@ -53,3 +53,23 @@ def user_error(prog: str, err: BaseException) -> NoReturn:
     print(f"{prog}: {msg} (NL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
     raise SystemExit(2) from None
 
+
+def command(main):
+    """The entry point of a command line: main() run with a user error said in one line (exit 2,
+    user_error) and Ctrl-C in one line (exit 130) instead of a traceback; main's return value
+    (its results, for callers in Python) is not passed on as an exit status."""
+    def run() -> None:
+        prog = os.path.basename(sys.argv[0] or main.__module__)
+        try:
+            main()
+        except KeyboardInterrupt:
+            if os.environ.get("NL_TRACEBACK"):
+                raise
+            print(f"{prog}: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        except USER_ERRORS as err:
+            user_error(prog, err)
+
+    run.__doc__ = f"The entry point of {main.__module__}: main() with one-line errors."
+    return run
+

@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from nested_learning.cli._common import command
 from nested_learning.data.sources import data_dir_of
 from nested_learning.eval import continual as C
 from nested_learning.eval import results as R
@@ -126,10 +127,8 @@ def main(argv=None) -> dict:
     return out
 
 
-def console() -> None:
-    """`nl-continual`: main, its return value (results, for callers in Python) not passed on as an exit status."""
-    main()
+console = command(main)  # the entry point: a user error in one line, no traceback
 
 
 if __name__ == "__main__":
-    main()
+    console()

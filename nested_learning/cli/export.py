@@ -7,6 +7,7 @@ DCP checkpoints alike), readable by nested_learning.runs.load_run.
 
 import argparse
 
+from nested_learning.cli._common import command
 from nested_learning.runs.export import export_run
 
 
@@ -19,10 +20,8 @@ def main(argv=None) -> None:
     print(export_run(a.run, a.step, a.out))
 
 
-def console() -> None:
-    """`nl-export`: main, its return value (results, for callers in Python) not passed on as an exit status."""
-    main()
+console = command(main)  # the entry point: a user error in one line, no traceback
 
 
 if __name__ == "__main__":
-    main()
+    console()

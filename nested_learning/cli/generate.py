@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from nested_learning.cli._common import command
 from nested_learning.data.tokens import SPECIALS
 from nested_learning.runs import load_run
 
@@ -48,10 +49,8 @@ def main(argv=None) -> str:
     return completion
 
 
-def console() -> None:
-    """`nl-generate`: main, its return value (results, for callers in Python) not passed on as an exit status."""
-    main()
+console = command(main)  # the entry point: a user error in one line, no traceback
 
 
 if __name__ == "__main__":
-    main()
+    console()

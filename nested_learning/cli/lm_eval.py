@@ -15,6 +15,7 @@ import importlib.util
 import os
 import sys
 
+from nested_learning.cli._common import command
 from nested_learning.eval import results as R
 
 STANDARD = "piqa,hellaswag,winogrande,arc_easy,arc_challenge,siqa,boolq,lambada_openai,wikitext"
@@ -92,10 +93,8 @@ def main(argv=None) -> dict:
     return out
 
 
-def console() -> None:
-    """`nl-lm-eval`: main, its return value (results, for callers in Python) not passed on as an exit status."""
-    main()
+console = command(main)  # the entry point: a user error in one line, no traceback
 
 
 if __name__ == "__main__":
-    main()
+    console()

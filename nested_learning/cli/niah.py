@@ -11,7 +11,7 @@ the true value's log-likelihood among --distractors seeded values. Writes DIR/ni
 per run (with --memorize also DIR/niah_<run>_memorize.json), a depth x length heatmap per
 run and variant, and DIR/niah_<variant>_accuracy_vs_length.png with one line per run."""
 
-from nested_learning.cli._common import main_doc
+from nested_learning.cli._common import command, main_doc
 from nested_learning.eval.retrieval import main as retrieval_main
 
 
@@ -20,10 +20,8 @@ def main(argv=None) -> dict:
         return retrieval_main("niah", argv)
 
 
-def console() -> None:
-    """`nl-niah`: main, its return value (results, for callers in Python) not passed on as an exit status."""
-    main()
+console = command(main)  # the entry point: a user error in one line, no traceback
 
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -5,7 +5,7 @@ at exact token lengths and each depth; the NIAH machinery, scoring and streaming
 
 Writes DIR/passkey_<run>.json, heatmaps and DIR/passkey_single_accuracy_vs_length.png."""
 
-from nested_learning.cli._common import main_doc
+from nested_learning.cli._common import command, main_doc
 from nested_learning.eval.retrieval import main as retrieval_main
 
 
@@ -14,10 +14,8 @@ def main(argv=None) -> dict:
         return retrieval_main("passkey", argv)
 
 
-def console() -> None:
-    """`nl-passkey`: main, its return value (results, for callers in Python) not passed on as an exit status."""
-    main()
+console = command(main)  # the entry point: a user error in one line, no traceback
 
 
 if __name__ == "__main__":
-    main()
+    console()

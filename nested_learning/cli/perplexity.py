@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from nested_learning.cli._common import command
 from nested_learning.data.sources import read_local
 from nested_learning.eval import results as R
 from nested_learning.eval.perplexity import document_perplexity, plot_loss_by_position
@@ -62,10 +63,8 @@ def main(argv=None) -> dict:
     return out
 
 
-def console() -> None:
-    """`nl-perplexity`: main, its return value (results, for callers in Python) not passed on as an exit status."""
-    main()
+console = command(main)  # the entry point: a user error in one line, no traceback
 
 
 if __name__ == "__main__":
-    main()
+    console()

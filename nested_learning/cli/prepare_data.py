@@ -19,7 +19,7 @@ import sys
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nested_learning.cli._common import config_dir
+from nested_learning.cli._common import command, config_dir
 from nested_learning.data.shards import prepare_shards
 from nested_learning.data.sources import data_dir_of
 from nested_learning.train.config import register
@@ -51,10 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     return index
 
 
-def console() -> None:
-    """`nl-prepare-data`: main, its return value (results, for callers in Python) not passed on as an exit status."""
-    main()
+console = command(main)  # the entry point: a user error in one line, no traceback
 
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -29,6 +29,7 @@ import sys
 
 import torch
 
+from nested_learning.cli._common import command
 from nested_learning.eval import recall as RC
 from nested_learning.eval import results as R
 from nested_learning.train.config import OptimConfig
@@ -112,10 +113,8 @@ def main(argv=None) -> dict:
     return {"runs": runs, "task": task, "skipped": skipped}
 
 
-def console() -> None:
-    """`nl-recall`: main, its return value (results, for callers in Python) not passed on as an exit status."""
-    main()
+console = command(main)  # the entry point: a user error in one line, no traceback
 
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from nested_learning.cli._common import command
 from nested_learning.eval.blimp import table_lines as blimp_table_lines
 
 SCHEMA = "nested_learning.eval/1"
@@ -136,10 +137,8 @@ def main(argv=None) -> str:
     return text
 
 
-def console() -> None:
-    """`nl-report`: main, its return value (results, for callers in Python) not passed on as an exit status."""
-    main()
+console = command(main)  # the entry point: a user error in one line, no traceback
 
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 
+from nested_learning.cli._common import command
 from nested_learning.data.sources import data_dir_of
 from nested_learning.eval import blimp
 from nested_learning.eval import results as R
@@ -104,10 +105,8 @@ def print_table(out: dict, paradigms: bool = False) -> None:
             print("\n".join(blimp.table_lines(t, paradigms)))
 
 
-def console() -> None:
-    """`nl-zeroshot`: main, its return value (results, for callers in Python) not passed on as an exit status."""
-    main()
+console = command(main)  # the entry point: a user error in one line, no traceback
 
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -35,6 +35,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from array import array
 from collections import deque
@@ -245,11 +246,18 @@ def prepare_shards(data_cfg: DataConfig | dict, data_dir: str | None = None, log
     cache = corpus_cache_dir(data_cfg, data_dir)
     index = read_index(cache)
     if index is None:
+        fresh = outermost_missing(cache)  # the folder this call creates (None: the cache exists)
         os.makedirs(cache, exist_ok=True)
-        with _lock(cache):
-            index = read_index(cache)  # another process may have completed it while we waited
-            if index is None:
-                return {**_prepare(data_cfg, data_dir, cache, log, progress, workers), "cache": cache}
+        try:
+            with _lock(cache):
+                index = read_index(cache)  # another process may have completed it while we waited
+                if index is None:
+                    return {**_prepare(data_cfg, data_dir, cache, log, progress, workers), "cache": cache}
+        except Exception:  # a corpus that cannot be prepared (empty, too small) leaves nothing behind;
+            # an interruption (KeyboardInterrupt) or a failure after the first shard keeps what a rerun resumes
+            if fresh is not None and not os.path.exists(os.path.join(cache, PROGRESS_FILE)):
+                shutil.rmtree(fresh, ignore_errors=True)
+            raise
     if not quiet_if_done:
         want = data_cfg.shard_tokens
         log(f"{cache} is complete ({index['n_docs']:,} documents, {index['n_tokens']:,} tokens in "
@@ -257,6 +265,16 @@ def prepare_shards(data_cfg: DataConfig | dict, data_dir: str | None = None, log
             + (f" (its shards hold up to {index['shard_tokens']:,} tokens; data.shard_tokens={want:,} applies "
                "to a new preparation)" if want != index["shard_tokens"] else ""))
     return {**index, "cache": cache}
+
+
+def outermost_missing(path: str) -> str | None:
+    """The outermost folder of `path` that does not exist yet (None: path exists)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return None
+    while not os.path.exists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
 
 
 def _tokenizer(data_cfg, data_dir: str, cache: str, log) -> tuple[object, dict]:
@@ -286,9 +304,14 @@ def _tokenizer(data_cfg, data_dir: str, cache: str, log) -> tuple[object, dict]:
         info["whole_split"] = True
 
     t0 = time.perf_counter()
+    stream = texts()
+    first = next(stream, None)  # an empty or unreadable corpus fails here, before anything is announced
+    if first is None:
+        raise ValueError(f"the training split of data.source={data_cfg.source} is empty: nothing to train a "
+                         "tokenizer on")
     log(f"data: training a {vocab}-token BPE tokenizer on "
         + ("the training split" if sample is None else f"the first {sample:,} characters of the training split"))
-    tok = train_tokenizer(texts(), vocab, path)
+    tok = train_tokenizer(_chain(first, stream), vocab, path)
     log(f"data: tokenizer trained on {info['sample_docs']:,} documents ({info['sample_chars']:,} characters"
         + (", the whole training split" if info["whole_split"] else "") + f") in {time.perf_counter() - t0:.1f} s")
     return tok, info

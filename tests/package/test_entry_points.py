@@ -33,13 +33,14 @@ def test_every_entry_point_is_a_cli_module_with_main(name):
 
 @pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
 def test_scripts_are_thin_wrappers_of_an_entry_point(wrapper):
-    """A docstring, `from nested_learning.cli.X import main` and the __main__ guard."""
+    """A docstring, `from nested_learning.cli.X import console` and the __main__ guard (the entry
+    point's one-line errors, as nl-X)."""
     tree = ast.parse(open(WRAPPERS[wrapper]).read())
     doc, imp, guard = tree.body
     assert isinstance(doc, ast.Expr) and isinstance(doc.value.value, str)
-    assert isinstance(imp, ast.ImportFrom) and [a.name for a in imp.names] == ["main"]
+    assert isinstance(imp, ast.ImportFrom) and [a.name for a in imp.names] == ["console"]
     assert f"{imp.module}:console" in SCRIPTS.values(), imp.module
-    assert isinstance(guard, ast.If) and ast.unparse(guard) == "if __name__ == '__main__':\n    main()"
+    assert isinstance(guard, ast.If) and ast.unparse(guard) == "if __name__ == '__main__':\n    console()"
 
 
 def test_nothing_in_the_package_imports_the_command_lines():
@@ -84,6 +85,6 @@ def test_a_wrapper_shows_the_commands_help(command):
 
 def test_console_entry_points_do_not_pass_results_as_an_exit_status(monkeypatch):
     """A console script runs sys.exit(entry()): the entry returns None, whatever main returns."""
-    report = importlib.import_module("nested_learning.cli.report")
-    monkeypatch.setattr(report, "main", lambda argv=None: "a result")
-    assert report.console() is None
+    from nested_learning.cli._common import command
+
+    assert command(lambda argv=None: "a result")() is None

@@ -4,7 +4,6 @@ the offline Hugging Face path through `datasets`, and DocumentStreams over shard
 
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -264,10 +263,8 @@ def test_hugging_face_json_offline_prepares_and_trains(make_cfg, tmp_path, monke
 
 
 def test_the_script_prepares_what_training_loads(corpus_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "prepare_data", os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "prepare_data.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from nested_learning.cli import prepare_data as script  # scripts/prepare_data.py runs its console()
+
     index = script.main(["data=local", f"data.path={corpus_dir}", f"data.data_dir={tmp_path / 'data'}",
                          "data.vocab_size=300", "data.workers=1", "--no-progress"])
     said = []
