@@ -50,7 +50,8 @@ def user_error(prog: str, err: BaseException) -> NoReturn:
     if os.environ.get("NL_TRACEBACK"):
         raise err
     msg = " ".join(str(err).split()) or type(err).__name__
-    print(f"{prog}: {msg} (NL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the error: rank 0 says it
+        print(f"{prog}: {msg} (NL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
     raise SystemExit(2) from None
 
 

@@ -46,6 +46,10 @@ def main(argv=None) -> str:
     print(text + completion)
     print(f"\n[{model.run_info.model} step {model.run_info.step}: {len(ids)} prompt tokens, {out.shape[1]} new tokens "
           f"in {dt:.2f} s]", file=sys.stderr)
+    if out.shape[1] and not completion.strip():
+        print(f"[all {out.shape[1]} new tokens are white space: greedy decoding of a small or briefly trained model "
+              "often repeats its most frequent token (a line break); sample instead, e.g. --temperature 0.8 "
+              "--top-k 50]", file=sys.stderr)
     return completion
 
 

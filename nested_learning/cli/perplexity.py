@@ -42,7 +42,10 @@ def main(argv=None) -> dict:
 
     def evaluate(setting, reports):
         bar = R.progress_bar(total, f"perplexity{' (memorised)' if setting else ''}", "tok", a.no_progress)
-        block = document_perplexity(model, tok, docs, segment, setting, a.max_tokens, reports, bar)
+        partial = os.path.join(a.out, f".perplexity{'_memorize' if setting else ''}.partial.pt")  # a kill resumes here
+        block = document_perplexity(model, tok, docs, segment, setting, a.max_tokens, reports, bar, partial,
+                                    key={"checkpoint": os.path.abspath(model.run_info.checkpoint),
+                                         "step": model.run_info.step, "data": name})
         if bar is not None:
             bar.close()
         return {name: block}

@@ -7,11 +7,13 @@ uses its long context has a lower loss late in a document."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import torch
 
 from ..data.tokens import SPECIALS
-from ..models.streaming import Memorize, stream_document
+from ..models.streaming import Memorize, MemorizeTally, stream_document
 from .results import mean_stderr
 
 
@@ -29,24 +31,35 @@ def bucket_name(lo: int, hi: int) -> str:
 
 
 def document_perplexity(model, tok, texts: list[tuple[str, str]], segment: int, memorize: Memorize | None = None,
-                        max_tokens: int | None = None, reports: list | None = None, progress=None) -> dict:
-    """The task block (metrics, n_items = documents, per-document records, loss by position)."""
+                        max_tokens: int | None = None, reports=None, progress=None, partial: str | None = None,
+                        key: dict | None = None) -> dict:
+    """The task block (metrics, n_items = documents, per-document records, loss by position).
+    progress: a bar advanced in scored tokens, segment by segment. partial: a file that holds the
+    finished documents' losses (rewritten atomically after each document), so a killed run
+    resumes where it stopped; it is used only when its key (the documents, segment, max_tokens,
+    memorisation and the caller's `key`, e.g. the checkpoint) matches, and removed at the end."""
     eot = tok.token_to_id(SPECIALS[0])
-    losses, docs = [], []
-    for name, text in texts:
+    key = {**(key or {}), "docs": [n for n, _ in texts], "segment": segment, "max_tokens": max_tokens,
+           "memorize": None if memorize is None else memorize.as_dict()}
+    losses, docs, start = _resume(partial, key, reports)
+    if progress is not None and docs:
+        progress.update(sum(d["tokens"] for d in docs))
+    for i, (name, text) in enumerate(texts[start:], start):
         enc = tok.encode(text)
         ids = enc.ids[:max_tokens]
-        if not ids:
-            continue
-        scored_text = text if len(ids) == len(enc.ids) else _prefix(tok, text, enc, len(ids))
-        loss, _ = stream_document(model, torch.tensor([eot, *ids]), segment, memorize, reports=reports)
-        loss = loss.double().cpu()
-        n_bytes = len(scored_text.encode("utf-8"))
-        losses.append(loss)
-        docs.append({"id": name, "tokens": len(ids), "bytes": n_bytes, "loss": float(loss.mean()),
-                     "bits_per_byte": float(loss.sum()) / math.log(2) / max(n_bytes, 1)})
-        if progress is not None:
-            progress.update(len(ids))
+        if ids:
+            scored_text = text if len(ids) == len(enc.ids) else _prefix(tok, text, enc, len(ids))
+            loss, _ = stream_document(model, torch.tensor([eot, *ids]), segment, memorize, reports=reports,
+                                      on_segment=None if progress is None else progress.update)
+            loss = loss.double().cpu()
+            n_bytes = len(scored_text.encode("utf-8"))
+            losses.append(loss)
+            docs.append({"id": name, "tokens": len(ids), "bytes": n_bytes, "loss": float(loss.mean()),
+                         "bits_per_byte": float(loss.sum()) / math.log(2) / max(n_bytes, 1)})
+        if partial is not None:
+            _keep(partial, key, losses, docs, i + 1, reports)
+    if partial is not None and os.path.exists(partial):
+        os.remove(partial)
     if not docs:
         raise ValueError("no document had a token to score")
     tokens = sum(d["tokens"] for d in docs)
@@ -71,6 +84,29 @@ def document_perplexity(model, tok, texts: list[tuple[str, str]], segment: int, 
             "extra": {"tokens": tokens, "segment": segment, "max_tokens": max_tokens,
                       "uniform_loss": math.log(tok.get_vocab_size()), "loss_by_position": by_pos},
             "records": docs}
+
+
+def _resume(partial: str | None, key: dict, reports) -> tuple[list, list, int]:
+    """(losses, document records, next document index) from a partial file whose key matches,
+    restoring the memorisation tally it kept; else a fresh start."""
+    if partial is None or not os.path.exists(partial):
+        return [], [], 0
+    saved = torch.load(partial, weights_only=False)
+    if saved.get("key") != key:
+        return [], [], 0
+    if isinstance(reports, MemorizeTally) and saved.get("tally") is not None:
+        reports.__dict__.update(saved["tally"])
+    print(f"perplexity: resuming from {partial}: {saved['next']} of {len(key['docs'])} documents done",
+          file=sys.stderr)
+    return saved["losses"], saved["docs"], saved["next"]
+
+
+def _keep(partial: str, key: dict, losses: list, docs: list, next_index: int, reports) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+    tally = dict(reports.__dict__) if isinstance(reports, MemorizeTally) else None
+    tmp = partial + ".tmp"
+    torch.save({"key": key, "losses": losses, "docs": docs, "next": next_index, "tally": tally}, tmp)
+    os.replace(tmp, partial)
 
 
 def _prefix(tok, text: str, enc, n: int) -> str:

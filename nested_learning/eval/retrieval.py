@@ -119,6 +119,11 @@ def plot_heatmap(block: dict, path: str, title: str) -> str:
                 if e["status"] == "run":
                     grid[i, j] = e["by_depth"][str(d)][metric]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap=cmap, aspect="auto")
+        for i in range(len(depths)):  # each cell carries its number (an empty cell: not run)
+            for j in range(len(lengths)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                            color="black" if grid[i, j] > 0.6 else "white")
         ax.set_xticks(range(len(lengths)), [e["name"] + ("" if e["status"] == "run" else "\nnot run")
                                             for e in lengths], fontsize=6)
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=6)
@@ -146,6 +151,10 @@ def plot_vs_length(blocks: dict[str, dict], path: str, title: str, chance: float
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", label=f"rank1 chance {chance:.2f}")
     ax.set_xscale("log", base=2)
+    ticks = sorted({e["length"]: e["name"] for b in blocks.values() for e in b["extra"]["by_length"]
+                    if e["status"] == "run"}.items())
+    ax.set_xticks([t for t, _ in ticks], [n for _, n in ticks])  # the lengths as the heatmap names them (2k, ...)
+    ax.minorticks_off()
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("prompt length (tokens)")
     return finish(fig, ax, path, title, "accuracy")
@@ -240,8 +249,8 @@ def main(kind: str, argv=None) -> dict:
 
 
 def _print(name: str, variant: str, block: dict) -> None:
-    print(f"{name} {variant}: exact {block['metrics']['exact']['value']} | found {block['metrics']['found']['value']} | "
-          f"rank1 {block['metrics']['rank1']['value']} "
+    m = {k: "n/a" if v["value"] is None else f"{v['value']:.3f}" for k, v in block["metrics"].items()}
+    print(f"{name} {variant}: exact {m['exact']} | found {m['found']} | rank1 {m['rank1']} "
           f"(chance {block['chance']:.3f}) over {block['n_items']} prompts")
     for e in block["extra"]["by_length"]:
         if e["status"] == "run":

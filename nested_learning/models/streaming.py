@@ -78,9 +78,11 @@ def segment_losses(model, tokens: Tensor, targets: Tensor, state: ModelState,
 
 
 def stream_document(model, doc: Tensor, segment: int, memorize: Memorize | None = None,
-                    state: ModelState | None = None, reports: list | None = None) -> tuple[Tensor, ModelState]:
+                    state: ModelState | None = None, reports: list | None = None,
+                    on_segment=None) -> tuple[Tensor, ModelState]:
     """Losses of every next-token prediction of one document doc [N] (N - 1 values), streamed
-    in segments of `segment` tokens from a fresh state (or `state`, batch 1)."""
+    in segments of `segment` tokens from a fresh state (or `state`, batch 1); on_segment(n), when
+    given, is called after each segment with the predictions it scored (a progress bar's update)."""
     doc = doc.to(model.embed.weight.device).view(1, -1).long()
     state = model.init_state(1) if state is None else state
     out = []
@@ -91,4 +93,6 @@ def stream_document(model, doc: Tensor, segment: int, memorize: Memorize | None 
             tgt = torch.cat([tgt, torch.full_like(tok[:, :1], IGNORE)], 1)
         loss, state = segment_losses(model, tok, tgt, state, memorize, reports)
         out.append(loss[0, : tgt.shape[1]][tgt[0] != IGNORE])
+        if on_segment is not None:
+            on_segment(len(out[-1]))
     return torch.cat(out), state

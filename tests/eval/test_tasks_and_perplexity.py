@@ -160,3 +160,48 @@ def test_perplexity_counts_tokens_bytes_and_buckets_by_hand():
     png = P.plot_loss_by_position({"baseline": res, "memorised": mem}, "/tmp/nl_ppl_test.png", "t")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+class Bar:
+    def __init__(self):
+        self.n, self.updates = 0, 0
+
+    def update(self, k):
+        self.n, self.updates = self.n + k, self.updates + 1
+
+
+def test_perplexity_progress_counts_tokens_by_segment_and_a_killed_run_resumes(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    m = build_model("hope", "tiny", vocab_size=258, **SMALL["hope"]).eval()
+    tok = ByteTok()
+    texts = [("a", "to be or not " * 30), ("b", "that is the question " * 20), ("c", "whether tis nobler " * 25)]
+    bar = Bar()
+    whole = P.document_perplexity(m, tok, texts, segment=64, progress=bar)
+    n_tokens = sum(len(tok.encode(t).ids) for _, t in texts)
+    assert bar.n == n_tokens and bar.updates > len(texts)  # per segment, in tokens, not per document
+
+    partial = str(tmp_path / ".perplexity.partial.pt")
+    calls, real = [], P.stream_document
+
+    def dies_on_the_third(model, doc, *a, **k):
+        calls.append(len(doc))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a kill while the third document streams
+        return real(model, doc, *a, **k)
+
+    monkeypatch.setattr(P, "stream_document", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        P.document_perplexity(m, tok, texts, segment=64, partial=partial, key={"checkpoint": "x"})
+    monkeypatch.setattr(P, "stream_document", real)
+    assert torch.load(partial, weights_only=False)["next"] == 2
+    # another key (here another checkpoint) never reuses it
+    other = P.document_perplexity(m, tok, texts[:1], segment=64, partial=str(tmp_path / "other.pt"), key={"checkpoint": "y"})
+    assert other["n_items"] == 1
+    seen = []
+    monkeypatch.setattr(P, "stream_document", lambda model, doc, *a, **k: seen.append(len(doc)) or real(model, doc, *a, **k))
+    bar = Bar()
+    resumed = P.document_perplexity(m, tok, texts, segment=64, progress=bar, partial=partial, key={"checkpoint": "x"})
+    assert seen == [len(tok.encode(texts[2][1]).ids) + 1]  # only the third document streams again
+    assert bar.n == n_tokens
+    assert resumed["metrics"] == whole["metrics"] and resumed["records"] == whole["records"]
+    assert not (tmp_path / ".perplexity.partial.pt").exists()  # removed once complete

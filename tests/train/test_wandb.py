@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
 
 import pytest
@@ -75,8 +76,18 @@ def offline_run(out_dir: str) -> tuple[dict, dict[int, dict]]:
     """(config, {step: history row}) of the one offline run under out_dir/wandb/."""
     files = glob.glob(os.path.join(out_dir, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(files) == 1, files
+    # the file is complete once it holds the run's exit record: wandb's service process may still be
+    # writing it when run.finish() returns (a loaded machine once read 4 of 6 history rows)
+    deadline = time.monotonic() + 120
+    while True:
+        records = read_wandb_records(files[0])
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if "exit" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "exit" in kinds, f"no exit record after 120 s; record types: {sorted(set(kinds))}"
     config, history = {}, {}
-    for rec in read_wandb_records(files[0]):
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             config.update(_nested(rec.run.config.update))
