@@ -135,7 +135,7 @@ class SelfModifyingTitans(nn.Module):
             o = o + q
         y = self.norm(o).reshape(B, T, D) * torch.sigmoid(self.gate(x))
         full = (L // C) * C
-        return self.out(y), SelfModifyingState(P, M, xs[:, full:], valid[:, full:])
+        return self.out(y), SelfModifyingState(P, M, xs[:, full:].clone(), valid[:, full:].clone())
 
     def _write(self, P: Tensor, k, v, eta, alpha) -> Tensor:
         """Advance P [B, H, 3d+2, d] over one chunk: every row block's target is its own output
