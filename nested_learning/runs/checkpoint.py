@@ -239,6 +239,25 @@ def set_aside(path: str) -> str:
     return dest
 
 
+FAST_FILE = re.compile(r"^fast_rank\d+\.safetensors$")
+
+
+def drop_fast_state(path: str) -> int:
+    """Delete a checkpoint's per-rank fast state (most of a small model's checkpoint) and its
+    entries in checksums.json, so the checkpoint still verifies; resuming from it starts every
+    row's fast state afresh (rank_files returns fast=None). Returns the bytes freed."""
+    listing = os.path.join(path, CHECKSUMS)
+    sums = _read_json(listing) or {}
+    gone = [f for f in os.listdir(path) if FAST_FILE.match(f)]
+    if not gone:
+        return 0
+    freed = sum(os.path.getsize(os.path.join(path, f)) for f in gone)
+    _write_json({k: v for k, v in sums.items() if not FAST_FILE.match(k)}, listing)  # first: never a listed file missing
+    for f in gone:
+        os.remove(os.path.join(path, f))
+    return freed
+
+
 def prune(out_dir: str, keep_last: int | None, trusted: set[str] | None = None,
           warn=print) -> list[str]:
     """Keep the newest keep_last checkpoints that verify (None or 0: keep all) and delete the
@@ -368,7 +387,8 @@ def check_meta(path: str, meta: dict, run_meta: dict) -> None:
 def rank_files(path: str, rank: int) -> dict:
     """A rank's own part of a checkpoint: fast state (tensors, skeleton), RNG, data position."""
     mine = _read_json(os.path.join(path, f"rank{rank}.json"))
-    return {"fast": (_load_tensors(os.path.join(path, f"fast_rank{rank}.safetensors")), mine["skeleton"]),
+    fast = os.path.join(path, f"fast_rank{rank}.safetensors")
+    return {"fast": (_load_tensors(fast), mine["skeleton"]) if os.path.exists(fast) else None,  # None: dropped
             "rng": (_load_tensors(os.path.join(path, f"rng_rank{rank}.safetensors")), mine["rng"]),
             "data": mine["data"]}
 

@@ -119,6 +119,10 @@ class Checkpointer:
             mine = checkpoint.rank_files(path, info.rank)
             fast, data = mine["fast"], mine["data"]
             checkpoint.set_rng_state(*mine["rng"])
+            if fast is None:
+                notes.append("this checkpoint's fast state was dropped (train.keep_fast_state=newest, and it was not "
+                             "the newest): every row starts a fresh context at the saved data position, so the loss "
+                             "trace differs from an uninterrupted run's until the rows' next document")
         else:
             notes.append(f"the checkpoint was written by {old_world} ranks and this run has {info.world} "
                          f"(batch_size {meta.get('batch_size')} -> {run_meta.get('batch_size')}): slow weights and "

@@ -108,6 +108,8 @@ class TrainConfig(ConfigSection):
     save_every_minutes: float | None = None  # also checkpoint when this much wall time passed since the last
     checkpoint_format: str = "auto"  # auto (dcp when train.fsdp, else single) | single | dcp
     keep_last: int | None = 3     # checkpoints kept (older ones deleted after each save); null: all
+    keep_fast_state: str = "all"  # all | newest: older checkpoints drop their per-rank fast state (most of a
+    # small model's checkpoint); resuming from one then starts every row's context afresh
     export: bool = False             # at the end, write out_dir/export/ (one safetensors file + config)
     resume: bool = True              # continue from out_dir's newest intact checkpoint when there is one
     overwrite: bool = False          # with resume=false: delete the run already in out_dir instead of refusing
@@ -133,6 +135,8 @@ class TrainConfig(ConfigSection):
             _nonneg_int(f"train.{k}", getattr(self, k))
         if self.keep_last is not None:
             positive_int("train.keep_last (null keeps every checkpoint)", self.keep_last)
+        if self.keep_fast_state not in ("all", "newest"):
+            raise ValueError(f"train.keep_fast_state must be all or newest, got {self.keep_fast_state!r}")
         if self.eval_every and not self.eval_tokens:
             raise ValueError("train.eval_tokens must be positive when train.eval_every is (0 tokens would log no "
                              "validation loss)")

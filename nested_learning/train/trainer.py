@@ -322,6 +322,9 @@ class Trainer:
                                       self.model, self.opt, self.states, pos)
         self.trusted.add(path)
         gone = checkpoint.prune(self.out, self.t.keep_last, self.trusted, self.console.warn) if self.info.main else []
+        if self.t.keep_fast_state == "newest" and self.info.main:
+            for _, older in checkpoint.step_dirs(self.out)[1:]:
+                checkpoint.drop_fast_state(older)
         self.last_save = _clock()
         self.console.say(f"step {self.step}: saved {path}" + (f" (deleted {len(gone)} older: train.keep_last="
                                                               f"{self.t.keep_last})" if gone else ""))

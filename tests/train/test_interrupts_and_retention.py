@@ -135,3 +135,26 @@ def test_prune_counts_only_verified_checkpoints(make_cfg):
     assert gone == [checkpoint.checkpoint_dir(out, 1)]
     assert len(warned) == 1 and "step_00000003 is damaged" in warned[0]
     assert os.listdir(os.path.join(out, "checkpoints", checkpoint.DAMAGED)) == ["step_00000003"]
+
+
+def test_older_checkpoints_can_drop_their_fast_state(make_cfg, capsys):
+    cfg = make_cfg(train={"steps": 6, "save_every": 2, "keep_last": 3, "eval_every": 0, "keep_fast_state": "newest"})
+    run(cfg)
+    out = cfg["train"]["out_dir"]
+    dirs = checkpoint.step_dirs(out)
+    assert [s for s, _ in dirs] == [6, 4, 2]
+    sizes = {s: sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p)) for s, p in dirs}
+    for s, p in dirs:
+        checkpoint.verify(p)  # still verifies: the dropped files left checksums.json too
+        assert ("fast_rank0.safetensors" in os.listdir(p)) == (s == 6)
+    assert sizes[4] < sizes[6]
+    os.remove(os.path.join(checkpoint.checkpoint_dir(out, 6), "meta.json"))  # resume must fall back to step 4
+    cfg["train"]["steps"] = 7
+    capsys.readouterr()
+    run(cfg)
+    said = capsys.readouterr().out
+    assert "fast state was dropped" in said and "resumed from" in said
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 8))
+    default = make_cfg("all", train={"steps": 4, "save_every": 2, "eval_every": 0})
+    run(default)
+    assert all("fast_rank0.safetensors" in os.listdir(p) for _, p in checkpoint.step_dirs(default["train"]["out_dir"]))
