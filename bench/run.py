@@ -1,19 +1,23 @@
 """Benchmark every op, each available backend beside the reference.
 
-    python bench/run.py                 # CPU, full shapes
+    python bench/run.py                 # CPU, full shapes, within --time-limit (15 minutes)
     python bench/run.py --quick         # small shapes, a few seconds per op
     python bench/run.py --device cuda --dtype bfloat16 --json bench/out/cuda.json
 
 Prints one row per (op, backend): shape, median ms, tokens/s, speedup over the reference
 backend and the relative error (||x - ref|| / ||ref||, worst over outputs and input
 gradients) against the float64 reference on the same inputs. --json writes the rows with the
-device, versions and build information.
+device, versions and build information, rewritten after every row (a killed run keeps its
+rows). --time-limit (default 900 s) bounds the run: the op rows stop at two thirds of it so that
+the training-step and decode rows run; each row left out is printed and recorded as skipped for
+the time limit. Each case's tensors are freed before the next one.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -146,7 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="*", default=None, help=f"subset of {ops.OPS}, 'step' (model training steps) and 'decode' (token-by-token generation)")
     ap.add_argument("--backends", nargs="*", default=None, help="subset of backends to time")
     ap.add_argument("--repeat", type=int, default=None, help="timed repeats (median reported)")
-    ap.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
+    ap.add_argument("--json", default=None, metavar="PATH", help="write results as JSON (after every row)")
+    ap.add_argument("--time-limit", type=float, default=900.0, metavar="SECONDS",
+                    help="bound on the run (default 900): op rows stop at 2/3 of it, then steps and decode")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible")
@@ -165,9 +171,29 @@ def main(argv=None) -> int:
     header = f"{'op':22} {'backend':10} {'shape':46} {'ms':>10} {'tokens/s':>12} {'speedup':>8} {'rel err':>9}"
     print(header)
     print("-" * len(header), flush=True)
-    rows = []
-    for case in cases(args.quick, args.device):
-        if args.ops and case.op not in args.ops:
+    rows, t0 = [], time.perf_counter()
+    op_cases = [c for c in cases(args.quick, args.device) if not args.ops or c.op in args.ops]
+
+    def left_out(op: str, shape: str, section: str) -> bool:
+        """True (and the row recorded as skipped) once the section's share of --time-limit is spent."""
+        share = {"ops": 2 / 3, "rest": 1.0}[section]
+        if time.perf_counter() - t0 < share * args.time_limit:
+            return False
+        rows.append({"op": op, "shape": shape, "skipped": f"--time-limit {args.time_limit:g} s reached", "time_limit": True})
+        print(f"{op:22} {'-':10} {str(shape):46} skipped: --time-limit {args.time_limit:g} s reached", flush=True)
+        return True
+
+    def save() -> None:
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"meta": {**meta, "seconds": round(time.perf_counter() - t0, 1)}, "rows": rows}, f, indent=2)
+            os.replace(tmp, args.json)
+
+    for i, case in enumerate(op_cases):
+        print(f"# [{i + 1}/{len(op_cases)}] {case.op} {case.shape}", flush=True)
+        if left_out(case.op, case.shape, "ops"):
             continue
         ref_out = case.make(dev, torch.float64)("reference")
         run = case.make(dev, dtype)
@@ -189,8 +215,13 @@ def main(argv=None) -> int:
             _report(rows, row, case, ran)
         for peer, (available, make_peer) in case.peers.items():
             _run_peer(rows, case, peer, available, make_peer, dev, dtype, repeat, ref_ms, ref_out)
+        ref_out = run = out = None  # this case's tensors go before the next case's are made
+        gc.collect()
+        save()
     if args.ops is None or any(o.startswith("step") for o in args.ops):
         for sc in step_cases(args.quick, args.device):
+            if left_out(sc.op, sc.shape_str, "rest"):
+                continue
             model, step = sc.make(dev)
             ms = median_ms(step, dev, warmup=1, repeat=repeat)
             row = {"op": sc.op, "backend": "auto", "shape": sc.shape_str, "backward": True, "median_ms": ms,
@@ -199,8 +230,12 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{sc.op:22} {'auto':10} {sc.shape_str + ' train step':46} {ms:10.2f} "
                   f"{row['tokens_per_s']:12.0f} {'-':>8} {'-':>9}  ({row['parameters']:,} params)", flush=True)
+            model = step = None
+            save()
     if args.ops is None or any(o.startswith("decode") for o in args.ops):
         for dc in decode_cases(args.quick):
+            if left_out(dc.op, dc.shape_str, "rest"):
+                continue
             model, decode, forward = dc.make(dev)
             ms, fwd_ms = median_ms(decode, dev, warmup=1, repeat=repeat), median_ms(forward, dev, warmup=1, repeat=repeat)
             row = {"op": dc.op, "backend": "auto", "shape": dc.shape_str, "backward": False, "median_ms": ms,
@@ -212,10 +247,12 @@ def main(argv=None) -> int:
             print(f"{dc.op:22} {'auto':10} {dc.shape_str + ' generate':46} {ms:10.2f} {row['tokens_per_s']:12.0f} "
                   f"{'-':>8} {'-':>9}  (forward of the same tokens {fwd_ms:.2f} ms: decode {ms / fwd_ms:.1f}x slower)",
                   flush=True)
+            model = decode = forward = None
+            save()
+    save()
+    skipped = sum(bool(r.get("time_limit")) for r in rows)
+    print(f"# {time.perf_counter() - t0:.0f} s" + (f"; {skipped} rows skipped for --time-limit" if skipped else ""))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
 

@@ -78,3 +78,18 @@ def test_peer_that_cannot_run_is_a_skipped_row_with_its_reason(tmp_path, monkeyp
         assert f"{name:10}" in stdout and f"skipped: {rows[name]['skipped']}" in stdout
     ok = rows["working"]
     assert "skipped" not in ok and ok["median_ms"] > 0 and ok["rel_err_vs_fp64_reference"] < 1e-4
+
+
+def test_time_limit_bounds_the_run_naming_each_row_it_left_out(tmp_path, capsys):
+    import bench.run as bench_run  # the repository root is on sys.path (pytest's pythonpath)
+
+    """--time-limit 0: no op, step or decode row starts; each is printed and recorded as skipped,
+    and the JSON is complete."""
+    out = tmp_path / "t.json"
+    assert bench_run.main(["--quick", "--ops", "dgd_update", "step", "--repeat", "1", "--time-limit", "0",
+                           "--json", str(out)]) == 0
+    said = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r.get("time_limit") for r in rows)
+    assert {r["op"] for r in rows} >= {"dgd_update", "step:hope", "step:titans", "step:transformer"}
+    assert f"{len(rows)} rows skipped for --time-limit" in said and "[1/" in said
