@@ -1,7 +1,9 @@
-"""Markdown tables from evaluation result files (schema nested_learning.eval/1): the zero-shot
-pack (multiple-choice tasks; BLiMP per phenomenon, field and paradigm beside the authors'
-models), retrieval (NIAH, passkey) by length, and continual-learning matrices with their
-transfer metrics.
+"""Markdown tables from evaluation result files (schema nested_learning.eval/1): first every
+headline metric with the runs side by side, then per file the zero-shot pack (multiple-choice
+tasks; BLiMP per phenomenon, field and paradigm beside the authors' models), perplexity with its
+loss by position, retrieval (NIAH, passkey) by length, continual-learning matrices with their
+transfer metrics, and any other evaluation's metrics (recall, lm-eval, ...). JSON files that are
+not result files are listed at the end, so nothing is left out silently.
 
     python scripts/eval/report.py results/smoke                 # every result file below the folder
     python scripts/eval/report.py results/smoke --out results/smoke/REPORT.md
@@ -76,6 +78,61 @@ def retrieval_tables(res: dict, path: str) -> list[str]:
     return out
 
 
+def _label(res: dict, path: str) -> str:
+    run = res.get("run") or {}
+    where = run.get("run_dir") or run.get("checkpoint") or os.path.dirname(path)
+    return f"{os.path.basename(os.path.normpath(where))} (step {run.get('step', '?')})"
+
+
+def _metric(m) -> str:
+    if not isinstance(m, dict) or m.get("value") is None:
+        return "-"
+    return f"{m['value']:.4g}" + (f" ± {m['stderr']:.2g}" if m.get("stderr") is not None else "")
+
+
+def side_by_side(results: list[tuple[str, dict]]) -> list[str]:
+    """One row per (evaluation, task, metric), one column per run: the headline numbers together."""
+    runs = sorted({_label(res, path) for path, res in results})
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    for path, res in results:
+        for task, block in res["tasks"].items():
+            for metric, m in (block.get("metrics") or {}).items():
+                cells.setdefault((res["evaluation"], task, metric), {})[_label(res, path)] = _metric(m)
+    out = ["## All results, runs side by side", "", "| evaluation | task | metric | " + " | ".join(runs) + " |",
+           "|---|---|---|" + "---:|" * len(runs)]
+    for (ev, task, metric), row in sorted(cells.items()):
+        out.append(f"| {ev} | {task} | {metric} | " + " | ".join(row.get(r, "") for r in runs) + " |")
+    return out + [""]
+
+
+def perplexity_tables(res: dict, path: str) -> list[str]:
+    run = res["run"] or {}
+    out = []
+    for name, block in res["tasks"].items():
+        m, ex = block["metrics"], block["extra"]
+        out += [f"**{res['evaluation']}** ({name}): {run.get('model')} {run.get('size')} step {run.get('step')} "
+                f"(`{os.path.relpath(path)}`); {block['n_items']} documents, {ex['tokens']:,} tokens, segment "
+                f"{ex['segment']}; uniform loss {ex['uniform_loss']:.3f}", "",
+                f"perplexity {_metric(m['perplexity'])} | loss {_metric(m['loss'])} | bits/byte "
+                f"{_metric(m['bits_per_byte'])}", "", "| position | tokens | documents | loss ± se |",
+                "|---|---:|---:|---|"]
+        for r in ex["loss_by_position"]:
+            out.append(f"| {r['bucket']} | {r['tokens']:,} | {r['documents']} | {r['loss']:.4f} ± {_f(r['stderr'], 4)} |")
+        out.append("")
+    return out
+
+
+def other_tables(res: dict, path: str) -> list[str]:
+    """Any other evaluation: each task's metrics as reported."""
+    run = res.get("run") or {}
+    out = [f"**{res['evaluation']}**: {run.get('model')} {run.get('size')} step {run.get('step')} "
+           f"(`{os.path.relpath(path)}`)", "", "| task | items | metric | value ± se |", "|---|---:|---|---|"]
+    for task, block in res["tasks"].items():
+        for metric, m in (block.get("metrics") or {}).items():
+            out.append(f"| {task} | {block.get('n_items', '-')} | {metric} | {_metric(m)} |")
+    return out + [""]
+
+
 def continual_tables(res: dict, path: str) -> list[str]:
     run = res["run"]
     out = []
@@ -109,25 +166,31 @@ def main(argv=None) -> str:
     ap.add_argument("folder")
     ap.add_argument("--out", default=None, help="write the report here (default: print it)")
     a = ap.parse_args(argv)
+    if not os.path.isdir(a.folder):
+        raise FileNotFoundError(f"{a.folder} is not a folder of result files")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(a.folder) for f in fs if f.endswith(".json"))
-    lines = []
+    results, not_results = [], []
     for path in files:
         with open(path) as fh:
             try:
                 res = json.load(fh)
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as err:
+                not_results.append((path, f"not JSON ({err.msg})"))
                 continue
         if not isinstance(res, dict) or res.get("schema") != SCHEMA:
+            not_results.append((path, f"not a result file (schema {res.get('schema') if isinstance(res, dict) else None!r})"))
             continue
-        kind = res["evaluation"].split("_")[0]
-        if kind == "zeroshot":
-            lines += zeroshot_tables(res, path)
-        elif kind in ("niah", "passkey"):
-            lines += retrieval_tables(res, path)
-        elif kind == "continual":
-            lines += continual_tables(res, path)
-    if not lines:
-        raise SystemExit(f"no zero-shot, retrieval or continual result files under {a.folder}")
+        results.append((path, res))
+    if not results:
+        raise FileNotFoundError(f"no result files (schema {SCHEMA}) under {a.folder}")
+    tables = {"zeroshot": zeroshot_tables, "niah": retrieval_tables, "passkey": retrieval_tables,
+              "continual": continual_tables, "perplexity": perplexity_tables}
+    lines = side_by_side(results) + ["## Each result file", ""]
+    for path, res in results:
+        lines += tables.get(res["evaluation"].split("_")[0], other_tables)(res, path)
+    if not_results:
+        lines += ["JSON files under the folder that are not result files (left out):", ""]
+        lines += [f"- `{os.path.relpath(p)}`: {why}" for p, why in not_results] + [""]
     text = "\n".join(lines)
     if a.out:
         with open(a.out, "w") as fh:

@@ -65,6 +65,16 @@ def test_zeroshot_perplexity_generate_and_lm_eval_scripts(tiny_runs, tmp_path):
                    "--out", str(out))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr  # one line
 
+    (out / "notes.json").write_text("{}")  # not a result file: listed, not silently dropped
+    r = run_python("scripts/eval/report.py", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = r.stdout
+    assert rep.startswith("## All results, runs side by side")
+    assert "| zeroshot | mini | acc |" in rep and "| zeroshot_memorize | mini | acc |" in rep
+    assert "| perplexity | " in rep and "| perplexity_memorize | " in rep
+    assert "**perplexity** (" in rep and "| 0-1k | 300 | 1 |" in rep  # the loss by position
+    assert "notes.json`: not a result file" in rep
+
 
 def test_lm_eval_script_on_a_local_task(tiny_runs, tmp_path):
     pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
