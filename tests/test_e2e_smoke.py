@@ -8,9 +8,12 @@ import json
 import os
 import subprocess
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_the_e2e_smoke_script_runs_every_stage_and_says_where(tmp_path):
     task = tmp_path / "mini.jsonl"
     task.write_text("".join(json.dumps({"context": f"Q: is the {w} old?\nA:", "choices": [" yes", " no"],

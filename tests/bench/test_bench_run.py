@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from nested_learning import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_quick_benchmark_table_and_json(tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run(

@@ -4,6 +4,8 @@ import json
 import os
 import re
 
+import pytest
+
 from tests.helpers import ROOT, run_python
 
 
@@ -13,11 +15,13 @@ def script(name, *args, timeout=600):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_profile_step_reports_updates_on_and_off():
     out = script("profile_step.py", "--size", "tiny", "--batch", "1", "--seq", "64", "--repeat", "1", "--rows", "3")
     assert "step with in-context updates" in out and "ratio" in out and "Self CPU time total" in out
 
 
+@pytest.mark.slow
 def test_profile_step_diff_names_the_update_ops():
     # every row of the difference (not the top few: their order is timing noise): the update op
     # is called only with the updates on, so its row has calls on and none off, and costs more on

@@ -198,6 +198,7 @@ def test_tasks_all_is_blimp_without_bigbench_and_never_downloads(tmp_path, monke
     assert T.resolve_tasks("blimp", str(tmp_path), log=said.append) == {"blimp": B.ARCHIVE} and len(said) == 1
 
 
+@pytest.mark.slow
 def test_zeroshot_tasks_all_on_a_tiny_run_with_the_shipped_blimp(tiny_runs, tmp_path):
     """The default command, `zeroshot.py --tasks all`, on a tiny trained run: BLiMP from the
     package (3 pairs of each paradigm), no BIG-bench, then the report."""
@@ -222,6 +223,7 @@ def test_zeroshot_tasks_all_on_a_tiny_run_with_the_shipped_blimp(tiny_runs, tmp_
     assert "**zeroshot**" in r.stdout and "| blimp | 201 |" in r.stdout and "| causative | argument_structure |" in r.stdout
 
 
+@pytest.mark.slow
 def test_zeroshot_blimp_beside_a_memorised_task(tiny_runs, tmp_path):
     task = tmp_path / "mini.jsonl"
     task.write_text(json.dumps({"context": "Q: is the king old?\nA:", "choices": [" yes", " no"], "gold": 0}) + "\n")

@@ -72,6 +72,7 @@ def _segments(root, corpus_dir):
 
 
 @pytest.mark.parametrize("name", ["hope", "titans"])
+@pytest.mark.slow
 def test_protocol_end_to_end(tiny_runs, corpus_dir, tmp_path, name):
     model, tok = load_run(tiny_runs[name], device="cpu")
     segs = _segments(tmp_path, corpus_dir)

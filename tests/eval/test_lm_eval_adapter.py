@@ -74,6 +74,7 @@ def _task_dir(tmp_path):
     return d
 
 
+@pytest.mark.slow
 def test_simple_evaluate_on_local_tasks(tiny_runs, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -3,6 +3,8 @@ what they say (tiny models; the real rows use the smoke size)."""
 
 import json
 
+import pytest
+
 from bench import eval_memory, profile_decode, train_memory
 
 
@@ -22,6 +24,7 @@ def test_profile_decode_reports_ms_per_token(capsys):
     assert ms > 0 and "ms per token (3 tokens" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_memory_measures_a_run_and_its_steps(corpus_dir, tmp_path):
     extra = ["size=tiny", "data=local", f"data.path={corpus_dir}", "data.vocab_size=300",
              f"data.data_dir={tmp_path / 'data'}", "train.seq_len=16", "train.batch_size=2", "train.context_len=64",

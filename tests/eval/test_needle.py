@@ -123,6 +123,7 @@ def test_grid_records_not_run_lengths_with_reasons(tiny_runs, task):
 
 
 @pytest.mark.parametrize("name", ["hope", "titans"])
+@pytest.mark.slow
 def test_streaming_64k_tokens_in_bounded_state(task, name):
     """The tiny size with the models' default chunks (the tiny runs' chunks of 4-8 tokens are
     for fast training tests, and stream 3x slower)."""

@@ -173,6 +173,7 @@ def test_train_step_trains_and_skips_nothing():
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+@pytest.mark.slow
 def test_the_command_line_end_to_end(tmp_path):
     """Every model, a tiny width, a few steps, through the script: JSON in the schema, the table
     with standard errors and chance, the not-run cell."""

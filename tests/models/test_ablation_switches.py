@@ -98,6 +98,7 @@ def experiment_data(tmp_path_factory, corpus_dir):  # noqa: F811
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.slow
 def test_every_experiment_config_trains_two_steps(name, experiment_data, tmp_path):
     from nested_learning.train.config import compose_config
     from nested_learning.train.loop import run

@@ -10,6 +10,7 @@ SMALL = dict(hope=dict(proj_chunk=4, memory_chunk=16, cms_periods=(1, 4)),
 
 
 @pytest.mark.parametrize("name", ["transformer", "titans", "hope"])
+@pytest.mark.slow
 def test_tiny_model_overfits_a_fixed_batch(name):
     torch.manual_seed(0)
     m = build_model(name, "tiny", **SMALL[name])
@@ -138,6 +139,7 @@ def descent_lr(m, ctx, next_token):
     return None
 
 
+@pytest.mark.slow
 def test_memorisation_raises_the_right_answer_and_keeps_slow_weights(trained_hopes):
     ctx, query, val = needle_batch(64, torch.Generator().manual_seed(123))
     gains, fractions, specific = [], [], []

@@ -86,6 +86,7 @@ def _total(out):
 
 
 @pytest.mark.parametrize("case", ["dgd_before", "titan", "titan_mlp", "cms_dgd", "ce_mean"])
+@pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward(case):
     # inductor (the default backend) also checks that real outputs match the fakes' strides
     torch._dynamo.reset()

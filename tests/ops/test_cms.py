@@ -61,6 +61,7 @@ def test_matches_token_loop(optimizer, period, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer", ["gd", "momentum", "dgd"])
 @pytest.mark.parametrize("period", [1, 5, 64])
+@pytest.mark.slow
 def test_float32_backends_match_float64_loop(optimizer, period, backend):
     xs, ds, W0 = stream(B=3, T=131, Din=40, Dout=24)
     st = ops.CMSState.create(W0.float(), period, batch_size=3, optimizer=optimizer)

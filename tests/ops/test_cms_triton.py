@@ -82,6 +82,7 @@ def test_triton_column_and_token_tiles(optimizer, poisoned_allocations):
 
 @interpreted
 @pytest.mark.parametrize("period,T", [(1, 12), (5, 23), (40, 90)])
+@pytest.mark.slow
 def test_triton_dgd_wide_rows_streamed(period, T, monkeypatch, poisoned_allocations):
     from nested_learning.kernels import cms as kernels
 

@@ -18,6 +18,7 @@ def test_build_info_says_which_cpu_kernels_run():
     assert r.returncode == 0 and r.stdout.strip() == "generic", r.stderr
 
 
+@pytest.mark.slow
 def test_generic_build_passes_the_cpu_parity_tests():
     r = run_python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops/test_dgd_cpu.py",
                    "tests/ops/test_titan_backends.py", "-k", "cpu", timeout=1200, NESTED_LEARNING_CPU_ISA="generic")

@@ -56,6 +56,7 @@ def peak_mib(N, D, V, backend):
     return measure(N, D, V, backend)["peak_mib"]
 
 
+@pytest.mark.slow
 def test_fused_peak_memory_does_not_grow_with_the_vocabulary():
     N, D = 2048, 64
     naive = [peak_mib(N, D, V, "naive") for V in (8192, 32768)]

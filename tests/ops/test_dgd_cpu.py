@@ -140,6 +140,7 @@ def test_large_buffers_are_recycled():
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_buffer_pool_can_be_turned_off():
     code = ("import torch; from nested_learning import ops; from tests.helpers import dgd_inputs, rel_err\n"
             "x = {n: v.detach().requires_grad_() if v is not None else None for n, v in dgd_inputs(2, 50, 2, 16, 16).items()}\n"

@@ -28,6 +28,7 @@ CASES += [((1, 1000, 1, 64, 64), "after", 64), ((1, 1000, 1, 48, 64), "before", 
 
 @pytest.mark.parametrize("shape,read,chunk", CASES)
 @interpreted
+@pytest.mark.slow
 def test_triton_matches_reference_float32(shape, read, chunk):
     x = dgd_inputs(*shape)
     o_ref, s_ref, g_ref = run(x, "reference", read, chunk, torch.float64)
@@ -41,6 +42,7 @@ def test_triton_matches_reference_float32(shape, read, chunk):
 
 @pytest.mark.parametrize("erase,state", [(False, False), (True, False), (False, True)])
 @interpreted
+@pytest.mark.slow
 def test_triton_optional_inputs(erase, state):
     x = dgd_inputs(2, 21, 2, 6, 5, erase=erase, state=state)
     o_ref, s_ref, g_ref = run(x, "reference", "before", 16, torch.float64)

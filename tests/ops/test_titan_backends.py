@@ -40,6 +40,7 @@ def run(x, backend, chunk, dtype, device="cpu"):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape,chunk", [((1, 1, 1, 4, 4), 1), ((2, 37, 3, 5, 7), 4), ((1, 70, 1, 48, 16), 16),
                                          ((1, 100, 2, 64, 64), 64), ((1, 45, 1, 100, 80), 16)])
+@pytest.mark.slow
 def test_linear_backend_matches_reference(shape, chunk, backend):
     x = titan_inputs(*shape)
     ref = run(x, "reference", chunk, torch.float64)

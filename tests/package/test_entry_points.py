@@ -72,6 +72,7 @@ def test_no_file_edits_sys_path():
 
 
 @pytest.mark.parametrize("command", ["perplexity", "niah"])
+@pytest.mark.slow
 def test_a_wrapper_shows_the_commands_help(command):
     """scripts/eval/X.py --help prints what `python -m nested_learning.cli.X --help` prints: the
     command's docstring (niah's parser takes it from __main__)."""

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.train.conftest import read_metrics
 
 
@@ -34,6 +36,7 @@ def torchrun_two_workers(cfg, tmp_path) -> list[dict]:
     return [json.load(open(os.path.join(out, f"worker{i}.json"))) for i in range(2)]
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_ranks_end_with_identical_slow_weights(make_cfg, tmp_path):
     cfg = make_cfg("ddp", train={"steps": 4, "eval_every": 2, "save_every": 2, "eval_tokens": 512})
     w = torchrun_two_workers(cfg, tmp_path)
@@ -48,6 +51,7 @@ def test_two_process_cpu_ddp_ranks_end_with_identical_slow_weights(make_cfg, tmp
     assert {f"fast_rank{i}.safetensors" for i in range(2)} <= set(os.listdir(ck))  # rank-local fast state
 
 
+@pytest.mark.slow
 def test_two_process_cpu_fsdp2_trains_and_evaluates(make_cfg, tmp_path):
     cfg = make_cfg("fsdp", train={"steps": 3, "eval_every": 3, "save_every": 0, "resume": False, "fsdp": True})
     w = torchrun_two_workers(cfg, tmp_path)

@@ -21,6 +21,7 @@ def losses(out):
     return [r["loss"] for r in read_metrics(out)]
 
 
+@pytest.mark.slow
 def test_fsdp_kill_after_a_checkpoint_then_resume_gives_the_uninterrupted_trace(make_cfg, tmp_path):
     full = make_cfg("full", train={**FSDP, "steps": 6})
     r = torchrun(full, tmp_path / "a")
@@ -80,6 +81,7 @@ def _same(a: dict, b: dict) -> None:
             assert x == y, k
 
 
+@pytest.mark.slow
 def test_a_two_rank_checkpoint_reshards_into_one_rank_and_back(make_cfg, tmp_path, capsys):
     from nested_learning.train.loop import run
 
@@ -148,6 +150,7 @@ def test_a_dcp_checkpoint_restores_exactly_into_the_same_world(make_cfg, tmp_pat
     assert all(float(v) == 3.0 for k, v in o.items() if k.endswith(".step"))
 
 
+@pytest.mark.slow
 def test_export_of_an_fsdp_run_loads_for_evaluation(make_cfg, tmp_path):
     from nested_learning.runs import load_run
     from nested_learning.runs.export import export_run

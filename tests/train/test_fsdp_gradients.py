@@ -27,6 +27,7 @@ def grads(name: str, kind: str, tmp_path) -> tuple[dict, str]:
 
 
 @pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.slow
 def test_fsdp_gradients_equal_ddp_gradients(name, tmp_path):
     ddp, _ = grads(name, "ddp", tmp_path)
     fsdp, said = grads(name, "fsdp", tmp_path)

@@ -126,6 +126,7 @@ def _grad_by_position(out_dir):
     ("hope", {"proj_chunk": 4, "memory_chunk": 8, "cms_periods": [1, 4, 8], "memory_target": "values"}),
     ("titans", {}),
 ])
+@pytest.mark.slow
 def test_after_training_memories_stay_bounded_over_4x_the_context_and_gradients_do_not_grow_with_position(
         make_cfg, name, overrides):
     cfg = _train(make_cfg, name, overrides, f"{name}-health")
@@ -138,6 +139,7 @@ def test_after_training_memories_stay_bounded_over_4x_the_context_and_gradients_
     assert ratio < 3, ratio
 
 
+@pytest.mark.slow
 def test_the_plain_memories_fail_those_bounds(make_cfg):
     """The control: HOPE with the memories before the fix (no residual, forget bias 4) decays below
     the bound within 4x the context: the test above would have caught it."""

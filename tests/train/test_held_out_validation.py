@@ -158,6 +158,7 @@ def test_two_different_models_see_exactly_the_same_tokens(monkeypatch):
 
 # ---------------------------------------------------------------------------- batch and world
 @pytest.mark.parametrize("name", ["hope", "titans"])
+@pytest.mark.slow
 def test_the_result_does_not_depend_on_batch_size_or_world_size(name):
     """A model whose fast state learns (HOPE's CMS levels memorise each segment), batched 1, 3 and
     5 rows, and split over 2 and 3 ranks: the same per-stream losses."""

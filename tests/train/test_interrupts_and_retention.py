@@ -57,6 +57,7 @@ def test_a_signal_saves_the_step_and_a_rerun_continues_the_same_trace(make_cfg, 
     assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(full["train"]["out_dir"])]
 
 
+@pytest.mark.slow
 def test_train_py_on_sigint_prints_one_line_exits_130_and_resumes(make_cfg, corpus_dir, tmp_path):
     def cmd(out):
         return [sys.executable, os.path.join(ROOT, "train.py"), "size=tiny", "data=local", f"data.path={corpus_dir}",
@@ -86,6 +87,7 @@ def test_train_py_on_sigint_prints_one_line_exits_130_and_resumes(make_cfg, corp
     assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(full)]
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_saves(make_cfg, tmp_path):
     full = make_cfg("ddp_full", train={"steps": 5, "save_every": 0, "eval_every": 0})
     assert torchrun(full, tmp_path / "a").returncode == 0

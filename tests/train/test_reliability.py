@@ -47,6 +47,7 @@ def test_a_flipped_bit_in_a_tensor_is_a_checkpoint_error_naming_the_file(make_cf
 
 
 @pytest.mark.parametrize("damage", ["truncate optim.safetensors", "delete meta.json", "delete checksums.json"])
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(make_cfg, capsys, damage):
     cfg = make_cfg(train={"steps": 6, "save_every": 3})
     run(cfg)

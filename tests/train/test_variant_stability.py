@@ -26,6 +26,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.slow
 def test_every_variant_trains_with_finite_falling_loss(make_cfg, variant):
     model, over, train, optim = VARIANTS[variant]
     cfg = make_cfg(model={"name": model, "overrides": over}, optim=optim,
