@@ -3,6 +3,9 @@ import os
 import random
 
 import pytest
+import torch
+
+from nested_learning.models.lm import LanguageModel
 
 WORDS = ("the king queen lord lady sword crown night day love death war peace fool wise old young "
          "speak hear see go come stay fly fight sleep dream heart blood gold fair foul true false").split()
@@ -51,3 +54,28 @@ def read_metrics(out_dir):
 
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """poison(steps): train_forward's loss becomes NaN at those (1-based) training steps.
+    Returns the record of each training forward's inputs: (slow weights, fast state)."""
+    calls = {"n": 0, "bad": set(), "seen": []}
+    real = LanguageModel.train_forward
+
+    def forward(self, tokens, state, *a, **k):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            calls["seen"].append(([p.detach().clone() for p in self.parameters()],
+                                  [x.clone() for x in state.tensors()]))
+        loss, cap, st = real(self, tokens, state, *a, **k)
+        if torch.is_grad_enabled() and calls["n"] in calls["bad"]:
+            loss = loss * float("nan")
+        return loss, cap, st
+
+    monkeypatch.setattr(LanguageModel, "train_forward", forward)
+
+    def arm(steps):
+        calls["bad"].update(steps)
+        return calls["seen"]
+    return arm

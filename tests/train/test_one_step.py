@@ -12,7 +12,6 @@ from nested_learning.data.tokens import SPECIALS
 from nested_learning.eval import continual as C
 from nested_learning.eval import recall as RC
 from nested_learning.models import build_model
-from nested_learning.models.lm import LanguageModel
 from nested_learning.train.loop import run
 from nested_learning.train.optim import build_optimizer
 from nested_learning.train.step import TrainStep
@@ -53,29 +52,6 @@ def test_a_continual_segment_gives_the_loss_trace_of_train_py(make_cfg, name, ov
     assert out["train_loss_last"] == recs[-1]["loss"] and out["skipped_steps"] == 0
     if name == "hope":
         assert all(x[2] > 0 for x in seen)  # the inner update pass ran on every step
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """poison(steps): train_forward's loss becomes NaN at those (1-based) training forwards.
-    Returns each training forward's inputs: (slow weights, fast state tensors)."""
-    calls = {"n": 0, "bad": set(), "seen": []}
-    real = LanguageModel.train_forward
-
-    def forward(self, tokens, state, *a, **k):
-        calls["n"] += 1
-        calls["seen"].append(([p.detach().clone() for p in self.parameters()], [x.clone() for x in state.tensors()]))
-        loss, cap, st = real(self, tokens, state, *a, **k)
-        if calls["n"] in calls["bad"]:
-            loss = loss * float("nan")
-        return loss, cap, st
-
-    monkeypatch.setattr(LanguageModel, "train_forward", forward)
-
-    def arm(steps):
-        calls["bad"].update(steps)
-        return calls["seen"]
-    return arm
 
 
 def _same(a, b) -> bool:

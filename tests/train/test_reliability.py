@@ -176,31 +176,6 @@ def test_console_lines_reach_train_log(make_cfg):
 
 
 # ----------------------------------------------------------------------------- the guard
-@pytest.fixture
-def poison(monkeypatch):
-    """poison(steps): train_forward's loss becomes NaN at those (1-based) training steps.
-    Returns the record of each training forward's inputs: (slow weights, fast state)."""
-    calls = {"n": 0, "bad": set(), "seen": []}
-    real = LanguageModel.train_forward
-
-    def forward(self, tokens, state, *a, **k):
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            calls["seen"].append(([p.detach().clone() for p in self.parameters()],
-                                  [x.clone() for x in state.tensors()]))
-        loss, cap, st = real(self, tokens, state, *a, **k)
-        if torch.is_grad_enabled() and calls["n"] in calls["bad"]:
-            loss = loss * float("nan")
-        return loss, cap, st
-
-    monkeypatch.setattr(LanguageModel, "train_forward", forward)
-
-    def arm(steps):
-        calls["bad"].update(steps)
-        return calls["seen"]
-    return arm
-
-
 def test_a_non_finite_step_changes_nothing_and_is_logged_as_skipped(make_cfg, poison, capsys):
     seen = poison({3})
     cfg = make_cfg(train={"steps": 5, "save_every": 1, "keep_last": None, "eval_every": 0})
