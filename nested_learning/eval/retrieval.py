@@ -5,7 +5,11 @@ prompt cannot hold the needles, full attention past --max-kv-gib, the time budge
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+
+import torch
 
 from ..data.sources import read_local
 from ..runs.load import held_out_documents, load_run
@@ -26,9 +30,16 @@ from .results import mean_stderr
 
 def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], depths: list[float], samples: int,
                   segment: int, window: int | None, max_kv_gib: float, time_budget: float | None, seed: int,
-                  memorize=None, reports=None, progress=None) -> dict:
+                  memorize=None, reports=None, progress=None, partial: str | None = None,
+                  key: dict | None = None) -> dict:
     """The task block of one variant: metrics over every item run, by length (with "not run"
-    entries), the depth x length grid, and per-item records."""
+    entries), the depth x length grid, and per-item records. partial: a file that keeps each
+    scored prompt's record (rewritten atomically after each), so a killed run resumes without
+    scoring them again; used only when its key (the caller's `key`, e.g. the checkpoint, and the
+    task's settings) matches, and removed when the grid is complete."""
+    key = {**(key or {}), "variant": variant, "segment": segment, "window": window, "haystack": task.haystack.name,
+           "digits": task.digits, "distractors": task.k, "memorize": None if memorize is None else memorize.as_dict()}
+    done = _load_items(partial, key)
     records, by_length, spent = [], [], 0.0
     rate = None  # measured prompt tokens per second
     attn = model.has_attention()
@@ -60,13 +71,19 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
             if progress is not None:
                 progress.update(todo)
             continue
-        t0, recs = time.perf_counter(), []
+        recs = []
         with model.attention_window(window):
-            for it in items:
-                recs.append(score_item(task, model, it, segment, memorize=memorize, reports=reports))
+            for k, it in enumerate(items):
+                name = f"{L}|{it.depth}|{k}"
+                if name not in done:  # a record kept by an earlier, killed run is not scored again
+                    t0 = time.perf_counter()
+                    done[name] = {**score_item(task, model, it, segment, memorize=memorize, reports=reports),
+                                  "seconds": time.perf_counter() - t0}
+                    _keep_items(partial, key, done)
+                recs.append(done[name])
                 if progress is not None:
                     progress.update(1)
-        dt = time.perf_counter() - t0
+        dt = sum(r["seconds"] for r in recs)
         spent += dt
         rate = sum(r["prompt_tokens"] for r in recs) / dt
         ex, ex_se = mean_stderr([float(r["exact"]) for r in recs])
@@ -80,6 +97,8 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
                                for d in depths})
         by_length.append(entry)
         records += [{**r, "windowed": entry["windowed"]} for r in recs]
+    if partial is not None and os.path.exists(partial):
+        os.remove(partial)
     ex, ex_se = mean_stderr([float(r["exact"]) for r in records])
     r1, r1_se = mean_stderr([r["rank1"] for r in records])
     fd, fd_se = mean_stderr([r["found"] for r in records])
@@ -136,6 +155,25 @@ def plot_heatmap(block: dict, path: str, title: str) -> str:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _load_items(partial: str | None, key: dict) -> dict:
+    if partial is None or not os.path.exists(partial):
+        return {}
+    saved = torch.load(partial, weights_only=False)
+    if saved.get("key") != key:
+        return {}
+    print(f"resuming from {partial}: {len(saved['items'])} prompts already scored", file=sys.stderr)
+    return saved["items"]
+
+
+def _keep_items(partial: str | None, key: dict, items: dict) -> None:
+    if partial is None:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+    tmp = partial + ".tmp"
+    torch.save({"key": key, "items": items}, tmp)
+    os.replace(tmp, partial)
 
 
 def plot_vs_length(blocks: dict[str, dict], path: str, title: str, chance: float | None = None) -> str:
@@ -224,8 +262,13 @@ def main(kind: str, argv=None) -> dict:
 
         def evaluate(setting, reports, model=model, task=task, segment=segment, label=label):
             bar = R.progress_bar(total, f"{kind} {label}{' (memorised)' if setting else ''}", "prompt", a.no_progress)
+            ck = {"checkpoint": os.path.abspath(model.run_info.checkpoint), "step": model.run_info.step,
+                  "seed": a.seed, "samples": a.samples}
             blocks = {v: evaluate_grid(task, model, v, lengths, depths, a.samples, segment, window, a.max_kv_gib,
-                                       a.time_budget, a.seed, setting, reports, bar) for v in variants}
+                                       a.time_budget, a.seed, setting, reports, bar,
+                                       partial=os.path.join(a.out, f".{kind}_{label}_{v}{'_memorize' if setting else ''}"
+                                                                   ".partial.pt"), key=ck)
+                      for v in variants}
             if bar is not None:
                 bar.close()
             return blocks

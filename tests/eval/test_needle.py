@@ -2,6 +2,7 @@
 per queried key in multi-key, scoring against the model's own log-likelihoods, "not run"
 entries, and streaming 64k tokens with bounded state."""
 
+import os
 import random
 import re
 import time
@@ -180,3 +181,30 @@ def test_ties_and_non_finite_scores_never_win(hope, task, monkeypatch):
         monkeypatch.setattr(N, "score_rows", lambda m, st, last, rows, t=true: [Scored(t, False, 1)] + [
             Scored(-1.0, False, 1)] * (len(rows) - 1))
         assert score_item(task, hope[0], it, segment=64)["ranks"] == [want]
+
+
+def test_a_killed_grid_resumes_without_scoring_its_prompts_again(hope, task, tmp_path, monkeypatch):
+    import nested_learning.eval.retrieval as RT
+
+    model, _ = hope
+    args = (task, model, "single", [300, 600], [0, 50, 100], 1, 64, None, 8.0, None, 0)
+    whole = evaluate_grid(*args)
+    partial = str(tmp_path / ".niah_hope_single.partial.pt")
+    calls, real = [], RT.score_item
+
+    def dies_on_the_fourth(*a, **k):
+        calls.append(a[2].length)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # killed while the fourth prompt (the first of 600 tokens) streams
+        return real(*a, **k)
+
+    monkeypatch.setattr(RT, "score_item", dies_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_grid(*args, partial=partial, key={"checkpoint": "x"})
+    calls.clear()
+    monkeypatch.setattr(RT, "score_item", lambda *a, **k: calls.append(a[2].length) or real(*a, **k))
+    resumed = evaluate_grid(*args, partial=partial, key={"checkpoint": "x"})
+    assert calls == [600, 600, 600]  # the three prompts of 300 tokens were kept, not scored again
+    drop = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    assert drop(resumed["records"]) == drop(whole["records"]) and resumed["metrics"] == whole["metrics"]
+    assert not os.path.exists(partial)
