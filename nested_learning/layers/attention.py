@@ -69,7 +69,10 @@ class CausalSelfAttention(nn.Module):
                 q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), attn_mask=mask[:, None]
             ).transpose(1, 2)
         keep = S if self.window is None else min(S, self.window)
-        new = KVCache(K[:, S - keep:], V[:, S - keep:], cache.start)
+        # the new cache is never a view of this call's tensors (FSDP2 drops its hooks on a returned
+        # view): the concatenation itself when it is kept whole, else a copy of the window
+        new = KVCache(K, V, cache.start) if keep == S else KVCache(K[:, S - keep:].clone(), V[:, S - keep:].clone(),
+                                                                     cache.start)
         return self.out(o.reshape(B, T, D)), new
 
     def _flash_ok(self, x: Tensor, cache: KVCache) -> bool:

@@ -60,7 +60,7 @@ class CausalDepthwiseConv(nn.Module):
         """x [B, T, C], state [B, kernel-1, C] -> y [B, T, C], new state."""
         full = torch.cat([state.to(x.dtype), x], 1)  # [B, kernel-1+T, C]
         y = F.conv1d(full.transpose(1, 2), self.weight.unsqueeze(1).to(x.dtype), groups=x.shape[-1])
-        return y.transpose(1, 2), full[:, full.shape[1] - (self.kernel - 1):]
+        return y.transpose(1, 2), full[:, full.shape[1] - (self.kernel - 1):].clone()  # a copy, not a view
 
 
 def dense(p: Tensor) -> Tensor:

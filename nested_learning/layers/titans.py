@@ -143,7 +143,7 @@ class TitansMemory(nn.Module):
             outs.append(o)
         o = torch.cat(outs, 1)[:, P:]  # drop the replayed pending tokens
         y = self.norm(o).reshape(B, T, D) * torch.sigmoid(self.gate(x))
-        pending = tuple(t[:, full:] for t in seq)
+        pending = tuple(t[:, full:].clone() for t in seq)  # a copy, not a view (FSDP2 drops hooks on views)
         return self.out(y), TitansState(tuple(mem), pending, conv)
 
     def _run(self, seq: list[Tensor], mem: list[Tensor]):
