@@ -14,7 +14,7 @@ import torch
 
 from ..data.tokens import SPECIALS
 from ..models.streaming import Memorize, MemorizeTally, stream_document
-from .results import mean_stderr
+from .results import load_partial, mean_stderr, save_partial
 
 
 def bucket_edges(n_tokens: int, first: int = 1024) -> list[int]:
@@ -57,7 +57,8 @@ def document_perplexity(model, tok, texts: list[tuple[str, str]], segment: int, 
             docs.append({"id": name, "tokens": len(ids), "bytes": n_bytes, "loss": float(loss.mean()),
                          "bits_per_byte": float(loss.sum()) / math.log(2) / max(n_bytes, 1)})
         if partial is not None:
-            _keep(partial, key, losses, docs, i + 1, reports)
+            save_partial(partial, key, {"losses": losses, "docs": docs, "next": i + 1,
+                                        "tally": dict(vars(reports)) if isinstance(reports, MemorizeTally) else None})
     if partial is not None and os.path.exists(partial):
         os.remove(partial)
     if not docs:
@@ -87,26 +88,16 @@ def document_perplexity(model, tok, texts: list[tuple[str, str]], segment: int, 
 
 
 def _resume(partial: str | None, key: dict, reports) -> tuple[list, list, int]:
-    """(losses, document records, next document index) from a partial file whose key matches,
-    restoring the memorisation tally it kept; else a fresh start."""
-    if partial is None or not os.path.exists(partial):
+    """(losses, document records, next document index) kept by a killed run with the same key,
+    restoring its memorisation tally; else a fresh start."""
+    saved = load_partial(partial, key)
+    if saved is None:
         return [], [], 0
-    saved = torch.load(partial, weights_only=False)
-    if saved.get("key") != key:
-        return [], [], 0
-    if isinstance(reports, MemorizeTally) and saved.get("tally") is not None:
+    if isinstance(reports, MemorizeTally) and saved["tally"] is not None:
         reports.__dict__.update(saved["tally"])
     print(f"perplexity: resuming from {partial}: {saved['next']} of {len(key['docs'])} documents done",
           file=sys.stderr)
     return saved["losses"], saved["docs"], saved["next"]
-
-
-def _keep(partial: str, key: dict, losses: list, docs: list, next_index: int, reports) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
-    tally = dict(reports.__dict__) if isinstance(reports, MemorizeTally) else None
-    tmp = partial + ".tmp"
-    torch.save({"key": key, "losses": losses, "docs": docs, "next": next_index, "tally": tally}, tmp)
-    os.replace(tmp, partial)
 
 
 def _prefix(tok, text: str, enc, n: int) -> str:

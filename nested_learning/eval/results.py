@@ -178,3 +178,23 @@ def progress_bar(total: int, desc: str, unit: str, off: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------- partial results
+def load_partial(path: str | None, key: dict) -> dict | None:
+    """What a killed evaluation kept in `path` (save_partial), when it was made with the same
+    `key` (checkpoint, data, settings); else None: the evaluation starts afresh."""
+    if path is None or not os.path.exists(path):
+        return None
+    saved = torch.load(path, weights_only=False)
+    return {k: v for k, v in saved.items() if k != "key"} if saved.get("key") == key else None
+
+
+def save_partial(path: str | None, key: dict, payload: dict) -> None:
+    """Keep an evaluation's finished part in `path`, atomically (a kill leaves the previous one)."""
+    if path is None:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"key": key, **payload}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+

@@ -5,11 +5,10 @@ prompt cannot hold the needles, full attention past --max-kv-gib, the time budge
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
-
-import torch
 
 from ..data.sources import read_local
 from ..runs.load import held_out_documents, load_run
@@ -25,7 +24,7 @@ from .needle import (
     score_item,
 )
 from .plots import finish, pyplot
-from .results import mean_stderr
+from .results import load_partial, mean_stderr, save_partial
 
 
 def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], depths: list[float], samples: int,
@@ -39,7 +38,9 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
     task's settings) matches, and removed when the grid is complete."""
     key = {**(key or {}), "variant": variant, "segment": segment, "window": window, "haystack": task.haystack.name,
            "digits": task.digits, "distractors": task.k, "memorize": None if memorize is None else memorize.as_dict()}
-    done = _load_items(partial, key)
+    done = (load_partial(partial, key) or {}).get("items", {})  # prompts a killed run already scored
+    if done:
+        print(f"resuming from {partial}: {len(done)} prompts already scored", file=sys.stderr)
     records, by_length, spent = [], [], 0.0
     rate = None  # measured prompt tokens per second
     attn = model.has_attention()
@@ -79,7 +80,7 @@ def evaluate_grid(task: NeedleTask, model, variant: str, lengths: list[int], dep
                     t0 = time.perf_counter()
                     done[name] = {**score_item(task, model, it, segment, memorize=memorize, reports=reports),
                                   "seconds": time.perf_counter() - t0}
-                    _keep_items(partial, key, done)
+                    save_partial(partial, key, {"items": done})
                 recs.append(done[name])
                 if progress is not None:
                     progress.update(1)
@@ -157,25 +158,6 @@ def plot_heatmap(block: dict, path: str, title: str) -> str:
     return path
 
 
-def _load_items(partial: str | None, key: dict) -> dict:
-    if partial is None or not os.path.exists(partial):
-        return {}
-    saved = torch.load(partial, weights_only=False)
-    if saved.get("key") != key:
-        return {}
-    print(f"resuming from {partial}: {len(saved['items'])} prompts already scored", file=sys.stderr)
-    return saved["items"]
-
-
-def _keep_items(partial: str | None, key: dict, items: dict) -> None:
-    if partial is None:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
-    tmp = partial + ".tmp"
-    torch.save({"key": key, "items": items}, tmp)
-    os.replace(tmp, partial)
-
-
 def plot_vs_length(blocks: dict[str, dict], path: str, title: str, chance: float | None = None) -> str:
     """Accuracy (exact, solid; rank1, dashed) against length, one line per labelled block."""
     plt = pyplot()
@@ -201,8 +183,6 @@ def plot_vs_length(blocks: dict[str, dict], path: str, title: str, chance: float
 # ---------------------------------------------------------------------------- command line
 def main(kind: str, argv=None) -> dict:
     """scripts/eval/niah.py (kind 'niah') and scripts/eval/passkey.py (kind 'passkey')."""
-    import argparse
-    import os
 
     ap = argparse.ArgumentParser(description=(__import__("sys").modules["__main__"].__doc__ or ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
