@@ -28,6 +28,7 @@ import os
 import sys
 
 import torch
+import yaml
 
 from nested_learning.cli._common import command
 from nested_learning.eval import recall as RC
@@ -59,6 +60,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-inner-updates", action="store_true",
                     help="skip the CMS update pass after each step (its fast state is dropped anyway: every batch "
                          "is fresh sequences)")
+    ap.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a model config field for every model, its value in YAML (repeatable), e.g. "
+                         "cms_periods=[16]: the campaign's ablations")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds of training per model and seed at most")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: these models are small, and on a shared CPU several threads "
@@ -72,6 +76,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"unknown model(s) {bad}; choose from {', '.join(RC.MODELS)}")
     if a.steps < 1 or a.batch_size < 1 or a.test_sequences < 2:
         raise SystemExit("need --steps >= 1, --batch-size >= 1 and --test-sequences >= 2")
+    overrides = {}
+    for o in a.override:
+        key, eq, value = o.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"--override {o!r}: expected FIELD=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
@@ -90,12 +100,13 @@ def main(argv=None) -> dict:
     settings = {"steps": a.steps, "seeds": seeds, "batch_size": a.batch_size, "test_sequences": a.test_sequences,
                 "d_model": a.d_model, "n_layers": a.layers, "n_heads": a.heads, "optimizer": optim, "clip": clip,
                 "inner_updates": not a.no_inner_updates, "time_limit": a.time_limit,
-                "threads": torch.get_num_threads(), "cells": [list(c) for c in cells]}
+                "threads": torch.get_num_threads(), "overrides": overrides, "cells": [list(c) for c in cells]}
     os.makedirs(a.out, exist_ok=True)
     runs = []
     for name in models:
         run = RC.run_model(name, task, cells, a.steps, seeds, a.batch_size, a.test_sequences, a.d_model, a.layers,
-                           a.heads, optim, clip, not a.no_progress, a.time_limit, inner_updates=not a.no_inner_updates)
+                           a.heads, optim, clip, not a.no_progress, a.time_limit, inner_updates=not a.no_inner_updates,
+                           overrides=overrides)
         runs.append(run)
         res = R.result("recall", None, seeds[0], RC.result_tasks(run, task, skipped, settings))
         R.write(res, os.path.join(a.out, f"recall_{name}.json"))

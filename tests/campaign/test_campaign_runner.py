@@ -1,0 +1,197 @@
+"""The campaign: its entries and ablation overrides are what train.py composes for the
+experiment configs, confirmation seeds are added exactly when an effect is within the seed
+spread, and the runner can be killed at any point (SIGTERM, SIGKILL) and rerun without losing
+or repeating a finished stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nested_learning.campaign.runner import Lock, Runner, render_status
+from nested_learning.campaign.spec import Campaign, CampaignError
+from nested_learning.train.config import compose_config
+from tests.train.conftest import corpus_dir  # noqa: F401 (fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUNNER = os.path.join(ROOT, "scripts", "run_campaign.py")
+
+
+def tiny_campaign(tmp_path, corpus: str, steps: int = 6, name: str = "tinytest") -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"""
+name: {name}
+scale: a test campaign of tiny models
+launcher: ["{{python}}", "train.py"]
+threads: 1
+seeds: [0]
+models: [hope, transformer]
+reference: hope
+train: [size=tiny, data=local, "data.path={corpus}", data.vocab_size=300, "data.data_dir={tmp_path / 'data'}",
+        train.steps={steps}, train.batch_size=2, train.seq_len=64, train.context_len=128, train.eval_every=3,
+        train.eval_tokens=128, train.save_every=2, train.progress=false, train.device=cpu]
+ablations:
+  seeds: [0]
+  experiments: [hope_cms_depth1]
+evaluation:
+  perplexity: "{{python}} scripts/eval/perplexity.py --run {{run}} --out {{out}} --max-docs 1 --max-tokens 128 --no-progress"
+  recall: >-
+    {{python}} scripts/eval/recall.py --models {{recall_model}} {{recall_overrides}} --pairs 2 --lengths 32 --steps 3
+    --batch-size 4 --test-sequences 4 --d-model 32 --seeds {{seed}} --out {{out}} --no-progress
+""")
+    return str(path)
+
+
+def test_the_cpu_campaign_has_every_ablation_and_matched_main_models():
+    c = Campaign.load("cpu")
+    names = [e.name for e in c.entries()]
+    assert names[:9] == [f"{m}-s{s}" for s in (0, 1, 2) for m in ("hope", "titans", "transformer")]
+    have = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs", "experiment"))
+                  if f.startswith("hope_"))
+    assert sorted(c.experiments) == have  # every ablation config is in the campaign
+    counts = [c.parameters(e)[0] for e in c.main_entries()[:3]]
+    assert (max(counts) - min(counts)) / min(counts) <= 0.05
+    pilot = Campaign.load("pilot")
+    assert not pilot.execute and pilot.experiments == c.experiments
+    assert "torchrun" in pilot.train_command(pilot.main_entries()[0])[0]
+
+
+@pytest.mark.parametrize("experiment", Campaign.load("cpu").experiments)
+def test_an_ablation_entry_composes_the_experiment_configs_model(experiment):
+    c = Campaign.load("cpu")
+    entry = c.ablation_entry(experiment, 0)
+    ours = compose_config([*c.train, *entry.overrides])["model"]
+    theirs = compose_config([*c.train, f"experiment={experiment}"])["model"]
+    assert ours == theirs
+
+
+def test_confirmation_seeds_follow_the_seed_spread():
+    c = Campaign.load("cpu")
+    ref = {"hope-s0": 5.00, "hope-s1": 5.02, "hope-s2": 4.98}  # standard deviation 0.02
+    e = "hope_cms_depth1"
+    assert not c.needs_confirmation(e, ref)                                  # its seed 0 is not known yet
+    assert c.needs_confirmation(e, {**ref, f"{e}-s0": 5.03})                 # +0.03: within 2 sigma (0.04)
+    assert not c.needs_confirmation(e, {**ref, f"{e}-s0": 5.10})             # +0.10: outside
+    assert not c.needs_confirmation(e, {"hope-s0": 5.0, f"{e}-s0": 5.01})   # the reference's seeds unknown
+    names = [x.name for x in c.entries({**ref, f"{e}-s0": 5.03})]
+    assert names[-2:] == [f"{e}-s1", f"{e}-s2"] and len(names) == 21 + 2
+
+
+def test_bad_campaign_files_are_refused_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nlauncher: [python]\nseeds: [0]\nmodels: [hope]\ntrain: []\nevaluation: {}\nseed: 3\n")
+    with pytest.raises(CampaignError, match="unknown key campaign.seed .did you mean campaign.seeds"):
+        Campaign.load(str(bad))
+    bad.write_text("name: x\nlauncher: [python]\nseeds: [0]\nmodels: [hopee]\ntrain: []\nevaluation: {}\n")
+    with pytest.raises(CampaignError, match="unknown model"):
+        Campaign.load(str(bad))
+    bad.write_text("name: x\nlauncher: [python]\nseeds: [0]\nmodels: [hope]\ntrain: [train.seed=1]\nevaluation: {}\n")
+    with pytest.raises(CampaignError, match="sets train.seed"):
+        Campaign.load(str(bad))
+    with pytest.raises(CampaignError, match="the campaigns are .*cpu"):
+        Campaign.load("nonesuch")
+    r = subprocess.run([sys.executable, RUNNER, "--campaign", "nonesuch"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no campaign" in r.stderr
+
+
+def test_a_second_runner_is_refused_while_the_first_lives(tmp_path):
+    lock = Lock(str(tmp_path / ".lock"))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(f"{sleeper.pid}\n")
+        with pytest.raises(CampaignError, match=f"another runner .pid {sleeper.pid}"):
+            lock.acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock.acquire()  # a dead holder's lock is taken over
+    assert lock.holder() == os.getpid()
+
+
+def _headers(log: str) -> int:
+    """How often the runner started this stage (one '# <time> <command>' line per start)."""
+    if not os.path.exists(log):
+        return 0
+    with open(log) as f:
+        return sum(line.startswith("# 20") for line in f)
+
+
+def _wait_for(pred, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _metrics_lines(run_dir: str) -> int:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return len(open(path).read().splitlines()) if os.path.exists(path) else 0
+
+
+@pytest.mark.slow
+def test_the_runner_killed_at_any_point_loses_and_repeats_nothing(tmp_path, corpus_dir):  # noqa: F811
+    spec = tiny_campaign(tmp_path, corpus_dir, steps=8)
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    cmd = [sys.executable, RUNNER, "--campaign", spec, "--runs-dir", str(runs), "--reports-dir", str(reports)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    c = Campaign.load(spec, runs_root=str(runs), reports_root=str(reports))
+    hope, tf, abl = (c.run_dir(e) for e in c.entries())
+
+    # 1. SIGTERM while the first entry trains: the runner passes it on, train.py saves, exit 143
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert _wait_for(lambda: _metrics_lines(hope) >= 3)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 143, out
+    assert "rerun the same command to continue" in out
+    assert not os.path.exists(reports / "tinytest" / "hope-s0" / "train.json")
+    assert os.listdir(os.path.join(hope, "checkpoints"))  # the interrupted step was saved
+
+    # 2. SIGKILL while the second entry trains: its training dies with the runner (no orphan)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert _wait_for(lambda: os.path.exists(os.path.join(runs, "campaign-tinytest", ".running.json"))
+                     and json.load(open(os.path.join(runs, "campaign-tinytest", ".running.json")))["entry"]
+                     == "transformer-s0" and _metrics_lines(tf) >= 1)
+    child = json.load(open(os.path.join(runs, "campaign-tinytest", ".running.json")))
+    pids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    p.kill()
+    p.wait()
+    assert child["stage"] == "train" and pids
+    assert _wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and
+                                     open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in pids), 60)
+
+    # 3. the rerun finishes everything; each finished stage ran once, each killed training resumed
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "3 entries done, 0 left" in r.stdout
+    for run_dir in (hope, tf, abl):
+        assert _headers(os.path.join(run_dir, "logs", "perplexity.log")) == 1
+        assert _headers(os.path.join(run_dir, "logs", "recall.log")) == 1
+        steps = [json.loads(x)["step"] for x in open(os.path.join(run_dir, "metrics.jsonl")) if '"step"' in x]
+        assert sorted(set(steps)) == list(range(1, 9))
+    assert _headers(os.path.join(hope, "logs", "train.log")) == 2
+    assert _headers(os.path.join(tf, "logs", "train.log")) == 2
+    assert "resum" in open(os.path.join(hope, "logs", "train.log")).read()
+    for name in ("hope-s0", "transformer-s0", "hope_cms_depth1-s0"):
+        stages = json.load(open(reports / "tinytest" / name / "stages.json"))
+        assert sorted(stages["done"]) == ["perplexity", "recall", "train"] and not stages["failed"]
+        summary = json.load(open(reports / "tinytest" / name / "train.json"))
+        assert summary["steps"] == 8 and summary["tokens"] == 8 * 2 * 64 and summary["final_val_loss"] > 0
+        ppl = json.load(open(reports / "tinytest" / name / "perplexity" / "perplexity.json"))
+        assert "records" not in json.dumps(ppl["tasks"]) and ppl["source"]["sha256"]
+    assert json.load(open(reports / "tinytest" / "hope_cms_depth1-s0" / "recall" / "recall_hope.json")
+                     )["tasks"]["mqar"]["extra"]["settings"]["overrides"] == {"cms_periods": [16]}
+
+    # 4. a third run does nothing, and the status view says so
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and _headers(os.path.join(hope, "logs", "train.log")) == 2
+    status = render_status(Runner(c))
+    assert "3 entries done, 0 left" in status and "no runner is running" in status
