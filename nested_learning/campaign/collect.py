@@ -106,7 +106,8 @@ def train_summary(run_dir: str, command: list[str], seconds: float, rel=os.path.
             "grad_norm_max": max(grads) if grads else None,
             "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in steps if r.get("tokens_per_s")),
             "skipped_steps": sum(bool(r.get("skipped")) for r in steps),
-            "fast_memory": _memory_summary(last_health)}
+            "fast_memory": _memory_summary(last_health),
+            "wandb": {k: (tr.get("wandb") or {}).get(k) for k in ("enabled", "mode", "project")}}
 
 
 def collect_train(run_dir: str, dest: str, command: list[str], seconds: float, rel=os.path.relpath) -> str:
