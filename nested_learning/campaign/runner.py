@@ -12,8 +12,9 @@ repeating work.
   evaluations restart the stage.
 - A stage that fails (nonzero exit) is recorded in `failed` with its log's tail and the runner
   goes on with the next entry; a rerun tries it again.
-- One runner per campaign: a second one is refused while the first is alive (a lock file with
-  its pid under `runs/campaign-<name>/`).
+- Several runners may work on one campaign at once (one per free core, say): each claims the
+  next entry no live runner holds (a lock file with its pid, `runs/campaign-<name>/.locks/`),
+  so no entry is ever run by two; a dead runner's claim is taken over.
 - When an evaluation needs a run whose folder is gone (a fresh clone, say) while its training
   is recorded as finished, the training runs again first.
 """
@@ -86,14 +87,27 @@ class Lock:
             return pid
         return pid
 
-    def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Claim the lock (atomically); False when a live process other than this one holds it."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        pid = self.holder()
-        if pid is not None and pid != os.getpid():
-            raise CampaignError(f"another runner (pid {pid}) is running this campaign ({self.path}); "
-                               "stop it first, or wait")
-        with open(self.path, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = self.holder()
+                if pid == os.getpid():
+                    return True
+                if pid is not None:
+                    return False
+                try:  # its holder is dead: take it over
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return True
+        return False
 
     def release(self) -> None:
         if self.holder() == os.getpid():
@@ -112,8 +126,8 @@ class Runner:
         self.log = log
         self.child: subprocess.Popen | None = None
         self.stop_signal: int | None = None
-        self.lock = Lock(os.path.join(campaign.runs_dir, ".lock"))
-        self.status_path = os.path.join(campaign.runs_dir, ".running.json")
+        self.locks_dir = os.path.join(campaign.runs_dir, ".locks")
+        self.running_dir = os.path.join(campaign.runs_dir, ".running")
         self.failed_now: set[str] = set()  # entries that failed in this invocation (not retried by it)
 
     # --- state -----------------------------------------------------------------------------
@@ -134,6 +148,25 @@ class Runner:
 
     def entries(self) -> list[Entry]:
         return self.c.entries(self.final_losses())
+
+    def lock(self, entry: Entry) -> Lock:
+        return Lock(os.path.join(self.locks_dir, f"{entry.name}.lock"))
+
+    def status_path(self, entry: Entry) -> str:
+        return os.path.join(self.running_dir, f"{entry.name}.json")
+
+    def running(self) -> dict[str, dict]:
+        """{entry: {pid, stage, started_unix, ...}} of the stages live runners are running now."""
+        out = {}
+        for e in self.entries():
+            path = self.status_path(e)
+            if os.path.exists(path) and self.lock(e).holder() is not None:
+                try:
+                    with open(path) as f:
+                        out[e.name] = json.load(f)
+                except (OSError, ValueError):
+                    pass
+        return out
 
     def has_checkpoint(self, entry: Entry) -> bool:
         ck = os.path.join(self.c.run_dir(entry), "checkpoints")
@@ -159,7 +192,7 @@ class Runner:
         os.makedirs(logs, exist_ok=True)
         log_path = os.path.join(logs, f"{stage}.log")
         _atomic_json({"pid": os.getpid(), "entry": entry.name, "stage": stage, "started": _now(),
-                      "started_unix": time.time()}, self.status_path)
+                      "started_unix": time.time()}, self.status_path(entry))
         t0 = time.time()
         with open(log_path, "a") as out:
             out.write(f"\n# {_now()} {' '.join(cmd)}\n")
@@ -169,8 +202,8 @@ class Runner:
             rc = self.child.wait()
             self.child = None
         seconds = time.time() - t0
-        if os.path.exists(self.status_path):
-            os.remove(self.status_path)
+        if os.path.exists(self.status_path(entry)):
+            os.remove(self.status_path(entry))
         if self.stop_signal is not None:
             raise Stopped(self.stop_signal)
         shown = ["python" if a == sys.executable else a for a in cmd]  # the record names no local path
@@ -193,9 +226,9 @@ class Runner:
 
     def run(self, only: list[str] | None = None, max_entries: int | None = None) -> int:
         """Run what is left; returns the number of failed stages (0: all finished)."""
-        self.lock.acquire()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         failures, ran = 0, 0
+        held: Lock | None = None
         try:
             self.log(f"campaign {self.c.name}: {self.c.scale}")
             while True:
@@ -204,9 +237,15 @@ class Runner:
                 todo = [e for e in todo if e.name not in self.failed_now]
                 if not todo or (max_entries is not None and ran >= max_entries):
                     break
-                entry = todo[0]
+                entry = next((e for e in todo if self.lock(e).try_acquire()), None)
+                if entry is None:
+                    self.log(f"the {len(todo)} entries left are claimed by other runners: this one stops")
+                    break
+                held = self.lock(entry)
                 ran += 1
                 failures += self.run_entry(entry)
+                held.release()
+                held = None
             self.log(render_status(self, header=False))
         except Stopped as s:
             self.log(f"stopped by {s}: rerun the same command to continue where it stopped")
@@ -214,9 +253,8 @@ class Runner:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            if os.path.exists(self.status_path):
-                os.remove(self.status_path)
-            self.lock.release()
+            if held is not None:
+                held.release()
         return failures
 
     def run_entry(self, entry: Entry) -> int:
@@ -283,18 +321,16 @@ def estimate_left(runner: Runner) -> float | None:
 
 def render_status(runner: Runner, header: bool = True) -> str:
     c = runner.c
-    running = None
-    if os.path.exists(runner.status_path) and runner.lock.holder() is not None:
-        with open(runner.status_path) as f:
-            running = json.load(f)
+    running = runner.running()
     times = stage_times(runner)
     rows, n_done, n_left = [], 0, 0
     for e in runner.entries():
         log = runner.stage_log(e)
         done = [s for s in c.stages if log.done(s)]
         failed = sorted(log.data["failed"])
-        if running and running["entry"] == e.name:
-            state = f"running {running['stage']} ({fmt_minutes(time.time() - running['started_unix'])})"
+        if e.name in running:
+            r = running[e.name]
+            state = f"running {r['stage']} ({fmt_minutes(time.time() - r['started_unix'])}, pid {r['pid']})"
         elif len(done) == len(c.stages):
             state = "done"
         elif failed:
@@ -310,11 +346,12 @@ def render_status(runner: Runner, header: bool = True) -> str:
         rows.append(f"| {e.name} | {e.group} | {len(done)}/{len(c.stages)} | {state} | "
                     f"{fmt_minutes(train['seconds']) if train else '-'} | {fmt_minutes(est) if left else '-'} |")
     total = estimate_left(runner)
+    now = ", ".join(f"{name} {r['stage']}" for name, r in running.items())
     lines = []
     if header:
         lines.append(f"campaign {c.name} ({c.path}): {c.scale}")
     lines += [f"{n_done} entries done, {n_left} left, about {fmt_minutes(total)} of work left"
-              + (f"; running: {running['entry']} {running['stage']}" if running else "; no runner is running"),
+              + (f"; running: {now}" if running else "; no runner is running"),
               "", "| entry | group | stages done | state | training took | left (estimate) |", "|---|---|---|---|---|---|",
               *rows]
     return "\n".join(lines)
