@@ -1,4 +1,4 @@
-"""Every repository path that the documentation names exists: README.md, docs/*.md,
+"""Every repository path that the documentation names exists: README.md, CONTRIBUTING.md, docs/*.md,
 bench/RESULTS.md and studies/README.md, and the docstrings and comments of the code (paths from
 a top-level folder there).
 
@@ -26,7 +26,7 @@ import tokenize
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DOCS = ["README.md", "bench/RESULTS.md", "studies/README.md"] + sorted(
+DOCS = ["README.md", "CONTRIBUTING.md", "bench/RESULTS.md", "studies/README.md"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 CODE_FOLDERS = ["nested_learning", "kernels", "scripts", "bench", "studies"]
 TOP = ("nested_learning", "scripts", "bench", "studies", "configs", "tests", "docs", "kernels", "csrc")
