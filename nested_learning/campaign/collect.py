@@ -105,6 +105,8 @@ def train_summary(run_dir: str, command: list[str], seconds: float, rel=os.path.
             "grad_norm_median": statistics.median(grads) if grads else None,
             "grad_norm_max": max(grads) if grads else None,
             "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in steps if r.get("tokens_per_s")),
+            # the training steps' own time (no validation, checkpoints or start-up): sum of tokens / tokens/s
+            "step_seconds": sum(tokens_per_step / r["tokens_per_s"] for r in steps if r.get("tokens_per_s")),
             "skipped_steps": sum(bool(r.get("skipped")) for r in steps),
             "fast_memory": _memory_summary(last_health),
             "wandb": {k: (tr.get("wandb") or {}).get(k) for k in ("enabled", "mode", "project")}}

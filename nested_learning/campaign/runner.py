@@ -46,7 +46,9 @@ def _die_with_parent() -> None:  # runs in the child before exec
 
 
 class StageLog:
-    """reports/<campaign>/<entry>/stages.json: {"done": {stage: record}, "failed": {stage: record}}."""
+    """reports/<campaign>/<entry>/stages.json: {"done": {stage: record}, "failed": {stage: record},
+    "interrupted": {stage: {seconds, attempts}} (killed attempts of a stage not finished yet)}. A
+    record's seconds are the stage's wall time over all its attempts."""
 
     def __init__(self, path: str):
         self.path = path
@@ -62,6 +64,13 @@ class StageLog:
         (self.data["done"] if ok else self.data["failed"])[stage] = record
         if ok:
             self.data["failed"].pop(stage, None)
+        _atomic_json(self.data, self.path)
+
+    def interrupted(self, stage: str, seconds: float) -> None:
+        """A killed attempt: its seconds count towards the stage's time when it finishes."""
+        rec = self.data.setdefault("interrupted", {}).setdefault(stage, {"seconds": 0.0, "attempts": 0})
+        rec["seconds"] = round(rec["seconds"] + seconds, 1)
+        rec["attempts"] += 1
         _atomic_json(self.data, self.path)
 
     def forget(self, stage: str) -> None:
@@ -204,25 +213,47 @@ class Runner:
         seconds = time.time() - t0
         if os.path.exists(self.status_path(entry)):
             os.remove(self.status_path(entry))
+        log = self.stage_log(entry)
         if self.stop_signal is not None:
+            log.interrupted(stage, seconds)
             raise Stopped(self.stop_signal)
+        earlier = log.data.get("interrupted", {}).pop(stage, None)  # attempts that were killed
+        if earlier:
+            seconds += earlier["seconds"]
         shown = ["python" if a == sys.executable else a for a in cmd]  # the record names no local path
-        record = {"command": shown, "seconds": round(seconds, 1), "finished": _now(), "returncode": rc,
+        record = {"command": shown, "seconds": round(seconds, 1), "attempts": 1 + (earlier or {}).get("attempts", 0),
+                  "finished": _now(), "returncode": rc,
                   "threads": self.c.threads, "log": self.c.rel(log_path)}
-        dest = os.path.join(self.c.reports_dir, entry.name)
         if rc == 0:
             try:
-                if stage == STAGES_FIRST:
-                    collect_train(self.c.run_dir(entry), dest, shown, seconds, self.c.rel)
-                else:
-                    collect_eval(self.c.stage_out(entry, stage), os.path.join(dest, stage), self.c.rel)
+                self.collect(entry, stage, shown, round(seconds, 1))
             except (OSError, ValueError, KeyError) as err:
                 rc, record["error"] = -1, f"collecting the results failed: {err}"
         if rc != 0:
             with open(log_path, errors="replace") as f:
                 record["tail"] = f.read()[-2000:]
-        self.stage_log(entry).mark(stage, record, ok=rc == 0)
+        log.mark(stage, record, ok=rc == 0)
         return rc == 0
+
+    def collect(self, entry: Entry, stage: str, command: list[str], seconds: float) -> None:
+        dest = os.path.join(self.c.reports_dir, entry.name)
+        if stage == STAGES_FIRST:
+            collect_train(self.c.run_dir(entry), dest, command, seconds, self.c.rel)
+        else:
+            collect_eval(self.c.stage_out(entry, stage), os.path.join(dest, stage), self.c.rel)
+
+    def recollect(self) -> list[str]:
+        """Collect every finished stage again from its run folder (after the collected format
+        changed); stages whose run folder is gone keep their files. Returns what was redone."""
+        redone = []
+        for e in self.entries():
+            log = self.stage_log(e)
+            for stage, rec in log.data["done"].items():
+                src = self.c.run_dir(e) if stage == STAGES_FIRST else self.c.stage_out(e, stage)
+                if os.path.isdir(src):
+                    self.collect(e, stage, rec["command"], rec["seconds"])
+                    redone.append(f"{e.name}/{stage}")
+        return redone
 
     def run(self, only: list[str] | None = None, max_entries: int | None = None) -> int:
         """Run what is left; returns the number of failed stages (0: all finished)."""

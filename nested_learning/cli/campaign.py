@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--status", action="store_true", help="print what is done, running and left, and stop")
     ap.add_argument("--plan", action="store_true", help="print the entries with their parameter counts, and stop")
     ap.add_argument("--print", dest="print_only", action="store_true", help="print every entry's commands, and stop")
+    ap.add_argument("--recollect", action="store_true",
+                    help="collect every finished stage into reports/ again from its run folder, and stop")
     ap.add_argument("--launch", action="store_true", help="run a campaign whose file says execute: false")
     ap.add_argument("--only", default=None, help="comma-separated entry names to run (default: all)")
     ap.add_argument("--runs-dir", default=None, help="where runs/campaign-<name>/ goes (default: runs/)")
@@ -65,6 +67,10 @@ def main(argv=None) -> int:
     runner = Runner(c)
     if a.status:
         print(render_status(runner))
+        return 0
+    if a.recollect:
+        redone = runner.recollect()
+        print(f"collected again: {len(redone)} stage(s)" + (f" ({', '.join(redone)})" if redone else ""))
         return 0
     if a.plan:
         print(plan(c))

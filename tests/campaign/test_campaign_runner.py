@@ -183,6 +183,9 @@ def test_the_runner_killed_at_any_point_loses_and_repeats_nothing(tmp_path, corp
         assert sorted(set(steps)) == list(range(1, 9))
     assert _headers(os.path.join(hope, "logs", "train.log")) == 2
     assert _headers(os.path.join(tf, "logs", "train.log")) == 2
+    # the SIGTERM'd attempt's time counts (a SIGKILL'd runner could not record its own)
+    stages = json.load(open(reports / "tinytest" / "hope-s0" / "stages.json"))
+    assert stages["done"]["train"]["attempts"] == 2 and not stages.get("interrupted")
     assert "resum" in open(os.path.join(hope, "logs", "train.log")).read()
     for name in ("hope-s0", "transformer-s0", "hope_cms_depth1-s0"):
         stages = json.load(open(reports / "tinytest" / name / "stages.json"))
@@ -193,6 +196,12 @@ def test_the_runner_killed_at_any_point_loses_and_repeats_nothing(tmp_path, corp
         assert "records" not in json.dumps(ppl["tasks"]) and ppl["source"]["sha256"]
     assert json.load(open(reports / "tinytest" / "hope_cms_depth1-s0" / "recall" / "recall_hope.json")
                      )["tasks"]["mqar"]["extra"]["settings"]["overrides"] == {"cms_periods": [16]}
+
+    # recollecting from the run folders gives the same files
+    before = open(reports / "tinytest" / "transformer-s0" / "train.json").read()
+    r = subprocess.run(cmd + ["--recollect"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "collected again: 9 stage(s)" in r.stdout, r.stdout + r.stderr
+    assert open(reports / "tinytest" / "transformer-s0" / "train.json").read() == before
 
     # 4. a third run does nothing, and the status view says so
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
