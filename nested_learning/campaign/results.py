@@ -78,7 +78,7 @@ def _dig(obj, path):
 @dataclass
 class Value:
     value: float
-    source: str   # "reports/cpu/hope-s0/zeroshot/zeroshot.json: tasks.blimp.metrics.acc.value"
+    source: str   # "<reports>/<entry>/zeroshot/zeroshot.json: tasks.blimp.metrics.acc.value"
     chance: float | None
 
 

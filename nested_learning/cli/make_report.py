@@ -1,5 +1,5 @@
 """Generate a campaign's reports from its result files: docs/experiments_report.md,
-reports/ablations.md, docs/stage2_progress.md and the figures in reports/<campaign>/figures/. Run it whenever entries
+reports/ablations.md, docs/stage2_progress.md, the results section of docs/writeup.md and the figures in reports/<campaign>/figures/. Run it whenever entries
 finish; it reads only reports/<campaign>/ (what the campaign runner collects and commits), so
 the committed reports regenerate identically from the committed result files.
 
@@ -25,6 +25,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--experiments-md", default=None, help="default: docs/experiments_report.md")
     ap.add_argument("--ablations-md", default=None, help="default: reports/ablations.md")
     ap.add_argument("--progress-md", default=None, help="default: docs/stage2_progress.md")
+    ap.add_argument("--writeup", default=None,
+                    help="the document whose generated:headline section is filled (default: docs/writeup.md)")
     ap.add_argument("--no-figures", action="store_true", help="the markdown only")
     ap.add_argument("--check", action="store_true",
                     help="regenerate the markdown into a temporary folder and exit 1 if it differs from the files")
@@ -33,12 +35,16 @@ def main(argv=None) -> dict:
     exp = a.experiments_md or os.path.join(c.root, "docs", "experiments_report.md")
     abl = a.ablations_md or os.path.join(os.path.dirname(c.reports_dir), "ablations.md")
     prog = a.progress_md or os.path.join(c.root, "docs", "stage2_progress.md")
+    writeup = a.writeup or os.path.join(c.root, "docs", "writeup.md")
     if a.check:
         with tempfile.TemporaryDirectory() as tmp:
             fresh = write_reports(c, os.path.join(tmp, "e.md"), os.path.join(tmp, "a.md"), figures=False,
-                                  progress_md=os.path.join(tmp, "p.md"))
+                                  progress_md=os.path.join(tmp, "p.md"), writeup_in=writeup,
+                                  writeup_out=os.path.join(tmp, "w.md"))
             stale = []
-            for path, new in [(exp, fresh["e.md"]), (abl, fresh["a.md"]), (prog, fresh["p.md"])]:
+            pairs = [(exp, fresh["e.md"]), (abl, fresh["a.md"]), (prog, fresh["p.md"])]
+            pairs += [(writeup, fresh["w.md"])] if "w.md" in fresh else []
+            for path, new in pairs:
                 old = open(path).read() if os.path.exists(path) else None
                 if old != open(new).read():
                     stale.append(path)
@@ -48,7 +54,7 @@ def main(argv=None) -> dict:
             raise SystemExit(1)
         print("the reports match their result files")
         return {}
-    out = write_reports(c, exp, abl, figures=not a.no_figures, progress_md=prog)
+    out = write_reports(c, exp, abl, figures=not a.no_figures, progress_md=prog, writeup_in=writeup)
     for name, path in out.items():
         print(f"{name}: {path}")
     return out

@@ -86,6 +86,14 @@ def test_the_tables_hold_the_hand_computed_numbers(tmp_path):
     again = write_reports(c, str(tmp_path / "e2.md"), str(tmp_path / "a2.md"), paper=str(tmp_path / "none.md"),
                           figures=False, progress_md=str(tmp_path / "p2.md"))
     assert open(again["e2.md"]).read() == text
+    # the write-up's generated section is filled, the text around it kept
+    (tmp_path / "w.md").write_text("intro\n<!-- generated:headline -->\nold\n<!-- /generated:headline -->\noutro\n")
+    write_reports(c, str(tmp_path / "e3.md"), str(tmp_path / "a3.md"), paper=str(tmp_path / "none.md"), figures=False,
+                  progress_md=str(tmp_path / "p3.md"), writeup_in=str(tmp_path / "w.md"))
+    w = open(tmp_path / "w.md").read()
+    assert w.startswith("intro\n<!-- generated:headline -->\n*Generated") and w.endswith("<!-- /generated:headline -->\noutro\n")
+    assert "old" not in w and "| validation loss (nats/token, final) | 5.100 ± 0.100 (3) | 5.400 ± 0.100 (3) | 8.318 |" in w
+    assert "exceeds the spread: hope_cms_depth1 +0.400" in w and "within the spread: hope_cms_dgd +0.050" in w
 
 
 def test_the_committed_reports_regenerate_from_the_committed_result_files():

@@ -1,4 +1,5 @@
-"""Every repository path that the documentation names exists: README.md, CONTRIBUTING.md, docs/*.md,
+"""Every repository path that the documentation names exists: README.md, CONTRIBUTING.md,
+CHANGELOG.md, TODO.md, reports/ablations.md, docs/**/*.md,
 bench/RESULTS.md and studies/README.md, and the docstrings and comments of the code (paths from
 a top-level folder there).
 
@@ -26,10 +27,11 @@ import tokenize
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DOCS = ["README.md", "CONTRIBUTING.md", "bench/RESULTS.md", "studies/README.md"] + sorted(
-    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+DOCS = ["README.md", "CONTRIBUTING.md", "CHANGELOG.md", "TODO.md", "bench/RESULTS.md", "studies/README.md",
+        "reports/ablations.md"] + sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
 CODE_FOLDERS = ["nested_learning", "kernels", "scripts", "bench", "studies"]
-TOP = ("nested_learning", "scripts", "bench", "studies", "configs", "tests", "docs", "kernels", "csrc")
+TOP = ("nested_learning", "scripts", "bench", "studies", "configs", "tests", "docs", "kernels", "csrc", "reports")
 EXTENSIONS = (".py", ".md", ".yaml", ".sh", ".json")
 # where runs, results, exports and corpora go (not the repository's); a user's own texts
 NOT_REPOSITORY = ("runs/", "results/", "outputs/", "exports/", "data/", "my_texts/")
@@ -93,10 +95,14 @@ def paths_in(text: str, module_relative: bool = True) -> list[tuple[int, str]]:
     return found
 
 
-def missing_paths(text: str, module_relative: bool = True) -> list[str]:
+def missing_paths(text: str, module_relative: bool = True, folder: str = "") -> list[str]:
+    """The paths of text that do not exist; a link that starts with ../ is relative to the
+    document's folder (docs/releases/v0.2.0.md links ../../CHANGELOG.md)."""
     bad = []
     for line, token in paths_in(text, module_relative):
         for path in expand(token):
+            if path.startswith("../"):
+                path = os.path.normpath(os.path.join(folder, path))
             if not exists(path) and not path.startswith(NOT_REPOSITORY):
                 bad.append(f"line {line}: {path}")
     return bad
@@ -149,7 +155,7 @@ def test_the_path_finder_finds_what_it_should():
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_path_a_document_names_exists(doc):
     text = open(os.path.join(ROOT, doc), encoding="utf-8").read()
-    bad = missing_paths(text) + missing_at_commits(text)
+    bad = missing_paths(text, folder=os.path.dirname(doc)) + missing_at_commits(text)
     assert not bad, f"{doc} names paths that do not exist:\n" + "\n".join(bad)
 
 
