@@ -5,7 +5,7 @@ backend and fast backends where built; `build_info()` says how the extension was
 it is missing.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import ops  # noqa: E402
 from ._extension import build_info, extension_available  # noqa: E402

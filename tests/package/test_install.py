@@ -78,3 +78,14 @@ def test_cuda_sources_compile_with_nvcc(src, tmp_path):
         capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_the_package_version_is_the_metadata_version_and_the_changelogs_newest():
+    import re
+
+    import nested_learning as nl
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    meta = re.search(r'^version = "([^"]+)"', open(os.path.join(root, "pyproject.toml")).read(), re.M).group(1)
+    newest = re.search(r"^## (\S+) ", open(os.path.join(root, "CHANGELOG.md")).read(), re.M).group(1)
+    assert nl.__version__ == meta == newest
