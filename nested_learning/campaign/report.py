@@ -225,6 +225,33 @@ class Report:
                 lines.append(f"| {v} | {metric} | " + " | ".join(vals) + " |")
         return lines
 
+    def position_table(self) -> list[str]:
+        """Loss and bits per byte by position bucket of the long documents, with and without
+        memorisation: the mean over seeds of each bucket."""
+        rows, buckets = [], []
+        for v in self.r.variants("main"):
+            for file, label in [("perplexity/perplexity.json", "no"), ("perplexity/perplexity_memorize.json", "yes")]:
+                per: dict[str, list[float]] = {}
+                for e in self.r.of_variant(v):
+                    doc = self.r.json(e, file)
+                    task = next(iter(((doc or {}).get("tasks") or {}).values()), None)
+                    for b in (task or {}).get("extra", {}).get("loss_by_position") or []:
+                        per.setdefault(b["bucket"], []).append(b["loss"])
+                        if b["bucket"] not in buckets:
+                            buckets.append(b["bucket"])
+                if per:
+                    rows.append((v, label, per))
+        if not rows:
+            return []
+        L = ["", "**Loss by position** in the held-out documents (nats/token, mean ± sd over seeds (seeds); "
+                 "memorising: the CMS levels learn each scored segment after scoring it)", "",
+             "| model | memorising | " + " | ".join(buckets) + " |", "|---|---|" + "---:|" * len(buckets)]
+        for v, label, per in rows:
+            L.append(f"| {v} | {label} | " + " | ".join(
+                cell(statistics.fmean(per[b]), statistics.stdev(per[b]) if len(per[b]) > 1 else None, len(per[b]))
+                if b in per else "-" for b in buckets) + " |")
+        return L
+
     def continual_tables(self) -> list[str]:
         lines = []
         for v in self.r.variants("main"):
@@ -301,6 +328,7 @@ class Report:
              *self.training_table()]
         if "val_loss" in figures:
             L += ["", f"![validation loss]({rel(figures['val_loss'])})"]
+        L += [*self.position_table()]
         L += ["", "## Retrieval by length", *self.retrieval_table()]
         if "retrieval" in figures:
             L += ["", f"![retrieval by length]({rel(figures['retrieval'])})"]

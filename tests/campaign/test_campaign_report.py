@@ -52,6 +52,8 @@ evaluation: {zeroshot: "{python} scripts/eval/zeroshot.py --run {run} --out {out
         _write(f"{rep}/hope-s{seed}/train.json", _train(h))
         _write(f"{rep}/transformer-s{seed}/train.json", _train(t, "transformer"))
         _write(f"{rep}/hope-s{seed}/zeroshot/zeroshot.json", {"tasks": {"blimp": _task([0.6, 0.62, 0.64][seed], 0.5)}})
+        _write(f"{rep}/hope-s{seed}/perplexity/perplexity.json", {"tasks": {"val": {"metrics": {}, "extra": {
+            "loss_by_position": [{"bucket": "0-1k", "loss": 6.0 + seed / 10}, {"bucket": "1k-2k", "loss": 5.0}]}}}})
     # depth1: +0.4 (beyond 2 sd = 0.2); dgd: +0.05 (within): dgd gets seeds 1 and 2
     _write(f"{rep}/hope_cms_depth1-s0/train.json", _train(5.5))
     _write(f"{rep}/hope_cms_depth1-s0/zeroshot/zeroshot.json", {"tasks": {"blimp": _task(0.55, 0.5)}})
@@ -72,6 +74,7 @@ def test_the_tables_hold_the_hand_computed_numbers(tmp_path):
     abl = "\n".join(rep.ablation_table(keys=["val_loss", "blimp"]))
     assert "| hope_cms_depth1 | cms_periods=[16] | 1,000 | 1 | +0.400 (exceeds the spread) | -0.070 (exceeds the spread) |" in abl
     assert "| hope_cms_dgd | cms_optimizer=dgd | 1,000 | 1 | +0.050 (within the spread) | not run yet |" in abl
+    assert "| hope | no | 6.100 ± 0.100 (3) | 5.000 ± 0.000 (3) |" in "\n".join(rep.position_table())
     assert "Entries finished: 5 of" in rep.progress() and "hope_cms_dgd-s0" in rep.progress()
     out = write_reports(c, str(tmp_path / "e.md"), str(tmp_path / "a.md"), paper=str(tmp_path / "none.md"),
                         progress_md=str(tmp_path / "p.md"))
