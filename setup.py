@@ -16,7 +16,6 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGE_DIR = {"nested_learning.kernels": "kernels"}  # never a top-level `kernels` package
 
 
 def _say(msg: str) -> None:
@@ -92,9 +91,8 @@ def _extension_and_cmdclass():
 ext_modules, cmdclass = _extension_and_cmdclass()
 setup(
     # data folders without __init__.py (BLiMP, shipped with the zero-shot pack; its files: pyproject package-data)
-    packages=find_packages(include=["nested_learning", "nested_learning.*"]) + list(PACKAGE_DIR)
+    packages=find_packages(include=["nested_learning", "nested_learning.*"])
     + ["nested_learning.eval.data.blimp"],
-    package_dir=PACKAGE_DIR,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

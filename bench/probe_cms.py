@@ -1,4 +1,4 @@
-"""GPU probe of the CMS apply kernel (kernels/cms.py): its achieved bandwidth as a fraction of
+"""GPU probe of the CMS apply kernel (nested_learning/kernels/cms.py): its achieved bandwidth as a fraction of
 the measured device copy bandwidth (issue bar: 70%), one chunk per call (the memory-bound
 case: W and m are read and written once, the chunk's tokens read once).
 

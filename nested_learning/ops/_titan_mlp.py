@@ -101,7 +101,7 @@ class TorchElementwise:
 
 
 class TritonElementwise:
-    """The same, fused in Triton kernels (kernels/titan_mlp.py): one launch each."""
+    """The same, fused in Triton kernels (nested_learning/kernels/titan_mlp.py): one launch each."""
 
     def __init__(self, activation: str):
         from nested_learning.kernels import titan_mlp

@@ -158,7 +158,7 @@ _backend.register("cms_update", _backend.Backend("cpu", forward=_chunked_forward
 
 
 def _triton_apply(weight, momentum, X, D, C, lr, optimizer, beta, alpha):
-    """kernels/cms.py: tiles of W (and m) held on chip in float32 (float64 for float64) across all
+    """nested_learning/kernels/cms.py: tiles of W (and m) held on chip in float32 (float64 for float64) across all
     the chunks; the tokens stay in their dtype (upcast in the kernel). dgd with Din > 512 streams
     W through memory instead (two passes per chunk)."""
     from nested_learning.kernels.cms import cms_apply

@@ -106,7 +106,7 @@ _backend.register("linear_cross_entropy", _backend.Backend(
     "cpu", forward=_fused_forward, backward=_fused_backward, devices=("cpu",)))
 
 
-# Triton backend (kernels/cross_entropy.py): float32 kernels; empty inputs take the fused path.
+# Triton backend (nested_learning/kernels/cross_entropy.py): float32 kernels; empty inputs take the fused path.
 def _triton_forward(h, weight, targets, ignore_index, reduction):
     if h.numel() == 0 or weight.numel() == 0:
         return _fused_forward(h, weight, targets, ignore_index, reduction)

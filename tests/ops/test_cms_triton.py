@@ -1,4 +1,4 @@
-"""The Triton backend of cms_update (kernels/cms.py) against the float64 reference: the new
+"""The Triton backend of cms_update (nested_learning/kernels/cms.py) against the float64 reference: the new
 weight, momentum, ring buffers and update norms for gd, momentum and dgd, periods 1 to 40 with
 the buffer part-filled on entry, awkward Din x Dout, float32 and bf16, the streamed dgd kernel
 for wide rows, and streamed in pieces == whole. On the CPU it runs through Triton's

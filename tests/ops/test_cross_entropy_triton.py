@@ -1,4 +1,4 @@
-"""The Triton backend of linear_cross_entropy (kernels/cross_entropy.py) against the float64
+"""The Triton backend of linear_cross_entropy (nested_learning/kernels/cross_entropy.py) against the float64
 reference: loss, teach signal and the gradients of h and weight for every reduction, with
 ignored targets and D, V not multiples of the tiles; on the CPU through Triton's interpreter,
 compiled in the `gpu` tests (which also check that the logits are never held whole)."""

@@ -1,4 +1,4 @@
-"""The Triton backend of dgd_update (kernels/dgd.py) against the float64 reference: outputs,
+"""The Triton backend of dgd_update (nested_learning/kernels/dgd.py) against the float64 reference: outputs,
 final state and every input gradient. On the CPU it runs through Triton's interpreter; the
 `gpu` tests run the compiled kernels in float32 and bf16, and against flash-linear-attention's
 gated delta rule where that is installed."""

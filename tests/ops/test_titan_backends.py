@@ -1,5 +1,5 @@
 """The fast backends of titan_update (linear memory) against the float64 reference: the Triton
-kernels (kernels/titan.py; on the CPU through Triton's interpreter, compiled in the `gpu`
+kernels (nested_learning/kernels/titan.py; on the CPU through Triton's interpreter, compiled in the `gpu`
 tests) and the C++ `cpu` backend (csrc/cpu/titan.cpp). Outputs, final (M, S) and the
 gradients of q, k, v, theta, eta, alpha and the initial state; chunk sizes 1, 4, 16, 64 with
 T not a multiple of the chunk; streamed in segments == whole."""

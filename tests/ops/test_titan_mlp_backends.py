@@ -1,6 +1,6 @@
 """The chunked backends of titan_mlp_update (ops/_titan_mlp.py: batched matrix products per
 chunk, hand-derived backward recomputing each chunk from chunk-start checkpoints; `cpu` with
-the elementwise work in ATen, `triton` with it fused in kernels/titan_mlp.py, run here through
+the elementwise work in ATen, `triton` with it fused in nested_learning/kernels/titan_mlp.py, run here through
 Triton's interpreter) against the float64 reference: outputs, final (W1, W2, S1, S2) and the gradients of q, k, v, theta, eta,
 alpha and the initial state, for every activation; chunk sizes 1, 4, 16, 64 with T not a
 multiple of the chunk; streamed in segments == whole."""

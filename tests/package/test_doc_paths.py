@@ -30,8 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DOCS = ["README.md", "CONTRIBUTING.md", "CHANGELOG.md", "TODO.md", "bench/RESULTS.md", "studies/README.md",
         "reports/ablations.md"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
-CODE_FOLDERS = ["nested_learning", "kernels", "scripts", "bench", "studies"]
-TOP = ("nested_learning", "scripts", "bench", "studies", "configs", "tests", "docs", "kernels", "csrc", "reports")
+CODE_FOLDERS = ["nested_learning", "scripts", "bench", "studies"]
+TOP = ("nested_learning", "scripts", "bench", "studies", "configs", "tests", "docs", "csrc", "reports")
 EXTENSIONS = (".py", ".md", ".yaml", ".sh", ".json")
 # where runs, results, exports and corpora go (not the repository's); a user's own texts
 NOT_REPOSITORY = ("runs/", "results/", "outputs/", "exports/", "data/", "my_texts/")
@@ -67,7 +67,7 @@ def is_candidate(token: str) -> bool:
 
 def exists(path: str) -> bool:
     """path in the repository, or in nested_learning/ (module-relative names such as
-    train/trainer.py); nested_learning/kernels/ is kernels/ (installed under the package)."""
+    train/trainer.py); nested_learning/kernels/ is nested_learning/kernels/ (installed under the package)."""
     path = path.rstrip("/")
     if path.startswith("nested_learning/kernels/"):
         path = path.replace("nested_learning/", "", 1)

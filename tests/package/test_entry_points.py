@@ -63,7 +63,7 @@ def test_no_file_edits_sys_path():
     it as it is; tests reach bench/ and studies/ through pytest's pythonpath."""
     edit = re.compile(r"sys\.path\s*(\.(insert|append|extend|remove)\s*\(|(\[[^\]]*\])?\s*[+]?=)")
     bad = []
-    for folder in ("nested_learning", "scripts", "bench", "studies", "tests", "kernels"):
+    for folder in ("nested_learning", "scripts", "bench", "studies", "tests"):
         for path in glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True):
             for i, line in enumerate(open(path), 1):
                 if edit.search(line) and not line.lstrip().startswith("#"):

@@ -27,10 +27,14 @@ def test_extension_is_built_and_registered():
 def test_kernels_install_under_the_package_only():
     import nested_learning.kernels as k
 
-    assert os.path.samefile(os.path.dirname(k.__file__), os.path.join(ROOT, "kernels"))
-    code = "import importlib.util,sys; sys.exit(importlib.util.find_spec('kernels') is not None)"
-    # our kernels/ folder must not be importable as `kernels` (run outside the source tree)
-    assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
+    assert os.path.samefile(os.path.dirname(k.__file__), os.path.join(ROOT, "nested_learning", "kernels"))
+    # nothing of ours is importable as `kernels` (a name of another PyPI project, which transformers
+    # imports), neither outside the source tree nor from its root (where pytest and scripts run)
+    code = ("import importlib.util,os,sys; s = importlib.util.find_spec('kernels'); "
+            f"sys.exit(s is not None and os.path.realpath(s.origin or '').startswith({ROOT!r}))")
+    for cwd in ("/", ROOT):  # the current folder on the import path, as pytest's pythonpath puts the root
+        env = {**os.environ, "PYTHONPATH": "."}
+        assert subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env).returncode == 0, cwd
 
 
 def test_license_matches_metadata():

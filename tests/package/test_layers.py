@@ -123,10 +123,10 @@ def test_no_function_level_import_of_the_package():
 
 
 def test_kernels_import_nothing_of_the_package():
-    """kernels/ takes plain tensors: it imports torch, triton, the standard library and itself."""
+    """nested_learning/kernels/ takes plain tensors: it imports torch, triton, the standard library and itself."""
     allowed = {"torch", "triton", "numpy", "__future__"}
     bad = []
-    kdir = os.path.join(ROOT, "kernels")
+    kdir = os.path.join(ROOT, "nested_learning", "kernels")
     for f in sorted(os.listdir(kdir)):
         if not f.endswith(".py"):
             continue
@@ -139,5 +139,5 @@ def test_kernels_import_nothing_of_the_package():
             else:
                 continue
             if root not in allowed and root not in sys.stdlib_module_names:
-                bad.append(f"kernels/{f}:{node.lineno} imports {root}")
+                bad.append(f"nested_learning/kernels/{f}:{node.lineno} imports {root}")
     assert not bad, "\n".join(bad)
