@@ -24,7 +24,6 @@ if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2
   echo "pip install -e failed; building in place" | tee -a "$OUT/build.log"
   $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
 fi
-$PY -c "import nested_learning.kernels" 2>/dev/null || ln -sfn ../kernels nested_learning/kernels
 echo "build took $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
 grep -E "nested_learning setup|error|Error" "$OUT/build.log" | head -20
 $PY -c "import nested_learning as nl; print(nl.build_info()); from nested_learning import ops; print(ops.available_backends('dgd_update', 'cuda'))" 2>&1 | tee -a "$OUT/build.log"
