@@ -15,11 +15,12 @@ run folder it came from and the command that made it.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
 import statistics
+
+from ..runs.checkpoint import file_sha256
 
 TRAIN_SCHEMA = "nested_learning.campaign-train/1"
 TRAIN_EVERY = 10
@@ -33,14 +34,6 @@ def _atomic_json(obj, path: str) -> None:
         json.dump(obj, f, indent=1, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _memory_summary(health: dict | None) -> dict | None:
@@ -127,7 +120,7 @@ def compact_result(src: str, rel=os.path.relpath) -> dict:
         if isinstance(task, dict) and "records" in task:
             dropped += len(task["records"] or [])
             task.pop("records")
-    res["source"] = {"path": rel(src), "sha256": _sha256(src), "records": dropped}
+    res["source"] = {"path": rel(src), "sha256": file_sha256(src), "records": dropped}
     return res
 
 

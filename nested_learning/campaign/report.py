@@ -103,8 +103,10 @@ class Report:
                                 marker="o", ms=3, capsize=2, label=variant)
                     ax.set_xscale("log", base=2)
             ax.set_xlabel("prompt tokens")
-            ax.set_title(f"{title}: rank-1 accuracy (chance 0.1)", fontsize=9)
-            ax.axhline(0.1, color="grey", ls=":", lw=1)
+            chance = self._task_chance(stage, task)
+            ax.set_title(f"{title}: rank-1 accuracy (chance {fmt(chance, 2)})", fontsize=9)
+            if chance is not None:
+                ax.axhline(chance, color="grey", ls=":", lw=1)
             ax.grid(alpha=0.3)
         if "retrieval" in paths:
             axes[0].set_ylabel("rank-1 accuracy (mean over seeds)")
@@ -130,6 +132,15 @@ class Report:
             fig.tight_layout()
             fig.savefig(paths["ablations"], metadata={"Software": None})
             plt.close(fig)
+
+    def _task_chance(self, stage: str, task: str) -> float | None:
+        """The chance level a result file states for `task` (the first entry that has one)."""
+        for e in self.r.entries:
+            doc = self.r.json(e, f"{stage}/{stage}_{{run}}.json")
+            chance = (((doc or {}).get("tasks") or {}).get(task) or {}).get("chance")
+            if chance is not None:
+                return chance
+        return None
 
     def _by_length(self, variant, stage, task, metric) -> dict[int, list[float]]:
         out: dict[int, list[float]] = {}
@@ -215,8 +226,9 @@ class Report:
             if not lengths:
                 continue
             xs = sorted(lengths)
-            lines += ["", f"**{title}** (mean ± sd over seeds; rank-1 chance 0.1 for single, "
-                          "1/12 for multikey; exact chance 0)", "",
+            chance = self._task_chance(stage, task)
+            lines += ["", f"**{title}** (mean ± sd over seeds (seeds); rank-1 chance {fmt(chance)}, exact chance 0)",
+                      "",
                       "| model | metric | " + " | ".join(f"{x // 1024}k" for x in xs) + " |",
                       "|---|---|" + "---:|" * len(xs)]
             for v, metric, by in rows:

@@ -146,7 +146,8 @@ CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -166,7 +167,7 @@ def owner(name: str) -> int:
 
 
 def _sums(directory: str, files) -> dict:
-    return {f: {"sha256": _sha256(os.path.join(directory, f)), "bytes": os.path.getsize(os.path.join(directory, f))}
+    return {f: {"sha256": file_sha256(os.path.join(directory, f)), "bytes": os.path.getsize(os.path.join(directory, f))}
             for f in files}
 
 
@@ -204,7 +205,7 @@ def verify(path: str, part: tuple[int, int] | None = None) -> None:
         if size != want["bytes"]:
             raise CheckpointError(f"checkpoint file is truncated or altered: {f} has {size} bytes, "
                                   f"{want['bytes']} were written")
-        if _sha256(f) != want["sha256"]:
+        if file_sha256(f) != want["sha256"]:
             raise CheckpointError(f"checkpoint file is corrupted: {f} does not match the SHA-256 recorded "
                                   "when it was written")
 
