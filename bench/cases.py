@@ -257,13 +257,16 @@ def step_cases(quick: bool, device: str) -> list[StepCase]:
 
 @dataclass
 class DecodeCase:
-    """Token-by-token generation (model.generate from a one-token prompt) beside the model's
-    own forward over the same tokens in one call: the cost of decoding one token at a time."""
+    """Token-by-token generation beside the model's own forward over the same tokens in one
+    call: the cost of decoding one token at a time. `ragged`: a batch of prompts of lengths
+    1, 2, ..., batch through model.generate_batch (each row its own prompt, decoded together);
+    else model.generate from one-token prompts."""
 
     model: str
     size: str
     batch: int
     new_tokens: int
+    ragged: bool = False
 
     @property
     def op(self) -> str:
@@ -271,7 +274,7 @@ class DecodeCase:
 
     @property
     def shape_str(self) -> str:
-        return f"size={self.size} B={self.batch} new={self.new_tokens}"
+        return f"size={self.size} B={self.batch}{' ragged' if self.ragged else ''} new={self.new_tokens}"
 
     def make(self, dev: torch.device):
         from nested_learning.models import build_model
@@ -279,8 +282,11 @@ class DecodeCase:
         torch.manual_seed(0)
         m = build_model(self.model, self.size).to(dev).eval()
         seq = torch.randint(0, m.config.vocab_size, (self.batch, self.new_tokens + 1), device=dev)
+        prompts = [seq[b, :b + 1] for b in range(self.batch)]
 
         def decode():
+            if self.ragged:
+                return m.generate_batch(prompts, self.new_tokens)
             return m.generate(seq[:, :1], self.new_tokens)[0]
 
         def forward():  # the same B x (1 + new_tokens) tokens through the model at once
@@ -290,6 +296,8 @@ class DecodeCase:
 
 
 def decode_cases(quick: bool) -> list[DecodeCase]:
+    names = ("transformer", "titans", "hope")
     if quick:
-        return [DecodeCase(n, "tiny", 2, 16) for n in ("transformer", "titans", "hope")]
-    return [DecodeCase(n, "smoke", 1, 128) for n in ("transformer", "titans", "hope")]
+        return [DecodeCase(n, "tiny", 2, 16) for n in names] + [DecodeCase(n, "tiny", 4, 8, ragged=True) for n in names]
+    return ([DecodeCase(n, "smoke", 1, 128) for n in names] + [DecodeCase(n, "smoke", 16, 128) for n in names]
+            + [DecodeCase(n, "smoke", 16, 128, ragged=True) for n in names])

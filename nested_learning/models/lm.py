@@ -215,7 +215,7 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, tokens: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  state: ModelState | None = None, eos: int | None = None, segment: int | None = None,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, ModelState]:
+                 generator: torch.Generator | None = None, top_p: float | None = None) -> tuple[Tensor, ModelState]:
         """Continue `tokens` [B, T] (or [T]) by up to max_new_tokens tokens: [B, N] and the state.
 
         The prompt streams through the fast state in segments of `segment` tokens (default
@@ -223,17 +223,15 @@ class LanguageModel(nn.Module):
         length; then each new token is fed back one at a time with the state carried (KV caches
         for attention, the memories of Titans and HOPE; CMS levels are read, not updated).
         temperature 0 is greedy (deterministic); else softmax(logits / temperature), over the
-        top_k logits when given, sampled with `generator`. With eos, a row that emitted it
+        top_k logits when given and to the nucleus of probability top_p, sampled with
+        `generator` (prompts of different lengths: generate_batch). With eos, a row that emitted it
         emits only eos afterwards, and decoding stops once every row has. The returned state
         has consumed the prompt and every returned token."""
         tokens = tokens[None] if tokens.dim() == 1 else tokens
         if tokens.dim() != 2 or tokens.is_floating_point() or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty integer tensor [B, T] or [T], got {tuple(tokens.shape)}")
         positive_int("max_new_tokens", max_new_tokens)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None:
-            positive_int("top_k", top_k)
+        self._check_sampling(temperature, top_k, top_p)
         segment = self.prefill_segment() if segment is None else positive_int("segment", segment)
         B, T = tokens.shape
         state = self.init_state(B) if state is None else state
@@ -241,7 +239,7 @@ class LanguageModel(nn.Module):
             h, state = self.hidden(tokens[:, s:s + segment], state)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=tokens.device)
         for _ in range(max_new_tokens):
-            nxt = self._pick(F.linear(h[:, -1], self.embed.weight), temperature, top_k, generator)
+            nxt = self._pick(F.linear(h[:, -1], self.embed.weight), temperature, top_k, generator, top_p)
             if eos is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                 done |= nxt == eos
@@ -251,14 +249,94 @@ class LanguageModel(nn.Module):
                 break
         return torch.stack(out, 1), state
 
+    @torch.no_grad()
+    def generate_batch(self, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                       top_p: float | None = None, stop=None, generator: torch.Generator | None = None,
+                       segment: int | None = None) -> list[Tensor]:
+        """Continue each prompt of `prompts` (1-d integer tensors of any lengths) by up to
+        max_new_tokens tokens, all rows decoded together; returns one tensor of new tokens per
+        prompt, ending at its first stop token (included) when it met one.
+
+        No padding enters any state: every row starts at position 0, the prefix all prompts
+        share in length streams in segments, then each step feeds every row its next prompt token
+        or, once its prompt is consumed, the token it generated; so each row's state sees
+        exactly its own tokens at their own positions, as `generate` on that prompt alone (equal
+        up to float rounding: the longer prompts' tails stream token by token here). Sampling:
+        temperature 0 is greedy; else softmax(logits / temperature) restricted to the top_k
+        logits and to the smallest set whose probability reaches top_p (nucleus), drawn with
+        `generator`. stop: a token id, a list of ids for every row, or one list per row."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of 1-d integer tensors")
+        for i, p in enumerate(prompts):
+            if not torch.is_tensor(p) or p.dim() != 1 or p.is_floating_point() or p.numel() == 0:
+                raise ValueError(f"prompts[{i}] must be a non-empty 1-d integer tensor, got "
+                                 f"{tuple(p.shape) if torch.is_tensor(p) else type(p).__name__}")
+        positive_int("max_new_tokens", max_new_tokens)
+        self._check_sampling(temperature, top_k, top_p)
+        B, device = len(prompts), prompts[0].device
+        stops = self._stop_sets(stop, B)
+        lens = [int(p.numel()) for p in prompts]
+        common = min(lens)
+        segment = self.prefill_segment() if segment is None else positive_int("segment", segment)
+        state = self.init_state(B)
+        head = torch.stack([p[:common] for p in prompts])
+        for s in range(0, common, segment):
+            h, state = self.hidden(head[:, s:s + segment], state)
+        width = max(lens)
+        padded = torch.stack([torch.cat([p, p.new_zeros(width - p.numel())]) for p in prompts])
+        in_prompt = torch.tensor(lens, device=device)[:, None] > torch.arange(width, device=device)[None]
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        t = common  # the position of the next input token
+        while True:
+            nxt = self._pick(F.linear(h[:, -1], self.embed.weight), temperature, top_k, generator, top_p)
+            for b in range(B):  # rows past their prompt take the token just picked
+                if t >= lens[b] and not done[b]:
+                    tok = int(nxt[b])
+                    out[b].append(tok)
+                    done[b] = tok in stops[b] or len(out[b]) >= max_new_tokens
+            if all(done):
+                break
+            feed = nxt if t >= width else torch.where(in_prompt[:, t], padded[:, t], nxt)
+            h, state = self.hidden(feed[:, None], state)
+            t += 1
+        return [torch.tensor(o, dtype=torch.long, device=device) for o in out]
+
     @staticmethod
-    def _pick(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+    def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None:
+            positive_int("top_k", top_k)
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+    @staticmethod
+    def _stop_sets(stop, batch: int) -> list[set[int]]:
+        if stop is None:
+            return [set() for _ in range(batch)]
+        if isinstance(stop, int):
+            return [{stop} for _ in range(batch)]
+        stop = list(stop)
+        if stop and all(isinstance(x, int) for x in stop):
+            return [set(stop) for _ in range(batch)]
+        if len(stop) != batch or not all(isinstance(x, (list, tuple, set)) for x in stop):
+            raise ValueError(f"stop must be a token id, a list of ids, or one list of ids per prompt ({batch})")
+        return [set(int(y) for y in x) for x in stop]
+
+    @staticmethod
+    def _pick(logits: Tensor, temperature: float, top_k: int | None, generator, top_p: float | None = None) -> Tensor:
         if temperature == 0:
             return logits.argmax(-1)
         logits = logits.float() / temperature
         if top_k is not None and top_k < logits.shape[-1]:
             kth = logits.topk(top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, -torch.inf)
+        if top_p is not None and top_p < 1:
+            sorted_logits, order = logits.sort(-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the set has reached top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
     # ----- two-pass training ---------------------------------------------------------

@@ -61,6 +61,11 @@ def test_zeroshot_perplexity_generate_and_lm_eval_scripts(tiny_runs, tmp_path):
     r = run_python("scripts/generate.py", "--run", run, "--prompt", "the king", "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("the king") and "5 new tokens" in r.stderr
+    r = run_python("scripts/generate.py", "--run", run, "--prompt", "the king", "--prompt", "a lady of the night",
+                   "--max-new-tokens", "4", "--temperature", "0.9", "--top-p", "0.9")
+    assert r.returncode == 0, r.stderr
+    assert "--- prompt 1\nthe king" in r.stdout and "--- prompt 2\na lady of the night" in r.stdout
+    assert "2 prompts, 8 new tokens" in r.stderr
 
     r = run_python("scripts/eval/zeroshot.py", "--run", str(tmp_path / "none"), "--tasks", str(task),
                    "--out", str(out))
