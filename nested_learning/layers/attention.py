@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import rope
+from .common import apply_rope, rope_angles
 
 try:  # optional extra [flash]
     from flash_attn import flash_attn_func  # type: ignore
@@ -51,7 +51,8 @@ class CausalSelfAttention(nn.Module):
         """x [B, T, D] at absolute positions pos .. pos+T-1."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.h, self.d).unbind(2)
-        q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
+        cos, sin = rope_angles(pos, T, self.d, self.rope_theta, x.device)  # once for q and k
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         K = torch.cat([cache.k.to(k.dtype), k], 1)
         V = torch.cat([cache.v.to(v.dtype), v], 1)
         S = K.shape[1]

@@ -31,14 +31,39 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
-def rope(x: Tensor, start: int, theta: float) -> Tensor:
-    """Rotary position embedding of x [B, T, H, d] (d even) at positions start .. start+T-1."""
-    T, d = x.shape[1], x.shape[-1]
-    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    ang = torch.arange(start, start + T, device=x.device, dtype=torch.float32)[:, None] * inv
-    cos, sin = ang.cos()[None, :, None, :].to(x.dtype), ang.sin()[None, :, None, :].to(x.dtype)
+ROPE_TABLE_POSITIONS = 16384  # positions whose cos/sin are kept per (device, head dim, theta): 4 MB at d=64
+_ROPE_TABLES: dict = {}
+
+
+def rope_angles(start: int, T: int, d: int, theta: float, device) -> tuple[Tensor, Tensor]:
+    """cos and sin [T, d/2] (float32) of the rotary angles at positions start .. start+T-1. The
+    first ROPE_TABLE_POSITIONS positions come from a table made once (the same float32 products
+    as computing them afresh, so the same values), which spares a decoded token the dozen small
+    ops that make its angles; later positions are computed each call."""
+    inv = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d) if start + T > \
+        ROPE_TABLE_POSITIONS else None
+    if inv is not None:
+        ang = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None] * inv
+        return ang.cos(), ang.sin()
+    key = (str(device), d, float(theta))
+    table = _ROPE_TABLES.get(key)
+    if table is None:
+        inv = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        ang = torch.arange(0, ROPE_TABLE_POSITIONS, device=device, dtype=torch.float32)[:, None] * inv
+        table = _ROPE_TABLES[key] = (ang.cos(), ang.sin())
+    return table[0][start:start + T], table[1][start:start + T]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, T, H, d] rotated by the angles cos, sin [T, d/2]."""
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
+def rope(x: Tensor, start: int, theta: float) -> Tensor:
+    """Rotary position embedding of x [B, T, H, d] (d even) at positions start .. start+T-1."""
+    return apply_rope(x, *rope_angles(start, x.shape[1], x.shape[-1], theta, x.device))
 
 
 class CausalDepthwiseConv(nn.Module):
