@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..checks import positive_int
+from ..checks import NonFiniteInputError, positive_int, range_checks_off
 from ..constants import IGNORE
 from ..layers.attention import CausalSelfAttention
 from ..layers.cms import UpdateEvent, UpdateLog
@@ -238,16 +238,26 @@ class LanguageModel(nn.Module):
         for s in range(0, T, segment):
             h, state = self.hidden(tokens[:, s:s + segment], state)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=tokens.device)
-        for _ in range(max_new_tokens):
-            nxt = self._pick(F.linear(h[:, -1], self.embed.weight), temperature, top_k, generator, top_p)
-            if eos is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-                done |= nxt == eos
-            out.append(nxt)
-            h, state = self.hidden(nxt[:, None], state)
-            if eos is not None and bool(done.all()):
-                break
+        with range_checks_off():  # the per-op gate checks, hoisted: each step's logits are checked instead
+            for i in range(max_new_tokens):
+                nxt = self._pick(self._decode_logits(h, i), temperature, top_k, generator, top_p)
+                if eos is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                    done |= nxt == eos
+                out.append(nxt)
+                h, state = self.hidden(nxt[:, None], state)
+                if eos is not None and bool(done.all()):
+                    break
         return torch.stack(out, 1), state
+
+    def _decode_logits(self, h: Tensor, step: int) -> Tensor:
+        """The next-token logits of the last position; a non-finite one (a NaN or Inf anywhere in
+        the state reaches the logits) raises NonFiniteInputError, as an op's gate check would."""
+        logits = F.linear(h[:, -1], self.embed.weight)
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteInputError(f"decoding step {step}: the logits are not finite (the fast state went "
+                                      "non-finite)")
+        return logits
 
     @torch.no_grad()
     def generate_batch(self, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -288,18 +298,19 @@ class LanguageModel(nn.Module):
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         t = common  # the position of the next input token
-        while True:
-            nxt = self._pick(F.linear(h[:, -1], self.embed.weight), temperature, top_k, generator, top_p)
-            for b in range(B):  # rows past their prompt take the token just picked
-                if t >= lens[b] and not done[b]:
-                    tok = int(nxt[b])
-                    out[b].append(tok)
-                    done[b] = tok in stops[b] or len(out[b]) >= max_new_tokens
-            if all(done):
-                break
-            feed = nxt if t >= width else torch.where(in_prompt[:, t], padded[:, t], nxt)
-            h, state = self.hidden(feed[:, None], state)
-            t += 1
+        with range_checks_off():  # as in generate: each step's logits are checked instead
+            while True:
+                nxt = self._pick(self._decode_logits(h, t - common), temperature, top_k, generator, top_p)
+                for b in range(B):  # rows past their prompt take the token just picked
+                    if t >= lens[b] and not done[b]:
+                        tok = int(nxt[b])
+                        out[b].append(tok)
+                        done[b] = tok in stops[b] or len(out[b]) >= max_new_tokens
+                if all(done):
+                    break
+                feed = nxt if t >= width else torch.where(in_prompt[:, t], padded[:, t], nxt)
+                h, state = self.hidden(feed[:, None], state)
+                t += 1
         return [torch.tensor(o, dtype=torch.long, device=device) for o in out]
 
     @staticmethod

@@ -72,3 +72,20 @@ def test_sampled_rows_match_their_prompt_alone_with_one_row():
     a = m.generate_batch([p], 6, temperature=0.8, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3))
     b, _ = m.generate(p, 6, temperature=0.8, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a[0], b[0])
+
+
+def test_a_non_finite_state_stops_decoding_with_the_ops_error():
+    from nested_learning.checks import NonFiniteInputError
+
+    m = _model("transformer")  # no gated op on its path: only the logits can tell a poisoned state
+    state = m.generate(torch.tensor([3, 4]), 1)[1]
+    for t in state.tensors():
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+    with pytest.raises(NonFiniteInputError, match="decoding step 0: the logits are not finite"):
+        m.generate(torch.tensor([3, 4]), 4, state=state)
+    m = _model("titans")
+    with torch.no_grad():
+        m.embed.weight[7].fill_(float("inf"))  # the tied head: every step's logits
+    with pytest.raises(NonFiniteInputError, match="the logits are not finite"):
+        m.generate_batch([torch.tensor([3]), torch.tensor([4, 5])], 4)
