@@ -299,5 +299,5 @@ def decode_cases(quick: bool) -> list[DecodeCase]:
     names = ("transformer", "titans", "hope")
     if quick:
         return [DecodeCase(n, "tiny", 2, 16) for n in names] + [DecodeCase(n, "tiny", 4, 8, ragged=True) for n in names]
-    return ([DecodeCase(n, "smoke", 1, 128) for n in names] + [DecodeCase(n, "smoke", 16, 128) for n in names]
-            + [DecodeCase(n, "smoke", 16, 128, ragged=True) for n in names])
+    return ([DecodeCase(n, "smoke", 1, 128) for n in names] + [DecodeCase(n, "smoke", 16, 64) for n in names]
+            + [DecodeCase(n, "smoke", 16, 64, ragged=True) for n in names])
