@@ -14,11 +14,12 @@ attention layers (Titans, the Transformer) grows its KV cache with every token."
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
+
+from nested_learning.eval.results import write
 
 CHILD = """
 import resource, sys, time, torch
@@ -66,9 +67,7 @@ def main(argv=None) -> list[dict]:
                   f"{r['ms_per_token']:>9.2f}", flush=True)
     print(f"# {time.perf_counter() - t0:.0f} s")
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write(rows, a.json)  # atomic, strict JSON
     return rows
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 from nested_learning.eval.needle import length_name, parse_lengths
+from nested_learning.eval.results import write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,9 +60,7 @@ def main(argv=None) -> list[dict]:
                 print(f"| {r['run']} | {length_name(L)} ({L}) | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} | "
                       f"{r['prompt_tokens_per_s'] or 0:.0f} | {r['windowed']} |", flush=True)
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write(rows, a.json)  # atomic, strict JSON
     return rows
 
 
