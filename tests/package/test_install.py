@@ -30,8 +30,9 @@ def test_kernels_install_under_the_package_only():
     assert os.path.samefile(os.path.dirname(k.__file__), os.path.join(ROOT, "nested_learning", "kernels"))
     # nothing of ours is importable as `kernels` (a name of another PyPI project, which transformers
     # imports), neither outside the source tree nor from its root (where pytest and scripts run)
-    code = ("import importlib.util,os,sys; s = importlib.util.find_spec('kernels'); "
-            f"sys.exit(s is not None and os.path.realpath(s.origin or '').startswith({ROOT!r}))")
+    ours = (os.path.join(ROOT, "kernels") + os.sep, os.path.join(ROOT, "nested_learning") + os.sep)
+    code = ("import importlib.util,os,sys; s = importlib.util.find_spec('kernels'); "  # PyPI's kernels may be installed
+            f"sys.exit(s is not None and os.path.realpath(s.origin or '').startswith({ours!r}))")
     for cwd in ("/", ROOT):  # the current folder on the import path, as pytest's pythonpath puts the root
         env = {**os.environ, "PYTHONPATH": "."}
         assert subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env).returncode == 0, cwd
