@@ -20,20 +20,13 @@ import os
 import shutil
 import statistics
 
+from ..eval.results import write
 from ..runs.checkpoint import file_sha256
 
 TRAIN_SCHEMA = "nested_learning.campaign-train/1"
 TRAIN_EVERY = 10
 COPIED = (".png", ".md")
 
-
-def _atomic_json(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _memory_summary(health: dict | None) -> dict | None:
@@ -105,9 +98,22 @@ def train_summary(run_dir: str, command: list[str], seconds: float, rel=os.path.
             "wandb": {k: (tr.get("wandb") or {}).get(k) for k in ("enabled", "mode", "project")}}
 
 
+def final_losses(reports_dir: str) -> dict[str, float]:
+    """{entry: final validation loss} of every entry whose train.json is in reports_dir."""
+    out = {}
+    for name in sorted(os.listdir(reports_dir)) if os.path.isdir(reports_dir) else []:
+        path = os.path.join(reports_dir, name, "train.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                v = json.load(f).get("final_val_loss")
+            if v is not None:
+                out[name] = v
+    return out
+
+
 def collect_train(run_dir: str, dest: str, command: list[str], seconds: float, rel=os.path.relpath) -> str:
     path = os.path.join(dest, "train.json")
-    _atomic_json(train_summary(run_dir, command, seconds, rel), path)
+    write(train_summary(run_dir, command, seconds, rel), path)
     return path
 
 
@@ -139,7 +145,7 @@ def collect_eval(out_dir: str, dest: str, rel=os.path.relpath) -> list[str]:
                 res = compact_result(src, rel)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            _atomic_json(res, os.path.join(dest, name))
+            write(res, os.path.join(dest, name))
             written.append(os.path.join(dest, name))
         elif name.endswith(COPIED):
             shutil.copyfile(src, os.path.join(dest, name))

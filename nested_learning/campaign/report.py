@@ -291,7 +291,7 @@ class Report:
 
     def ablation_table(self, keys=ABLATION_KEYS) -> list[str]:
         ref = self.c.reference
-        lines = [f"| ablation | changes | parameters | seeds | " +
+        lines = ["| ablation | changes | parameters | seeds | " +
                  " | ".join(f"{BY_KEY[k].label}: effect (verdict)" for k in keys) + " |",
                  "|---|---|---:|---:|" + "---|" * len(keys)]
         lines.append(f"| {ref} (reference) | - | {self._params(ref)} | {self.r.stat(ref, 'val_loss')[2]} | " +

@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..models.registry import size_config
+from .collect import final_losses
 from .spec import Campaign, Entry
 
 
@@ -88,21 +89,12 @@ class CampaignResults:
     def __init__(self, campaign: Campaign, rel=None):
         self.c = campaign
         self.rel = rel or campaign.rel
-        self.entries = campaign.entries(self._final_losses())
+        self.entries = campaign.entries(final_losses(campaign.reports_dir))
         self.values: dict[str, dict[str, Value]] = {e.name: self._read(e) for e in self.entries}
         self.jsons: dict[str, dict] = {}
 
     def folder(self, entry: Entry) -> str:
         return os.path.join(self.c.reports_dir, entry.name)
-
-    def _final_losses(self) -> dict[str, float]:
-        out = {}
-        root = self.c.reports_dir
-        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-            v = _dig(self.load(os.path.join(root, name, "train.json")), ("final_val_loss",))
-            if v is not None:
-                out[name] = v
-        return out
 
     @staticmethod
     def load(path: str):

@@ -30,8 +30,9 @@ import subprocess
 import sys
 import time
 
-from .collect import _atomic_json, collect_eval, collect_train
-from .spec import STAGES_FIRST, Campaign, CampaignError, Entry
+from ..eval.results import write
+from .collect import collect_eval, collect_train, final_losses
+from .spec import STAGES_FIRST, Campaign, Entry
 
 
 def _now() -> str:
@@ -64,18 +65,18 @@ class StageLog:
         (self.data["done"] if ok else self.data["failed"])[stage] = record
         if ok:
             self.data["failed"].pop(stage, None)
-        _atomic_json(self.data, self.path)
+        write(self.data, self.path)
 
     def interrupted(self, stage: str, seconds: float) -> None:
         """A killed attempt: its seconds count towards the stage's time when it finishes."""
         rec = self.data.setdefault("interrupted", {}).setdefault(stage, {"seconds": 0.0, "attempts": 0})
         rec["seconds"] = round(rec["seconds"] + seconds, 1)
         rec["attempts"] += 1
-        _atomic_json(self.data, self.path)
+        write(self.data, self.path)
 
     def forget(self, stage: str) -> None:
         self.data["done"].pop(stage, None)
-        _atomic_json(self.data, self.path)
+        write(self.data, self.path)
 
 
 class Lock:
@@ -144,19 +145,8 @@ class Runner:
     def stage_log(self, entry: Entry) -> StageLog:
         return StageLog(os.path.join(self.c.reports_dir, entry.name, "stages.json"))
 
-    def final_losses(self) -> dict[str, float]:
-        out = {}
-        for name in os.listdir(self.c.reports_dir) if os.path.isdir(self.c.reports_dir) else []:
-            path = os.path.join(self.c.reports_dir, name, "train.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    v = json.load(f).get("final_val_loss")
-                if v is not None:
-                    out[name] = v
-        return out
-
     def entries(self) -> list[Entry]:
-        return self.c.entries(self.final_losses())
+        return self.c.entries(final_losses(self.c.reports_dir))
 
     def lock(self, entry: Entry) -> Lock:
         return Lock(os.path.join(self.locks_dir, f"{entry.name}.lock"))
@@ -200,7 +190,7 @@ class Runner:
         logs = os.path.join(self.c.run_dir(entry), "logs")
         os.makedirs(logs, exist_ok=True)
         log_path = os.path.join(logs, f"{stage}.log")
-        _atomic_json({"pid": os.getpid(), "entry": entry.name, "stage": stage, "started": _now(),
+        write({"pid": os.getpid(), "entry": entry.name, "stage": stage, "started": _now(),
                       "started_unix": time.time()}, self.status_path(entry))
         t0 = time.time()
         with open(log_path, "a") as out:

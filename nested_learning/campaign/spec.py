@@ -98,7 +98,7 @@ class Campaign:
 
     @classmethod
     def load(cls, name_or_path: str, root: str | None = None, runs_root: str | None = None,
-             reports_root: str | None = None) -> "Campaign":
+             reports_root: str | None = None) -> Campaign:
         root = root or repo_root()
         path = name_or_path
         if not name_or_path.endswith((".yaml", ".yml")):

@@ -301,9 +301,10 @@ class LanguageModel(nn.Module):
         with range_checks_off():  # as in generate: each step's logits are checked instead
             while True:
                 nxt = self._pick(self._decode_logits(h, t - common), temperature, top_k, generator, top_p)
+                picks = nxt.tolist()  # one transfer for the step, not one per row
                 for b in range(B):  # rows past their prompt take the token just picked
                     if t >= lens[b] and not done[b]:
-                        tok = int(nxt[b])
+                        tok = picks[b]
                         out[b].append(tok)
                         done[b] = tok in stops[b] or len(out[b]) >= max_new_tokens
                 if all(done):
