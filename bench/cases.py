@@ -292,7 +292,52 @@ class DecodeCase:
         def forward():  # the same B x (1 + new_tokens) tokens through the model at once
             with torch.no_grad():
                 return m(seq)[0]
-        return m, decode, forward
+
+        def stream():  # the same tokens one at a time through forward (generate's path before the decode step)
+            from nested_learning.checks import range_checks_off
+
+            with torch.no_grad(), range_checks_off():
+                h, st = m.hidden(seq[:, :1])
+                for i in range(1, seq.shape[1]):
+                    h, st = m.hidden(seq[:, i:i + 1], st)
+            return h
+        return m, decode, forward, (None if self.ragged else stream)
+
+    def bytes_per_token(self, model) -> int:
+        """Bytes a batch-B decode step must read at least: every weight once (the tied embedding
+        as the head's matrix), except that each row reads its own fast memories (the CMS levels'
+        fast weights, the projection and main memories, the Titans memory) in place of the slow
+        weights they started from, and its KV caches at their longest (after the generation).
+        Buffers a step does not read (momenta, the CMS levels' pending inputs) are left out."""
+        p = model.embed.weight
+        elements = model.num_parameters()
+        for blk, st in zip(model.blocks, model.init_state(self.batch).layers):
+            for key, sub in st.items():
+                mod = getattr(blk, key, None)
+                for fast, slow in (mod.fast_memories(sub).values() if hasattr(mod, "fast_memories") else ()):
+                    elements += fast.numel() - slow.numel()
+        elements += sum(m.h * m.d * 2 * (self.new_tokens + 1) * self.batch for m in model._attention())
+        return elements * p.element_size()
+
+
+def read_ms(nbytes: int, dev: torch.device, repeat: int = 21) -> float:
+    """Median ms to read `nbytes` of float32 once (a sum over a buffer of that size, warm): the
+    floor of a step that must read that many bytes, at this machine's rate for that working set."""
+    import statistics
+    import time
+
+    x = torch.rand(max(1, nbytes // 4), device=dev)
+    x.sum()
+    out = []
+    for _ in range(repeat):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        x.sum()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        out.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(out)
 
 
 def decode_cases(quick: bool) -> list[DecodeCase]:

@@ -24,6 +24,7 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("TRITON_INTERPRET", "0")
     import triton.testing
+
     from nested_learning.kernels.cms import cms_apply
 
     rows = []

@@ -31,9 +31,9 @@ import nested_learning
 from nested_learning import ops
 
 if __package__:  # imported as bench.run (the tests; python -m bench.run)
-    from .cases import cases, decode_cases, step_cases
+    from .cases import cases, decode_cases, read_ms, step_cases
 else:  # python bench/run.py: bench/ is sys.path[0]
-    from cases import cases, decode_cases, step_cases
+    from cases import cases, decode_cases, read_ms, step_cases
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -236,18 +236,34 @@ def main(argv=None) -> int:
         for dc in decode_cases(args.quick):
             if left_out(dc.op, dc.shape_str, "rest"):
                 continue
-            model, decode, forward = dc.make(dev)
-            ms, fwd_ms = median_ms(decode, dev, warmup=1, repeat=repeat), median_ms(forward, dev, warmup=1, repeat=repeat)
+            model, decode, forward, stream = dc.make(dev)
+            # interleaved rounds: generate (the decode step), the same tokens one at a time through
+            # forward (generate's path before the decode step), the forward over all of them at once
+            fns = {"decode": decode, "forward": forward, **({"stream": stream} if stream else {})}
+            got = {k: [] for k in fns}
+            for r in range(max(1, repeat // 2)):
+                for k, fn in fns.items():
+                    got[k].append(median_ms(fn, dev, warmup=int(r == 0), repeat=2))
+            ms, fwd_ms = (statistics.median(got[k]) for k in ("decode", "forward"))
+            stream_ms = statistics.median(got["stream"]) if stream else None
+            nbytes = dc.bytes_per_token(model)
+            floor = read_ms(nbytes, dev)
+            per_tok, fwd_tok = ms / dc.new_tokens, fwd_ms / (dc.new_tokens + 1)
             row = {"op": dc.op, "backend": "auto", "shape": dc.shape_str, "backward": False, "median_ms": ms,
                    "tokens_per_s": dc.batch * dc.new_tokens / (ms / 1e3), "forward_same_tokens_ms": fwd_ms,
                    "forward_tokens_per_s": dc.batch * (dc.new_tokens + 1) / (fwd_ms / 1e3),
-                   "decode_vs_forward": ms / fwd_ms, "parameters": model.num_parameters(),
+                   "decode_vs_forward": ms / fwd_ms, "ms_per_step": per_tok,
+                   "step_vs_forward_per_token": per_tok / fwd_tok, "stream_ms": stream_ms,
+                   "stream_ms_per_step": None if stream_ms is None else stream_ms / (dc.new_tokens + 1),
+                   "bytes_per_step": nbytes, "read_floor_ms": floor, "step_vs_floor": per_tok / floor,
+                   "parameters": model.num_parameters(),
                    "speedup_vs_reference": None, "rel_err_vs_fp64_reference": None}
             rows.append(row)
+            was = "" if stream_ms is None else f"; one token at a time through forward {stream_ms / (dc.new_tokens + 1):.2f} ms"
             print(f"{dc.op:22} {'auto':10} {dc.shape_str + ' generate':46} {ms:10.2f} {row['tokens_per_s']:12.0f} "
-                  f"{'-':>8} {'-':>9}  (forward of the same tokens {fwd_ms:.2f} ms: decode {ms / fwd_ms:.1f}x slower)",
-                  flush=True)
-            model = decode = forward = None
+                  f"{'-':>8} {'-':>9}  ({per_tok:.2f} ms a step{was}; {per_tok / fwd_tok:.1f}x the forward per token; "
+                  f"{per_tok / floor:.1f}x the floor of reading {nbytes / 2**20:.1f} MiB, {floor:.2f} ms)", flush=True)
+            model = decode = forward = stream = None
             save()
     save()
     skipped = sum(bool(r.get("time_limit")) for r in rows)

@@ -3,8 +3,15 @@ the three models with `AutoConfig` and `AutoModelForCausalLM`; `convert_run` wri
 transformers model directory (safetensors weights, config, tokenizer)."""
 
 from .convert import convert_run, hf_tokenizer
-from .modeling import (CLASSES, MODEL_TYPES, FastStateCache, NestedLearningConfig, NestedLearningForCausalLM,
-                       from_package_model, register)
+from .modeling import (
+    CLASSES,
+    MODEL_TYPES,
+    FastStateCache,
+    NestedLearningConfig,
+    NestedLearningForCausalLM,
+    from_package_model,
+    register,
+)
 
 register()
 

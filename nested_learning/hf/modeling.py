@@ -148,7 +148,7 @@ CLASSES = _subclasses()
 
 def register() -> None:
     """Register the three config/model pairs with AutoConfig and AutoModelForCausalLM (idempotent)."""
-    for name, (cfg, mdl) in CLASSES.items():
+    for cfg, mdl in CLASSES.values():
         try:
             AutoConfig.register(cfg.model_type, cfg)
             AutoModelForCausalLM.register(cfg, mdl)

@@ -1,5 +1,6 @@
 """Causal self-attention: fused QKV, RoPE, scaled_dot_product_attention (flash-attn when
-installed and asked for), optional sliding window, and a KV cache for streaming."""
+installed and asked for), optional sliding window, and a KV cache for streaming; a one-token
+decode step over a preallocated cache (decode_begin / decode / decode_end)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,23 @@ class KVCache:
     k: Tensor
     v: Tensor
     start: Tensor
+
+
+DECODE_SLACK = 64  # free slots kept past a window: the windowed buffer is compacted once per this many tokens
+
+
+@dataclass
+class KVBuffer:
+    """The decode step's KV cache: keys and values [B, H, capacity, d] of which the first `n`
+    slots are filled, slot 0 at absolute position `first`; `start` as in KVCache, `masked`
+    whether any sequence's start falls inside the buffer (only then is a mask built)."""
+
+    k: Tensor
+    v: Tensor
+    n: int
+    first: int
+    start: Tensor
+    masked: bool
 
 
 class CausalSelfAttention(nn.Module):
@@ -75,6 +93,52 @@ class CausalSelfAttention(nn.Module):
         new = KVCache(K, V, cache.start) if keep == S else KVCache(K[:, S - keep:].clone(), V[:, S - keep:].clone(),
                                                                      cache.start)
         return self.out(o.reshape(B, T, D)), new
+
+    # ----- the one-token decode step -----------------------------------------------------
+    def decode_begin(self, cache: KVCache, pos: int, room: int) -> KVBuffer:
+        """A preallocated buffer holding `cache` (the state at position `pos`) with room for
+        `room` more keys (a windowed layer keeps window + DECODE_SLACK slots however many)."""
+        B, S = cache.k.shape[:2]
+        cap = S + max(room, 1) if self.window is None else max(S, self.window) + DECODE_SLACK
+        k, v = (c.new_empty(B, self.h, cap, self.d) for c in (cache.k, cache.v))
+        k[:, :, :S], v[:, :, :S] = cache.k.transpose(1, 2), cache.v.transpose(1, 2)
+        return KVBuffer(k, v, S, pos - S, cache.start, bool((cache.start > pos - S).any()))
+
+    def decode(self, x: Tensor, buf: KVBuffer, pos: int) -> Tensor:
+        """x [B, D], the token at absolute position `pos` -> the layer's output [B, D]; the
+        buffer takes its key and value. The same arithmetic as forward on one token."""
+        B, D = x.shape
+        qkv = F.linear(x, self.qkv.weight).view(B, 3, self.h, self.d)
+        qk = apply_rope(qkv[:, :2], *rope_angles(pos, 1, self.d, self.rope_theta, x.device))
+        if buf.n == buf.k.shape[2]:
+            self._make_room(buf)
+        buf.k[:, :, buf.n], buf.v[:, :, buf.n] = qk[:, 1], qkv[:, 2]
+        buf.n += 1
+        lo = 0 if self.window is None else max(0, buf.n - self.window)
+        mask = None
+        if buf.masked:
+            kpos = torch.arange(buf.first + lo, buf.first + buf.n, device=x.device)
+            mask = (kpos[None] >= buf.start[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(qk[:, 0, :, None], buf.k[:, :, lo:buf.n], buf.v[:, :, lo:buf.n],
+                                           attn_mask=mask)
+        return F.linear(o.reshape(B, D), self.out.weight)
+
+    def _make_room(self, buf: KVBuffer) -> None:
+        if self.window is None:  # grow (decode_begin sized it for the tokens asked for)
+            grow = lambda t: torch.cat([t, t.new_empty(*t.shape[:2], max(t.shape[2], 64), t.shape[3])], 2)  # noqa: E731
+            buf.k, buf.v = grow(buf.k), grow(buf.v)
+            return
+        keep = self.window - 1  # the keys the next token still attends to
+        drop = buf.n - keep
+        buf.k[:, :, :keep] = buf.k[:, :, drop:buf.n].clone()
+        buf.v[:, :, :keep] = buf.v[:, :, drop:buf.n].clone()
+        buf.n, buf.first = keep, buf.first + drop
+
+    def decode_end(self, buf: KVBuffer) -> KVCache:
+        """The KVCache that forward would have left: every key, or the last `window`."""
+        lo = 0 if self.window is None else max(0, buf.n - self.window)
+        k, v = (t[:, :, lo:buf.n].transpose(1, 2).contiguous() for t in (buf.k, buf.v))
+        return KVCache(k, v, buf.start)
 
     def _flash_ok(self, x: Tensor, cache: KVCache) -> bool:
         return (self.use_flash and flash_attn_func is not None and x.is_cuda

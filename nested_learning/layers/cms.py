@@ -218,6 +218,14 @@ class CMSChain(nn.Module):
             z = z + out
         return z
 
+    def decode(self, z: Tensor, state: list[CMSLevelState]) -> Tensor:
+        """forward for one token z [B, D] with no capture (the levels are read, not written)."""
+        for norm, st in zip(self.norms, state):
+            u = F.rms_norm(z, (z.shape[-1],), norm.weight, norm.eps)[:, None]
+            a = F.gelu(torch.bmm(u, st.up.weight.transpose(1, 2).to(u.dtype)))
+            z = z + torch.bmm(a, st.down.weight.transpose(1, 2).to(a.dtype))[:, 0]
+        return z
+
     def update(self, state: list[CMSLevelState], capture: TeachCapture, layer: int, log: UpdateLog,
                lr: float | None = None, levels=None, surprise_threshold: float = 0.0):
         """Apply the teach signals of `capture` (one forward + backward) to the fast weights.

@@ -19,6 +19,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def rms_norm(norm: RMSNorm, x: Tensor) -> Tensor:
+    """norm(x) without the module call (the decode step's per-token overhead)."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
 class MLP(nn.Module):
     """x -> W_down gelu(W_up x)."""
 
@@ -29,6 +34,10 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.gelu(self.up(x)))
+
+    def decode(self, x: Tensor) -> Tensor:
+        """forward without the module calls."""
+        return F.linear(F.gelu(F.linear(x, self.up.weight)), self.down.weight)
 
 
 ROPE_TABLE_POSITIONS = 16384  # positions whose cos/sin are kept per (device, head dim, theta): 4 MB at d=64

@@ -53,3 +53,30 @@ class GatedDeltaNet(nn.Module):
                                   read="after", chunk_size=self.chunk)
         y = self.norm(o.to(x.dtype)).reshape(B, T, D) * torch.sigmoid(self.gate(x))
         return self.out(y), state
+
+    # ----- the one-token decode step (the state is the memory itself) ---------------------
+    def decode_begin(self, state: Tensor, pos: int = 0, room: int = 0) -> list[Tensor]:
+        return [state]
+
+    def decode(self, x: Tensor, buf: list[Tensor], pos: int = 0) -> Tensor:
+        """x [B, D] -> [B, D]: one token of the recurrence, S <- alpha S + beta (v - S k) k^T,
+        then the read o = S q."""
+        B, D = x.shape
+        S = buf[0]
+        dt = S.dtype
+        qkv = F.linear(x, self.qkv.weight).view(B, 3, self.h, self.d)
+        q, k = F.normalize(qkv[:, :2], dim=-1).to(dt).unbind(1)
+        v = qkv[:, 2].to(dt)
+        g = torch.sigmoid(F.linear(x, self.gates.weight, self.gates.bias).to(dt))
+        beta, alpha = g[:, : self.h], g[:, self.h:]
+        u = beta[..., None] * (v - (S @ k[..., None]).squeeze(-1))
+        S = torch.baddbmm((S * alpha[..., None, None]).view(-1, self.d, self.d), u.reshape(-1, self.d, 1),
+                          k.reshape(-1, 1, self.d)).view(S.shape)
+        buf[0] = S
+        o = (S @ q[..., None]).squeeze(-1).to(x.dtype)
+        y = F.rms_norm(o, (self.d,), self.norm.weight, self.norm.eps).reshape(B, D) * torch.sigmoid(
+            F.linear(x, self.gate.weight))
+        return F.linear(y, self.out.weight)
+
+    def decode_end(self, buf: list[Tensor]) -> Tensor:
+        return buf[0]

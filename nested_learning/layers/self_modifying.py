@@ -26,6 +26,11 @@ Gradients: memory initial states are slow parameters, trained through the reads
 always differentiated: they are the only path by which k, v and the gates reach the loss.
 The projection memory's writes are stop-gradient unless differentiable_writes=True.
 Streaming is exact for any split (the unfinished projection chunk is kept and replayed).
+
+Decoding (decode_begin / decode / decode_end) replays nothing: a token projects itself with the
+chunk-start P, reads and writes the main memory by the one-token DGD recurrence, and keeps its
+k, v and gates in a preallocated chunk buffer; the token that completes a projection chunk
+makes the chunk's write (`_write`, as forward does) inside the step.
 """
 
 from __future__ import annotations
@@ -50,6 +55,22 @@ class SelfModifyingState:
     memory: Tensor  # main memory [B, H, d, d]
     pending: Tensor  # inputs of the unfinished projection chunk [B, P, H, d]
     pending_valid: Tensor  # [B, P] False for tokens dropped by a reset (identity writes)
+
+
+@dataclass
+class SelfModifyingDecode:
+    """The decode step's state: the chunk-start projection memory P and the main memory M as
+    in SelfModifyingState, the unfinished chunk's inputs x [B, C, H, d], its k, v [B, C, 2, H,
+    d] and gates eta, alpha [B, C, 2, H] (eta 0 and alpha 1 for tokens dropped by a reset),
+    `valid` [B, C], of which the first `n` are filled."""
+
+    proj: Tensor
+    memory: Tensor
+    x: Tensor
+    kv: Tensor
+    gates: Tensor
+    valid: Tensor
+    n: int
 
 
 class SelfModifyingTitans(nn.Module):
@@ -136,6 +157,68 @@ class SelfModifyingTitans(nn.Module):
         y = self.norm(o).reshape(B, T, D) * torch.sigmoid(self.gate(x))
         full = (L // C) * C
         return self.out(y), SelfModifyingState(P, M, xs[:, full:].clone(), valid[:, full:].clone())
+
+    # ----- the one-token decode step -----------------------------------------------------
+    def decode_begin(self, state: SelfModifyingState, pos: int = 0, room: int = 0) -> SelfModifyingDecode:
+        B, Pn = state.pending.shape[:2]
+        C, dt = self.proj_chunk, state.pending.dtype
+        x = state.pending.new_empty(B, C, self.h, self.d)
+        kv = state.pending.new_empty(B, C, 2, self.h, self.d)
+        gates = state.pending.new_empty(B, C, 2, self.h)
+        valid = state.pending_valid.new_zeros(B, C)
+        if Pn:  # the pending tokens' k, v and gates, as forward's write would compute them
+            _, k, v, eta, alpha = self._project(state.pending, state.proj)
+            ok = state.pending_valid[..., None]
+            x[:, :Pn], kv[:, :Pn] = state.pending, torch.stack([k, v], 2).to(dt)
+            gates[:, :Pn] = torch.stack([torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0)], 2).to(dt)
+            valid[:, :Pn] = state.pending_valid
+        return SelfModifyingDecode(state.proj, state.memory, x, kv, gates, valid, Pn)
+
+    def decode(self, x: Tensor, buf: SelfModifyingDecode, pos: int = 0) -> Tensor:
+        """x [B, D] -> the mixer's output [B, D] for one token: forward's arithmetic, the main
+        memory advanced by one token of its recurrence (MATH 2: W <- alpha W + (w - eta W a)
+        k^T after the read o = q + W q), the projection memory written when the chunk completes."""
+        B, D = x.shape
+        d = self.d
+        xh = x.view(B, self.h, d)
+        y = (buf.proj.to(x.dtype) @ xh[..., None]).squeeze(-1)  # [B, H, 3d+2]
+        qkv = y[..., :3 * d].view(B, self.h, 3, d)
+        if self.residual:
+            qkv = qkv + xh[:, :, None]
+        q, k, v = F.normalize(qkv, dim=-1).unbind(2)
+        g = y[..., 3 * d:] + self.gate_bias.to(x.dtype)
+        eta = self.eta_max * torch.sigmoid(g[..., 0])
+        alpha = torch.sigmoid(g[..., 1]).clamp(min=1e-4)
+        n = buf.n
+        buf.x[:, n], buf.kv[:, n, 0], buf.kv[:, n, 1] = xh, k, v
+        buf.gates[:, n, 0], buf.gates[:, n, 1] = eta, alpha
+        buf.valid[:, n] = True
+        buf.n += 1
+        M, cdt = buf.memory, buf.memory.dtype
+        q, k, v, eta, alpha = (t.to(cdt) for t in (q, k, v, eta, alpha))
+        a = 2 * k - v if self.memory_target == "self" else 2 * k
+        read = M @ torch.stack([q, a], -1)  # [B, H, d, 2]: W q and W a
+        o = read[..., 0]
+        if self.residual:
+            w = eta[..., None] * (v - k)
+        else:
+            w = torch.zeros_like(v) if self.memory_target == "self" else eta[..., None] * v
+        u = w - eta[..., None] * read[..., 1]
+        buf.memory = torch.baddbmm((M * alpha[..., None, None]).view(-1, d, d), u.reshape(-1, d, 1),
+                                   k.reshape(-1, 1, d)).view(M.shape)
+        if self.residual:
+            o = o + q
+        if buf.n == self.proj_chunk:
+            if self.self_modifying:
+                k_c, v_c = buf.kv.unbind(2)
+                eta_c, alpha_c = buf.gates.unbind(2)
+                buf.proj = self._write(buf.proj, k_c, v_c, eta_c, alpha_c)
+            buf.n = 0
+        o = F.rms_norm(o.to(x.dtype), (d,), self.norm.weight, self.norm.eps).reshape(B, D)
+        return F.linear(o * torch.sigmoid(F.linear(x, self.gate.weight)), self.out.weight)
+
+    def decode_end(self, buf: SelfModifyingDecode) -> SelfModifyingState:
+        return SelfModifyingState(buf.proj, buf.memory, buf.x[:, :buf.n].clone(), buf.valid[:, :buf.n].clone())
 
     def _write(self, P: Tensor, k, v, eta, alpha) -> Tensor:
         """Advance P [B, H, 3d+2, d] over one chunk: every row block's target is its own output

@@ -8,6 +8,11 @@ The memory's writes are differentiated by the outer loss (this is how the projec
 gates learn). Streaming is exact for any split: the state keeps the chunk-start memory and the
 tokens of the unfinished chunk, which are replayed (reads from the chunk-start memory) until
 their chunk is complete.
+
+Decoding (decode_begin / decode / decode_end) needs no replay: a token of an unfinished chunk
+reads the chunk-start memory, so the one-token step reads it directly and stores the token's
+q, k, v and gates in a preallocated chunk buffer; the token that completes the chunk runs the
+write (the same `_run` as forward, over the whole chunk) inside the step.
 """
 
 from __future__ import annotations
@@ -73,6 +78,19 @@ class TitansState:
     memory: tuple[Tensor, ...]  # chunk-start (M, S) or (W1, W2, S1, S2), [B, H, ...] each
     pending: tuple[Tensor, ...]  # q, k, v [B, P, H, d] and theta, eta, alpha [B, P, H], P < chunk
     conv: Tensor  # [B, kernel-1, 3D]
+
+
+@dataclass
+class TitansDecode:
+    """The decode step's state: the chunk-start memory, the unfinished chunk's q, k, v
+    [B, C, 3, H, d] and gates theta, eta, alpha [B, C, 3, H] of which `n` are filled, and
+    the convolution's last inputs."""
+
+    memory: list[Tensor]
+    qkv: Tensor
+    gates: Tensor
+    n: int
+    conv: Tensor
 
 
 class TitansMemory(nn.Module):
@@ -145,6 +163,48 @@ class TitansMemory(nn.Module):
         y = self.norm(o).reshape(B, T, D) * torch.sigmoid(self.gate(x))
         pending = tuple(t[:, full:].clone() for t in seq)  # a copy, not a view (FSDP2 drops hooks on views)
         return self.out(y), TitansState(tuple(mem), pending, conv)
+
+    # ----- the one-token decode step -----------------------------------------------------
+    def decode_begin(self, state: TitansState, pos: int = 0, room: int = 0) -> TitansDecode:
+        q = state.pending[0]
+        B, P = q.shape[:2]
+        qkv = q.new_empty(B, self.chunk, 3, self.h, self.d)
+        gates = q.new_empty(B, self.chunk, 3, self.h)
+        qkv[:, :P] = torch.stack(state.pending[:3], 2)
+        gates[:, :P] = torch.stack(state.pending[3:], 2)
+        return TitansDecode(list(state.memory), qkv, gates, P, state.conv)
+
+    def decode(self, x: Tensor, buf: TitansDecode, pos: int = 0) -> Tensor:
+        """x [B, D] -> the layer's output [B, D] for one token (forward's arithmetic: a read of
+        the chunk-start memory; the write when the token completes its chunk)."""
+        B, D = x.shape
+        u = F.silu(F.linear(x, self.qkv.weight))
+        full = torch.cat([buf.conv.to(u.dtype), u[:, None]], 1)  # [B, kernel, 3D]
+        # the causal convolution at one position: a weighted sum of the last `kernel` inputs (a
+        # one-output conv1d costs ~40x more through the convolution library)
+        y = (full * self.conv.weight.t().to(u.dtype)).sum(1)
+        buf.conv = full[:, 1:]
+        qkv = y.view(B, 3, self.h, self.d)
+        qk = F.normalize(qkv[:, :2], dim=-1)
+        buf.qkv[:, buf.n, :2], buf.qkv[:, buf.n, 2] = qk, qkv[:, 2]
+        buf.gates[:, buf.n] = torch.sigmoid(F.linear(x, self.gates.weight, self.gates.bias)).view(B, 3, self.h)
+        buf.n += 1
+        q = qk[:, 0, :, None].to(buf.memory[0].dtype)  # [B, H, 1, d]
+        if self.kind == "linear":
+            o = q @ buf.memory[0].transpose(-1, -2)
+        else:
+            W1, W2 = buf.memory[:2]
+            o = q + F.silu(q @ W2.transpose(-1, -2)) @ W1.transpose(-1, -2)
+        if buf.n == self.chunk:  # the chunk is complete: its write, as forward makes it
+            _, buf.memory = self._run([*buf.qkv.unbind(2), *buf.gates.unbind(2)], buf.memory)
+            buf.n = 0
+        y = F.rms_norm(o.to(x.dtype).reshape(B, self.h, self.d), (self.d,), self.norm.weight, self.norm.eps)
+        y = y.reshape(B, D) * torch.sigmoid(F.linear(x, self.gate.weight))
+        return F.linear(y, self.out.weight)
+
+    def decode_end(self, buf: TitansDecode) -> TitansState:
+        pending = (*buf.qkv[:, :buf.n].unbind(2), *buf.gates[:, :buf.n].unbind(2))
+        return TitansState(tuple(buf.memory), tuple(t.clone() for t in pending), buf.conv.clone())
 
     def _run(self, seq: list[Tensor], mem: list[Tensor]):
         q, k, v, theta, eta, alpha = seq

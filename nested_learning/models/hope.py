@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..layers.attention import CausalSelfAttention
 from ..layers.cms import CMSChain, CMSConfig
-from ..layers.common import RMSNorm
+from ..layers.common import RMSNorm, rms_norm
 from ..layers.deltanet import GatedDeltaNet
 from ..layers.self_modifying import MEMORY_TARGETS, SelfModifyingTitans
 from .config import ModelConfig, positive_field
@@ -104,6 +104,16 @@ class HOPEBlock(Block):
             m, mixer = self.mixer(self.n1(x), state["mixer"])
         x = self.cms(x + m, state["cms"], index, capture)
         return x, {"mixer": mixer, "cms": state["cms"]}
+
+    def decode_begin(self, state, pos, room):
+        return {"mixer": self.mixer.decode_begin(state["mixer"], pos, room), "cms": state["cms"]}
+
+    def decode(self, x, buf, pos):
+        x = x + self.mixer.decode(rms_norm(self.n1, x), buf["mixer"], pos)
+        return self.cms.decode(x, buf["cms"])
+
+    def decode_end(self, buf):
+        return {"mixer": self.mixer.decode_end(buf["mixer"]), "cms": buf["cms"]}
 
     def apply_updates(self, state, capture, index, log, lr=None, levels=None, surprise_threshold=0.0):
         cms, surprise = self.cms.update(state["cms"], capture, index, log, lr, levels, surprise_threshold)

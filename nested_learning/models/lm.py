@@ -20,6 +20,7 @@ from ..layers.cms import UpdateEvent, UpdateLog
 from ..layers.common import RMSNorm
 from ..layers.self_modifying import SelfModifyingTitans
 from ..layers.teach import TeachCapture
+from .decode import Decoder
 from .state import ModelState, reset_rows
 
 
@@ -56,6 +57,20 @@ class Block(nn.Module):
     and override apply_updates (the second pass of a training step, and memorisation)."""
 
     has_cms = False
+
+    # The one-token decode step (models/decode.py): decode_begin(state, pos, room) -> the
+    # block's decode buffers, decode(x [B, D], buffers, pos) -> [B, D], decode_end(buffers) ->
+    # the state forward would have left. This default runs forward on the token; the blocks of
+    # the package override all three with preallocated buffers and no replay.
+    def decode_begin(self, state: dict, pos: int, room: int):
+        return {"state": state}
+
+    def decode(self, x: Tensor, buf: dict, pos: int) -> Tensor:
+        y, buf["state"] = self(x[:, None], buf["state"], pos)
+        return y[:, 0]
+
+    def decode_end(self, buf: dict) -> dict:
+        return buf["state"]
 
     def apply_updates(self, state: dict, capture: TeachCapture, index: int, log: UpdateLog, lr: float | None = None,
                       levels=None, surprise_threshold: float = 0.0) -> tuple[dict, dict]:
@@ -221,7 +236,9 @@ class LanguageModel(nn.Module):
         The prompt streams through the fast state in segments of `segment` tokens (default
         prefill_segment()), so a long prompt never builds a graph or an activation of its whole
         length; then each new token is fed back one at a time with the state carried (KV caches
-        for attention, the memories of Titans and HOPE; CMS levels are read, not updated).
+        for attention, the memories of Titans and HOPE; CMS levels are read, not updated),
+        through the one-token decode step (models/decode.py: preallocated buffers, no replay
+        of unfinished chunks; the same logits as forward to float rounding).
         temperature 0 is greedy (deterministic); else softmax(logits / temperature), over the
         top_k logits when given and to the nucleus of probability top_p, sampled with
         `generator` (prompts of different lengths: generate_batch). With eos, a row that emitted it
@@ -238,22 +255,24 @@ class LanguageModel(nn.Module):
         for s in range(0, T, segment):
             h, state = self.hidden(tokens[:, s:s + segment], state)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        logits = F.linear(h[:, -1], self.embed.weight)
+        dec = Decoder(self, state, room=max_new_tokens)
         with range_checks_off():  # the per-op gate checks, hoisted: each step's logits are checked instead
             for i in range(max_new_tokens):
-                nxt = self._pick(self._decode_logits(h, i), temperature, top_k, generator, top_p)
+                nxt = self._pick(self._finite(logits, i), temperature, top_k, generator, top_p)
                 if eos is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                     done |= nxt == eos
                 out.append(nxt)
-                h, state = self.hidden(nxt[:, None], state)
+                logits = dec.step(nxt)
                 if eos is not None and bool(done.all()):
                     break
-        return torch.stack(out, 1), state
+        return torch.stack(out, 1), dec.state()
 
-    def _decode_logits(self, h: Tensor, step: int) -> Tensor:
-        """The next-token logits of the last position; a non-finite one (a NaN or Inf anywhere in
-        the state reaches the logits) raises NonFiniteInputError, as an op's gate check would."""
-        logits = F.linear(h[:, -1], self.embed.weight)
+    @staticmethod
+    def _finite(logits: Tensor, step: int) -> Tensor:
+        """The logits; a non-finite one (a NaN or Inf anywhere in the state reaches the logits)
+        raises NonFiniteInputError, as an op's gate check would."""
         if not bool(torch.isfinite(logits).all()):
             raise NonFiniteInputError(f"decoding step {step}: the logits are not finite (the fast state went "
                                       "non-finite)")
@@ -271,7 +290,7 @@ class LanguageModel(nn.Module):
         share in length streams in segments, then each step feeds every row its next prompt token
         or, once its prompt is consumed, the token it generated; so each row's state sees
         exactly its own tokens at their own positions, as `generate` on that prompt alone (equal
-        up to float rounding: the longer prompts' tails stream token by token here). Sampling:
+        up to float rounding: the longer prompts' tails go through the decode step here). Sampling:
         temperature 0 is greedy; else softmax(logits / temperature) restricted to the top_k
         logits and to the smallest set whose probability reaches top_p (nucleus), drawn with
         `generator`. stop: a token id, a list of ids for every row, or one list per row."""
@@ -298,9 +317,11 @@ class LanguageModel(nn.Module):
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         t = common  # the position of the next input token
+        logits = F.linear(h[:, -1], self.embed.weight)
+        dec = Decoder(self, state, room=width - common + max_new_tokens)
         with range_checks_off():  # as in generate: each step's logits are checked instead
             while True:
-                nxt = self._pick(self._decode_logits(h, t - common), temperature, top_k, generator, top_p)
+                nxt = self._pick(self._finite(logits, t - common), temperature, top_k, generator, top_p)
                 picks = nxt.tolist()  # one transfer for the step, not one per row
                 for b in range(B):  # rows past their prompt take the token just picked
                     if t >= lens[b] and not done[b]:
@@ -310,7 +331,7 @@ class LanguageModel(nn.Module):
                 if all(done):
                     break
                 feed = nxt if t >= width else torch.where(in_prompt[:, t], padded[:, t], nxt)
-                h, state = self.hidden(feed[:, None], state)
+                logits = dec.step(feed)
                 t += 1
         return [torch.tensor(o, dtype=torch.long, device=device) for o in out]
 

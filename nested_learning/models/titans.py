@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layers.common import MLP, RMSNorm
+from ..layers.common import MLP, RMSNorm, rms_norm
 from ..layers.titans import TitansMemory
 from .config import ModelConfig, positive_field
 from .lm import Block, LanguageModel
@@ -46,6 +46,17 @@ class TitansBlock(Block):
         a, cache = self.attn(self.n1(x), state["attn"], pos)
         x = x + a
         return x + self.mlp(self.n2(x)), {"mem": mem, "attn": cache}
+
+    def decode_begin(self, state, pos, room):
+        return {"mem": self.mem.decode_begin(state["mem"]), "attn": self.attn.decode_begin(state["attn"], pos, room)}
+
+    def decode(self, x, buf, pos):
+        x = x + self.mem.decode(rms_norm(self.n0, x), buf["mem"])
+        x = x + self.attn.decode(rms_norm(self.n1, x), buf["attn"], pos)
+        return x + self.mlp.decode(rms_norm(self.n2, x))
+
+    def decode_end(self, buf):
+        return {"mem": self.mem.decode_end(buf["mem"]), "attn": self.attn.decode_end(buf["attn"])}
 
 
 class Titans(LanguageModel):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..layers.attention import CausalSelfAttention
-from ..layers.common import MLP, RMSNorm
+from ..layers.common import MLP, RMSNorm, rms_norm
 from .config import ModelConfig
 from .lm import Block, LanguageModel
 
@@ -34,6 +34,16 @@ class TransformerBlock(Block):
         a, cache = self.attn(self.n1(x), state["attn"], pos)
         x = x + a
         return x + self.mlp(self.n2(x)), {"attn": cache}
+
+    def decode_begin(self, state, pos, room):
+        return {"attn": self.attn.decode_begin(state["attn"], pos, room)}
+
+    def decode(self, x, buf, pos):
+        x = x + self.attn.decode(rms_norm(self.n1, x), buf["attn"], pos)
+        return x + self.mlp.decode(rms_norm(self.n2, x))
+
+    def decode_end(self, buf):
+        return {"attn": self.attn.decode_end(buf["attn"])}
 
 
 class Transformer(LanguageModel):

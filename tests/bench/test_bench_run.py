@@ -33,7 +33,15 @@ def test_quick_benchmark_table_and_json(tmp_path):
         if row["op"].startswith("decode:"):  # generate beside the forward over the same tokens
             assert row["median_ms"] > 0 and row["forward_same_tokens_ms"] > 0
             assert row["decode_vs_forward"] == row["median_ms"] / row["forward_same_tokens_ms"]
-            assert f"{row['op']:22} auto" in r.stdout and "forward of the same tokens" in r.stdout
+            assert f"{row['op']:22} auto" in r.stdout and "x the forward per token" in r.stdout
+            per_step = row["median_ms"] / int(row["shape"].split("new=")[1])
+            assert row["ms_per_step"] == per_step and row["step_vs_floor"] == per_step / row["read_floor_ms"]
+            # the floor reads at least every weight once (the embedding as the head)
+            assert row["bytes_per_step"] >= 4 * row["parameters"] and row["read_floor_ms"] > 0
+            if "ragged" in row["shape"]:
+                assert row["stream_ms"] is None
+            else:  # the same tokens one at a time through forward: generate's path before the decode step
+                assert row["stream_ms"] > 0 and "one token at a time through forward" in r.stdout
             continue
         assert row["median_ms"] > 0 and row["tokens_per_s"] > 0
         assert row["rel_err_vs_fp64_reference"] < 1e-4, row  # float32 against float64

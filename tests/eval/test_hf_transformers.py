@@ -67,7 +67,7 @@ def test_a_converted_run_loads_with_the_auto_classes_and_gives_the_packages_numb
 
 @pytest.mark.slow
 def test_lm_eval_hf_model_runs_local_tasks_on_the_converted_directory(converted, tiny_runs, tmp_path, monkeypatch):
-    lm_eval = pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
+    pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
     import lm_eval.models.huggingface  # noqa: F401 (registers lm-eval's `hf` model)
     from lm_eval.tasks import TaskManager
 

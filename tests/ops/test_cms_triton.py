@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from nested_learning.kernels import triton_unavailable_reason
 
 from nested_learning import ops
+from nested_learning.kernels import triton_unavailable_reason
 from tests.helpers import F64, rel_err
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -7,9 +7,9 @@ import importlib.util
 
 import pytest
 import torch
-from nested_learning.kernels import triton_unavailable_reason  # noqa: E402
 
 from nested_learning import ops
+from nested_learning.kernels import triton_unavailable_reason  # noqa: E402
 from tests.helpers import dgd_inputs, rel_err
 from tests.ops.test_dgd_cpu import run
 

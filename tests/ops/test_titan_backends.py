@@ -8,9 +8,9 @@ import importlib.util
 
 import pytest
 import torch
-from nested_learning.kernels import triton_unavailable_reason
 
 from nested_learning import ops
+from nested_learning.kernels import triton_unavailable_reason
 from tests.helpers import rel_err, titan_inputs
 
 interpreted = pytest.mark.skipif(importlib.util.find_spec("triton") is None

@@ -9,9 +9,9 @@ import importlib.util
 
 import pytest
 import torch
-from nested_learning.kernels import triton_unavailable_reason
 
 from nested_learning import ops
+from nested_learning.kernels import triton_unavailable_reason
 from tests.helpers import rel_err
 from tests.ops.test_titan import mlp_inputs
 
