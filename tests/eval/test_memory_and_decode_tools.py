@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench import eval_memory, profile_decode, train_memory
+from bench import eval_memory, probe_compile_decode, profile_decode, train_memory
 
 
 def test_eval_memory_scores_the_same_items_each_round(tiny_runs, tmp_path, capsys):
@@ -22,6 +22,15 @@ def test_eval_memory_scores_the_same_items_each_round(tiny_runs, tmp_path, capsy
 def test_profile_decode_reports_ms_per_token(capsys):
     ms = profile_decode.main(["--model", "transformer", "--size", "tiny", "--tokens", "3", "--top", "2"])
     assert ms > 0 and "ms per token (3 tokens" in capsys.readouterr().out
+    profile_decode.main(["--model", "hope", "--size", "tiny", "--tokens", "3", "--top", "40", "--torch"])
+    out = capsys.readouterr().out
+    assert "aten::bmm" in out and "Self CPU time total" in out  # the decode step's ATen calls
+
+
+@pytest.mark.slow
+def test_probe_compile_decode_times_the_step_eager_and_compiled():
+    out = probe_compile_decode.main(["--model", "transformer", "--size", "tiny", "--tokens", "4", "--rounds", "1"])
+    assert out["eager"] > 0 and out["compiled"] > 0 and out["first_call_s"] > 0
 
 
 @pytest.mark.slow
