@@ -29,6 +29,8 @@ import torch
 
 import nested_learning
 from nested_learning import ops
+from nested_learning.models.flops import count_flops
+from nested_learning.train.mfu import gemm_peak
 
 if __package__:  # imported as bench.run (the tests; python -m bench.run)
     from .cases import cases, decode_cases, read_ms, step_cases
@@ -219,17 +221,25 @@ def main(argv=None) -> int:
         gc.collect()
         save()
     if args.ops is None or any(o.startswith("step") for o in args.ops):
+        peak = None  # the GEMM peak, measured once in this run, before the first step row
         for sc in step_cases(args.quick, args.device):
             if left_out(sc.op, sc.shape_str, "rest"):
                 continue
+            if peak is None:
+                peak = gemm_peak(dev, dtype)
+                print(f"# GEMM peak: {peak / 1e9:.1f} GFLOP/s ({dtype}, a 1024^2 product on CPU, 8192^2 on GPU)")
             model, step = sc.make(dev)
             ms = median_ms(step, dev, warmup=1, repeat=repeat)
+            tps = sc.batch * sc.seq / (ms / 1e3)
+            fpt = count_flops(model, sc.seq, training=sc.updates).training()  # without updates: no CMS update pass
             row = {"op": sc.op, "backend": "auto", "shape": sc.shape_str, "backward": True, "median_ms": ms,
-                   "tokens_per_s": sc.batch * sc.seq / (ms / 1e3), "parameters": model.num_parameters(),
+                   "tokens_per_s": tps, "parameters": model.num_parameters(),
+                   "flops_per_token": fpt, "flops_per_s": tps * fpt, "gemm_peak_flops": peak, "mfu": tps * fpt / peak,
                    "speedup_vs_reference": None, "rel_err_vs_fp64_reference": None}
             rows.append(row)
             print(f"{sc.op:22} {'auto':10} {sc.shape_str + ' train step':46} {ms:10.2f} "
-                  f"{row['tokens_per_s']:12.0f} {'-':>8} {'-':>9}  ({row['parameters']:,} params)", flush=True)
+                  f"{row['tokens_per_s']:12.0f} {'-':>8} {'-':>9}  ({row['parameters']:,} params; "
+                  f"{fpt / 1e6:.1f} MFLOP per token, {tps * fpt / 1e9:.1f} GFLOP/s, MFU {row['mfu']:.1%})", flush=True)
             model = step = None
             save()
     if args.ops is None or any(o.startswith("decode") for o in args.ops):

@@ -51,6 +51,7 @@ from .config import OptimConfig, TrainConfig
 from .console import Console
 from .interrupt import Interrupts, TrainingInterrupted, signal_name
 from .metrics import MetricsLog, inner_stats, inner_updates, read_records, truncate
+from .mfu import MFUMeter
 from .optim import build_optimizer, lr_factor
 from .step import TrainStep
 from .validation import validation_loss
@@ -81,7 +82,8 @@ class Trainer:
         os.makedirs(self.out, exist_ok=True)
         self.console = Console(self.out, info.main, t.progress)
         self.step = 0
-        self.summary = {"val_loss": [], "tokens_per_s": [], "skipped_steps": [], "grad_norms": [], "clipped_steps": 0}
+        self.summary = {"val_loss": [], "tokens_per_s": [], "skipped_steps": [], "grad_norms": [], "clipped_steps": 0,
+                        "mfu": []}
         self.bad_run, self.loss = 0, None
         self.tokens_seen = 0   # training tokens consumed (all ranks), carried in checkpoints
         self.dormant: dict[int, dict] = {}  # positions of rows not read now (curriculum, world size)
@@ -105,6 +107,9 @@ class Trainer:
         console.say(f"model: {self.cfg['model']['name']} size={self.cfg['size']['name']} | {n:,} parameters "
                     f"({ne:,} non-embedding) | world {info.world} on {info.device}")
         self.model.to(info.device)
+        # model FLOP utilisation: FLOPs per token from the layers, against this device's GEMM peak
+        self.mfu = MFUMeter(self.model, info.device, torch.bfloat16 if t.bf16 else torch.float32, info.world)
+        self.summary["gemm_peak_flops"] = self.mfu.peak
         self.sharded = sharding.wrap(self.model, info, t.fsdp, t.bf16)
         self.opt = build_optimizer(self.model, self.o)
         self.checkpointer = Checkpointer(self.out, format_for(t.checkpoint_format, t.fsdp, info.world), info)
@@ -264,8 +269,11 @@ class Trainer:
         self.tokens_seen += micro * accum * self.seq_len * info.world
         tps = micro * accum * self.seq_len * info.world / dt
         self.summary["tokens_per_s"].append(tps)
+        flops_s, mfu = self.mfu(tps, self.seq_len)
+        self.summary["mfu"].append(mfu)
         self.step, self.loss = step + 1, loss_acc
         rec = {"step": step + 1, "loss": loss_acc, "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": tps,
+               "flops_per_s": flops_s, "mfu": mfu,
                "grad_norm": gnorm, "teach_signal_norm": statistics.fmean(r.teach) if r.teach else None,
                "seq_len": self.seq_len, **_inner_record(r.reports)}
         rec["context_pos"] = ctx
@@ -451,6 +459,9 @@ def _summary_lines(summary: dict) -> list[str]:
     if g:
         lines.append(f"gradient norm before clipping: median {statistics.median(g):.3g}, max {max(g):.3g}; "
                      f"clipped on {summary['clipped_steps']} of {len(g)} steps ({summary['clipped_steps'] / len(g):.0%})")
+    if summary.get("mfu"):
+        lines.append(f"model FLOP utilisation: median {statistics.median(summary['mfu']):.1%} of the measured GEMM peak "
+                     f"({summary['gemm_peak_flops'] / 1e9:.0f} GFLOP/s per device; FLOPs per token: docs/FLOPS.md)")
     if summary["val_loss"]:
         lines.append("validation loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in summary["val_loss"]))
     return lines

@@ -29,6 +29,9 @@ def test_quick_benchmark_table_and_json(tmp_path):
             continue
         if row["op"].startswith("step:"):
             assert row["median_ms"] > 0 and row["parameters"] > 0
+            # MFU: the counted FLOPs per token at the achieved tokens/s, over the GEMM peak of this run
+            assert row["flops_per_s"] == row["tokens_per_s"] * row["flops_per_token"] and row["gemm_peak_flops"] > 0
+            assert row["mfu"] == row["flops_per_s"] / row["gemm_peak_flops"] and "MFU" in r.stdout
             continue
         if row["op"].startswith("decode:"):  # generate beside the forward over the same tokens
             assert row["median_ms"] > 0 and row["forward_same_tokens_ms"] > 0

@@ -5,7 +5,8 @@ import shutil
 import pytest
 
 from nested_learning.layers.teach import TeachCapture
-from nested_learning.runs import checkpoint
+from nested_learning.models.flops import flops_per_token
+from nested_learning.runs import checkpoint, load_run
 from nested_learning.train.loop import run
 from tests.train.conftest import read_metrics
 
@@ -24,6 +25,9 @@ def test_metrics_have_every_field_and_val_loss(make_cfg):
         assert r["teach_signal_norm"] > 0
         assert set(r["inner_updates"]) == {"level0", "level1", "level2"}  # every level updated
         assert r["seq_len"] == 16 and set(r["inner_stats"]) == {"level0", "level1", "level2"}
+        # model FLOP utilisation: the FLOPs per token counted from the model, times tokens/s, over the peak
+        assert r["flops_per_s"] == pytest.approx(r["tokens_per_s"] * flops_per_token(load_run(cfg["train"]["out_dir"])[0], 16), rel=1e-9)
+        assert 0 < r["mfu"] == pytest.approx(r["flops_per_s"] / summary["gemm_peak_flops"], rel=1e-9)
         for lvl, st in r["inner_stats"].items():
             assert st["updates"] == r["inner_updates"][lvl] and st["update_norm"] > 0
             assert "alpha" not in st  # gd levels: no preconditioner
