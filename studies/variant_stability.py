@@ -62,6 +62,7 @@ def raw_rules(stack: ExitStack) -> None:
     stack.enter_context(mock.patch.object(cms, "dgd_inputs", lambda x, delta, opt: (x, delta)))
     stack.enter_context(mock.patch.object(cms, "dgd_step", lambda lr, period: lr))
     stack.enter_context(mock.patch.object(titans, "bounded_step", lambda th, *args: torch.ones_like(th)))
+    stack.enter_context(mock.patch.object(titans.TitansMemory, "mlp_bound_in_op", False))  # the MLP memory too
 
 
 def momentum_blind_bound(theta, curvature, eta, alpha, chunk):
@@ -79,6 +80,7 @@ def before_28(stack: ExitStack, overrides: list[str]) -> list[str]:
     from nested_learning.layers import titans
 
     stack.enter_context(mock.patch.object(titans, "bounded_step", momentum_blind_bound))
+    stack.enter_context(mock.patch.object(titans.TitansMemory, "mlp_bound_in_op", False))  # the MLP memory too
     if any(o in ("model=titans", "model=transformer") for o in overrides):
         return overrides
     return overrides + ["++model.overrides.residual_memories=false", "++model.overrides.forget_bias=4.0"]
@@ -128,9 +130,11 @@ def run_variant(name: str, steps: int, raw: bool, before28: bool = False, eval_e
             "seconds": seconds}
 
 
-def layer_cost(repeats: int = 10) -> None:
+def layer_cost(repeats: int = 10) -> dict:
     """Median forward + backward time of the smoke Titans MLP memory layer (d_model 128, 4 heads,
-    8 x 128 tokens): one op call per segment (before) against one per chunk with the bound."""
+    8 x 128 tokens), in interleaved rounds: one op call per segment without the bound (the
+    floor), the bound inside the op (one call per segment: the layer now), and one call per chunk
+    with the bound computed in the layer (the layer before issue 32)."""
     import torch
 
     import nested_learning.layers.titans as titans
@@ -139,15 +143,11 @@ def layer_cost(repeats: int = 10) -> None:
     layer = titans.TitansMemory(128, 4, memory="mlp", chunk_size=16)
     x = torch.randn(8, 128, 128)
 
-    def median_ms() -> float:
-        times = []
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            o, _ = layer(x, layer.init_state(8, "cpu", torch.float32))
-            o.square().mean().backward()
-            if i:  # the first is a warm-up
-                times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2] * 1e3
+    def once() -> float:
+        t0 = time.perf_counter()
+        o, _ = layer(x, layer.init_state(8, "cpu", torch.float32))
+        o.square().mean().backward()
+        return time.perf_counter() - t0
 
     def one_call(self, seq, mem):
         q, k, v, theta, eta, alpha = seq
@@ -155,11 +155,23 @@ def layer_cost(repeats: int = 10) -> None:
                                             chunk_size=self.chunk)
         return o, list(st)
 
-    after = median_ms()
-    with mock.patch.object(titans.TitansMemory, "_run", one_call):
-        before = median_ms()
-    print(f"Titans MLP memory layer, forward + backward, median of {repeats}: one call per segment {before:.1f} ms, "
-          f"one call per chunk with the curvature bound {after:.1f} ms ({after / before:.2f}x)")
+    modes = {"no bound, one call": [mock.patch.object(titans.TitansMemory, "_run", one_call)],
+             "bound in the op, one call": [],
+             "bound in the layer, one call per chunk": [mock.patch.object(titans.TitansMemory, "mlp_bound_in_op", False)]}
+    times = {m: [] for m in modes}
+    for i in range(repeats + 1):
+        for m, patches in modes.items():
+            with ExitStack() as stack:
+                for p in patches:
+                    stack.enter_context(p)
+                t = once()
+            if i:  # the first round is a warm-up
+                times[m].append(t)
+    med = {m: sorted(t)[len(t) // 2] * 1e3 for m, t in times.items()}
+    base = med["no bound, one call"]
+    print(f"Titans MLP memory layer, forward + backward, median of {repeats} interleaved rounds: "
+          + "; ".join(f"{m} {ms:.1f} ms ({ms / base:.2f}x)" for m, ms in med.items()))
+    return med
 
 
 def main() -> None:

@@ -26,51 +26,8 @@ from torch import Tensor
 
 from .. import ops
 from ..checks import positive_int
+from ..ops.titan import ACT_SLOPE, bounded_step, mlp_curvature  # noqa: F401 (public here too)
 from .common import CausalDepthwiseConv, RMSNorm, dense, fast_weight
-
-# Largest |act'(x)| of each memory activation (every one also has |act(x)| <= |x|).
-ACT_SLOPE = {"silu": 1.0999, "gelu": 1.13, "relu": 1.0}
-
-
-def mlp_curvature(k: Tensor, W1: Tensor, W2: Tensor, activation: str = "silu") -> Tensor:
-    """[B, T, H] upper bound on the Gauss-Newton curvature of token t's memory loss
-    ||k + W1 act(W2 k) - v||^2 in (W1, W2) at the given weights: 2 ||k||^2 (||W2||_2^2 +
-    L^2 ||W1||_2^2), L = max |act'| (MATH section 3.3). Spectral norms, no gradient."""
-    with torch.no_grad():  # (non-finite weights are left for the loss and the training guard to see)
-        s1, s2 = (torch.linalg.matrix_norm(torch.nan_to_num(W.float(), 0.0, 0.0, 0.0), ord=2).square()
-                  for W in (W1, W2))  # [B, H]
-        return 2 * k.float().square().sum(-1) * (s2 + ACT_SLOPE[activation] ** 2 * s1)[:, None]
-
-
-def bounded_step(theta: Tensor, curvature: Tensor, eta: Tensor, alpha: Tensor, chunk: int) -> Tensor:
-    """[B, T, H] factor f in (0, 1] for theta that keeps the chunked memory stable, momentum
-    included (MATH section 3.3). Per chunk, sequence and head, with kappa_s a bound on the
-    curvature of token s's loss and the scan coefficients of ops.titan_chunk_scan, the loads
-    Lp = sum_s c_par[s] theta_s kappa_s and Lm = sum_s c_mom[s] theta_s kappa_s give, along a
-    direction that every key of the chunk shares (the worst case), the chunk map of (memory,
-    momentum)
-
-        [[abar - f Lp, rho], [-f Lm, ebar]].
-
-    f is the largest value <= 1 for which that map has spectral radius <= 1 (the Jury
-    conditions, each linear in f) and its memory part never expands (f Lp <= 1 + abar). It is
-    exactly 1, and theta unchanged bit for bit, inside the stable region; a stop-gradient
-    factor outside it."""
-    with torch.no_grad():
-        B, T, H = theta.shape
-        abar, rho, ebar, c_par, c_mom = (t.double() for t in ops.titan_chunk_scan(eta, alpha, chunk))
-        n = -(-T // chunk) * chunk
-        tk = theta.double() * curvature.double()
-        load = lambda c: F.pad(tk * c, (0, 0, 0, n - T)).view(B, n // chunk, chunk, H).sum(2)  # noqa: E731
-        Lp, Lm = load(c_par), load(c_mom)  # [B, chunks, H]
-        a, r, e = abar, rho, ebar
-        f = torch.ones_like(Lp)
-        for x, y in ((Lp, 1 + a),  # the memory part never expands: |abar - f Lp| <= 1
-                     (r * Lm - e * Lp, 1 - a * e),  # det <= 1
-                     (e * Lp - r * Lm, 1 + a * e),  # det >= -1
-                     (Lp * (1 + e) - r * Lm, (1 + a) * (1 + e))):  # -trace <= 1 + det
-            f = torch.where(x > 0, torch.minimum(f, y / x.clamp(min=1e-300)), f)
-        return f.clamp(min=0.0).float().repeat_interleave(chunk, 1)[:, :T].to(theta.dtype)
 
 
 @dataclass
@@ -94,6 +51,11 @@ class TitansDecode:
 
 
 class TitansMemory(nn.Module):
+    # The MLP memory's step bound runs inside titan_mlp_update's chunk loop (one call per
+    # segment). False: one op call per chunk with this module's `bounded_step`, the same numbers
+    # bit for bit (the studies patch `bounded_step` to reproduce older rules, with this False).
+    mlp_bound_in_op = True
+
     def __init__(self, d_model: int, n_heads: int, memory: str = "linear", chunk_size: int = 16,
                  conv_kernel: int = 4, mlp_hidden: int = 2):
         super().__init__()
@@ -212,8 +174,12 @@ class TitansMemory(nn.Module):
             theta = theta * bounded_step(theta, 2 * k.float().square().sum(-1), eta, alpha, self.chunk)
             o, st = ops.titan_update(q, k, v, theta, eta, alpha, initial_state=tuple(mem), chunk_size=self.chunk)
             return o, list(st)
+        if self.mlp_bound_in_op:  # the bound at each chunk's start weights, inside the op's chunk loop
+            o, mem = ops.titan_mlp_update(q, k, v, theta, eta, alpha, initial_state=tuple(mem), chunk_size=self.chunk,
+                                          curvature_bound=True)
+            return o, list(mem)
         outs, T = [], q.shape[1]
-        for s in range(0, T, self.chunk):  # the bound needs each chunk's start weights: one call per chunk
+        for s in range(0, T, self.chunk):  # the same, one call per chunk with the module's bounded_step
             c = slice(s, min(s + self.chunk, T))
             th = theta[:, c] * bounded_step(theta[:, c], mlp_curvature(k[:, c], mem[0], mem[1]), eta[:, c],
                                             alpha[:, c], self.chunk)

@@ -162,10 +162,13 @@ class Inputs:
         self.cp, self.cm = (c.to(self.cdt).unsqueeze(-1) for c in coef[3:])
 
 
-def mlp_forward(x: Inputs, W1, W2, S1, S2, chunk, ew, keep_checkpoints=False):
+def mlp_forward(x: Inputs, W1, W2, S1, S2, chunk, ew, keep_checkpoints=False, bound=None):
     """Returns o [B,T,H,d] (None when keeping checkpoints: the backward's recomputation skips
     the reads), (W1, W2, S1, S2) at the end and, when asked, the list of the chunk-start states
-    (W1, W2, S1, S2), one tuple per chunk. ew: TorchElementwise or TritonElementwise."""
+    (W1, W2, S1, S2, theta, factor), one tuple per chunk: theta [B,H,C,1] as the chunk used it
+    and the step bound's factor on it (None without a bound). ew: TorchElementwise or
+    TritonElementwise. bound(c, rows, W1, W2) -> (theta, factor) [B,C,H]: the chunk's bounded
+    theta at its start weights (titan_mlp_update's curvature_bound)."""
     q_, k_, v_, th, abar, rho, ebar, cp, cm = x.q, x.k, x.v, x.theta, x.abar, x.rho, x.ebar, x.cp, x.cm
     state = [s.to(x.cdt) for s in (W1, W2, S1, S2)]
     T = q_.shape[2]
@@ -173,12 +176,15 @@ def mlp_forward(x: Inputs, W1, W2, S1, S2, chunk, ew, keep_checkpoints=False):
     o = None if keep_checkpoints else torch.empty_like(q_)
     for c, sl in _chunk_rows(T, chunk):
         W1, W2, S1, S2 = state
+        thc, f = th[:, :, sl], None
+        if bound is not None:  # as Inputs lays theta out: [B,H,C,1] in the compute dtype
+            thc, f = (t.transpose(1, 2).to(x.cdt).unsqueeze(-1) for t in bound(c, sl, W1, W2))
         if ckpt is not None:
-            ckpt.append(tuple(state))
+            ckpt.append((*state, thc, f))
         qc, kc = q_[:, :, sl], k_[:, :, sl]
         if ckpt is None:  # the backward's recomputation needs only the states
             torch.add(qc, ew.act(qc @ _T(W2))[0] @ _T(W1), out=o[:, :, sl])
-        ch = _Chunk(ew, kc, v_[:, :, sl], th[:, :, sl], W1, W2)
+        ch = _Chunk(ew, kc, v_[:, :, sl], thc, W1, W2)
         a, r, e = abar[:, :, c], rho[:, :, c], ebar[:, :, c]
         W1, S1 = ew.step(W1, S1, _T(_weighted(ch.L1, cp[:, :, sl], cm[:, :, sl])) @ ch.hd, a, r, e)
         W2, S2 = ew.step(W2, S2, _T(_weighted(ch.L2, cp[:, :, sl], cm[:, :, sl])) @ kc, a, r, e)
@@ -196,15 +202,15 @@ def mlp_backward(grads, x: Inputs, ckpt, chunk, ew):
     T, d = q_.shape[2:]
     do = grads[0]
     do_ = torch.zeros_like(q_) if do is None else _split_heads(do, cdt)
-    g = [torch.zeros_like(s) if gs is None else gs.to(cdt) for gs, s in zip(grads[1:], ckpt[0])]
+    g = [torch.zeros_like(s) if gs is None else gs.to(cdt) for gs, s in zip(grads[1:], ckpt[0][:4])]
     dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
     dth, dcp, dcm = (torch.empty_like(th) for _ in range(3))
     dabar, drho, debar = (torch.empty_like(abar) for _ in range(3))
     for c, sl in reversed(list(_chunk_rows(T, chunk))):
-        W1, W2, S1, S2 = ckpt[c]
+        W1, W2, S1, S2, thc, f = ckpt[c]  # thc: the chunk's theta as used (bounded), f: the bound's factor
         gW1n, gW2n, gS1n, gS2n = g
         qc, kc, goc = q_[:, :, sl], k_[:, :, sl], do_[:, :, sl]
-        thc, cpc, cmc = th[:, :, sl], cp[:, :, sl], cm[:, :, sl]
+        cpc, cmc = cp[:, :, sl], cm[:, :, sl]
         a, r, e = abar[:, :, c], rho[:, :, c], ebar[:, :, c]
         ch = _Chunk(ew, kc, v_[:, :, sl], thc, W1, W2, second=True)
         # the state recurrence and the scalars a, r, e
@@ -226,6 +232,8 @@ def mlp_backward(grads, x: Inputs, ckpt, chunk, ew):
         dcp[:, :, sl] = (ch.L1 * P1p).sum(-1, True) + (ch.L2 * P2p).sum(-1, True)
         dcm[:, :, sl] = (ch.L1 * P1m).sum(-1, True) + (ch.L2 * P2m).sum(-1, True)
         dth[:, :, sl] = (gL1 * ch.e2).sum(-1, True) + (gL2 * ch.bk).sum(-1, True)
+        if f is not None:  # theta f with a stop-gradient f
+            dth[:, :, sl] *= f
         # through Bk = (E W1) * act'(Z) and E = 2 (K + Hd W1^T - V)
         gbk = thc * gL2
         gew = gbk * ch.dz

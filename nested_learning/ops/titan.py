@@ -10,6 +10,7 @@ from .._extension import extension_unavailable
 from ..reference.titan import ACTIVATIONS, titan_mlp_reference, titan_update_reference
 from . import _backend
 from ._define import define_op
+from ._titan_bound import ACT_SLOPE, bound_factor, bounded_step, chunk_scan, mlp_curvature  # noqa: F401
 from ._titan_mlp import Inputs as MLPInputs
 from ._titan_mlp import TorchElementwise, TritonElementwise, mlp_backward, mlp_forward
 from ._titan_scan import scan_coefficients, scan_coefficients_backward
@@ -124,21 +125,53 @@ _backend.register("titan_update", _backend.Backend(
     unavailable=extension_unavailable))
 
 
-def _mlp_fake(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation):
+def _mlp_fake(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation, curvature_bound):
     sdt = torch.promote_types(q.dtype, torch.float32)
     return (q.new_empty(q.shape), *(x.new_empty(x.shape, dtype=sdt) for x in (W1, W2, S1, S2)))
 
 
-def _mlp_reference(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation):
-    return titan_mlp_reference(
-        q, k, v, theta, eta, alpha, (W1, W2, S1, S2), chunk_size, activation
-    )
+class _ChunkBound:
+    """The step bound of titan_mlp_update(curvature_bound=True) for the chunk loops: chunk c's
+    theta times bounded_step's factor at the chunk's start weights (W1, W2), exactly as a
+    call per chunk with the bounded theta computes it (the scan coefficients of every chunk
+    are made once; each chunk's equal a one-chunk scan's bit for bit)."""
+
+    def __init__(self, k, theta, eta, alpha, chunk, activation):
+        self.k, self.theta, self.chunk, self.activation = k, theta, chunk, activation
+        self.coef = tuple(t.double() for t in chunk_scan(eta, alpha, chunk))
+
+    def __call__(self, c: int, rows: slice, W1: Tensor, W2: Tensor) -> tuple[Tensor, Tensor]:
+        """(bounded theta, the factor), both [B, Cc, H] in theta's dtype. The factor falls as
+        the curvature grows, so where a cheap upper bound on the curvature (no spectral norms)
+        already gives exactly 1 for every sequence and head, so would the exact one: the
+        spectral norms are computed only for a chunk where the cheap test does not pass."""
+        th, k = self.theta[:, rows], self.k[:, rows]
+        abar, rho, ebar, c_par, c_mom = self.coef
+        coef = (abar[:, c:c + 1], rho[:, c:c + 1], ebar[:, c:c + 1], c_par[:, rows], c_mom[:, rows])
+        f = bound_factor(th, mlp_curvature(k, W1, W2, self.activation, exact=False), coef, self.chunk)
+        if not bool((f == 1).all()):
+            f = bound_factor(th, mlp_curvature(k, W1, W2, self.activation), coef, self.chunk)
+        return th * f, f
+
+
+def _mlp_reference(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation, curvature_bound):
+    if not curvature_bound:
+        return titan_mlp_reference(q, k, v, theta, eta, alpha, (W1, W2, S1, S2), chunk_size, activation)
+    # one reference call per chunk, with the chunk's theta bounded at its start weights
+    bound, state, outs = _ChunkBound(k, theta, eta, alpha, chunk_size, activation), (W1, W2, S1, S2), []
+    for c, s in enumerate(range(0, q.shape[1], chunk_size)):
+        rows = slice(s, s + chunk_size)
+        th, _ = bound(c, rows, *state[:2])
+        o, state = titan_mlp_reference(q[:, rows], k[:, rows], v[:, rows], th, eta[:, rows], alpha[:, rows], state,
+                                       chunk_size, activation)
+        outs.append(o)
+    return torch.cat(outs, 1), state
 
 
 _mlp = define_op(
     "titan_mlp_update",
     f"Tensor q, Tensor k, Tensor v, {GATES}, Tensor W1, Tensor W2, Tensor S1, Tensor S2",
-    "int chunk_size, str activation",
+    "int chunk_size, str activation, bool curvature_bound",
     n_out=5,
     fake=_mlp_fake,
     reference=_mlp_reference,
@@ -149,31 +182,51 @@ def _mlp_chunked(elementwise):
     """forward, backward of titan_mlp_update's chunked backends (ops/_titan_mlp.py) with the
     elementwise work in `elementwise` (TorchElementwise or TritonElementwise)."""
 
-    def forward(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation):
+    def forward_with_residuals(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation, curvature_bound):
+        """The outputs and, with the bound, its factors [B, T, H] (the backward reuses them
+        instead of recomputing the spectral norms)."""
         x = MLPInputs(q, k, v, theta, scan_coefficients(eta, alpha, chunk_size))
-        o, state, _ = mlp_forward(x, W1, W2, S1, S2, chunk_size, elementwise(activation))
-        return (o, *state)
+        bound, factors = None, []
+        if curvature_bound:
+            chunk_bound = _ChunkBound(k, theta, eta, alpha, chunk_size, activation)
 
-    def backward(grads, inputs, chunk_size, activation):
-        q, k, v, theta, eta, alpha, *state = inputs
+            def bound(c, rows, W1, W2):
+                th, f = chunk_bound(c, rows, W1, W2)
+                factors.append(f)
+                return th, f
+        o, state, _ = mlp_forward(x, W1, W2, S1, S2, chunk_size, elementwise(activation), bound=bound)
+        return (o, *state), ([torch.cat(factors, 1)] if factors else [])
+
+    def forward(*args):
+        return forward_with_residuals(*args)[0]
+
+    def backward(grads, inputs, chunk_size, activation, curvature_bound):
+        q, k, v, theta, eta, alpha, *state = inputs[:10]
         ew = elementwise(activation)
         x = MLPInputs(q, k, v, theta, scan_coefficients(eta, alpha, chunk_size))
-        *_, ckpt = mlp_forward(x, *state, chunk_size, ew, keep_checkpoints=True)
+        bound = None
+        if curvature_bound:
+            if len(inputs) > 10:  # the forward's factors: theta f exactly as the forward made it
+                f_all = inputs[10]
+                bound = lambda c, rows, W1, W2: (theta[:, rows] * f_all[:, rows], f_all[:, rows])  # noqa: E731
+            else:
+                bound = _ChunkBound(k, theta, eta, alpha, chunk_size, activation)
+        *_, ckpt = mlp_forward(x, *state, chunk_size, ew, keep_checkpoints=True, bound=bound)
         dq, dk, dv, dth, dcoef, dstate = mlp_backward(grads, x, ckpt, chunk_size, ew)
         deta, dalpha = scan_coefficients_backward(eta, alpha, chunk_size, dcoef)
         got = [dq, dk, dv, dth, deta, dalpha, *dstate]
         return [g.to(x.dtype) for g, x in zip(got, inputs)]
 
-    return forward, backward
+    return forward, backward, forward_with_residuals
 
 
 _mlp_cpu = _mlp_chunked(TorchElementwise)
 _backend.register("titan_mlp_update", _backend.Backend(
-    "cpu", forward=_mlp_cpu[0], backward=_mlp_cpu[1], devices=("cpu",)))
+    "cpu", forward=_mlp_cpu[0], backward=_mlp_cpu[1], devices=("cpu",), forward_with_residuals=_mlp_cpu[2]))
 _mlp_triton = _mlp_chunked(TritonElementwise)
 _backend.register("titan_mlp_update", _backend.Backend(
     "triton", forward=_mlp_triton[0], backward=_mlp_triton[1], devices=("cuda",), forced_devices=("cpu",),
-    unavailable=_backend.triton_unavailable))
+    unavailable=_backend.triton_unavailable, forward_with_residuals=_mlp_triton[2]))
 
 
 def _check_common(q, k, v, theta, eta, alpha, chunk_size):
@@ -244,9 +297,15 @@ def titan_mlp_update(
     chunk_size: int = 16,
     activation: str = "silu",
     backend: str | None = None,
+    curvature_bound: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor] | None]:
     """Residual MLP Titans memory M(x) = x + W1 act(W2 x), chunked, momentum and forgetting
     applied to W1 and W2 alike (same gates as titan_update).
+
+    curvature_bound=True scales each chunk's theta by bounded_step's factor at the chunk's
+    start weights (mlp_curvature, MATH section 3.3; a stop-gradient factor, exactly 1 inside
+    the stable region): what a call per chunk with the bounded theta gives, bit for bit, in
+    one call.
 
     q, k, v [B, T, H, d]; initial_state (W1 [B, H, d, h], W2 [B, H, h, d]) or
     (W1, W2, S1, S2) with momenta of the same shapes (zeros when only two are given). The
@@ -278,7 +337,7 @@ def titan_mlp_update(
     _checks.finite({"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha, "W1": W1, "W2": W2,
                     "S1": S1, "S2": S2})
     name = _backend.resolve("titan_mlp_update", dev.type, backend) if T else "reference"
-    o, *state = _mlp(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation, name)
+    o, *state = _mlp(q, k, v, theta, eta, alpha, W1, W2, S1, S2, chunk_size, activation, bool(curvature_bound), name)
     return o, (tuple(state) if output_final_state else None)
 
 
@@ -290,6 +349,4 @@ def titan_chunk_scan(eta: Tensor, alpha: Tensor, chunk_size: int) -> tuple[Tenso
     ebar [B, N, H] and c_par, c_mom [B, T, H] from eta, alpha [B, T, H]. c_par[s] counts how
     often the momentum scan re-applies token s's gradient inside its chunk (about 1/(1 - eta)
     early in a long chunk)."""
-    with torch.no_grad():
-        abar, rho, ebar, c_par, c_mom = scan_coefficients(eta.detach(), alpha.detach(), chunk_size)
-        return tuple(t.transpose(1, 2) for t in (abar, rho, ebar, c_par, c_mom))
+    return chunk_scan(eta, alpha, chunk_size)

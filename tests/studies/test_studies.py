@@ -38,3 +38,15 @@ def test_forget_sweep_reads_the_memories_at_the_start_and_end_of_each_context():
     h = context_end_health(recs)
     assert abs(h["mixer.proj_rel_start"] - 0.8) < 1e-12 and abs(h["mixer.proj_rel_end"] - 0.3) < 1e-12
     assert abs(h["mixer.memory_rel_end"] - 0.15) < 1e-12 and abs(h["mixer_rms_end"] - 0.3) < 1e-12
+
+
+@pytest.mark.slow
+def test_layer_cost_times_the_three_ways_of_bounding_the_mlp_memory():
+    """studies/variant_stability.py --layer-cost: no bound, the bound in the op, the bound per
+    chunk in the layer, each a positive median, and the layer's flag restored afterwards."""
+    from nested_learning.layers.titans import TitansMemory
+    from studies import variant_stability
+
+    med = variant_stability.layer_cost(repeats=1)
+    assert set(med) == {"no bound, one call", "bound in the op, one call", "bound in the layer, one call per chunk"}
+    assert all(v > 0 for v in med.values()) and TitansMemory.mlp_bound_in_op is True
