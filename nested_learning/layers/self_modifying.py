@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..checks import positive_int
+from ..checks import positive_int, range_checks_off
 from .common import RMSNorm, dense, fast_weight
 
 MEMORY_TARGETS = ("self", "values")
@@ -74,6 +74,10 @@ class SelfModifyingDecode:
 
 
 class SelfModifyingTitans(nn.Module):
+    # Stop-gradient writes: the chunk recurrence runs without autograd and every chunk's read is
+    # one batched product (_project_stopped); False: one autograd graph per chunk (the same numbers)
+    batched_reads = True
+
     def __init__(self, d_model: int, n_heads: int, proj_chunk: int = 16, memory_chunk: int = 64,
                  eta_max: float = 0.3, differentiable_writes: bool = False, self_modifying: bool = True,
                  memory_target: str = "self", residual: bool = True, forget_bias: float = 8.0):
@@ -119,8 +123,11 @@ class SelfModifyingTitans(nn.Module):
 
     def _project(self, x: Tensor, P: Tensor):
         """x [B, C, H, d] through P [B, H, 3d+2, d] -> q, k, v [B, C, H, d], eta, alpha [B, C, H]."""
+        return self._project_y(torch.einsum("bchi,bhoi->bcho", x, P.to(x.dtype)), x)
+
+    def _project_y(self, y: Tensor, x: Tensor):
+        """q, k, v, eta, alpha from the raw projection y [B, C, H, 3d+2] of x [B, C, H, d]."""
         d = self.d
-        y = torch.einsum("bchi,bhoi->bcho", x, P.to(x.dtype))
         if self.residual:  # M(x) = x + W x for the q, k and v memories
             y = torch.cat([y[..., :3 * d] + x.repeat(1, 1, 1, 3), y[..., 3 * d:]], -1)
         q, k, v = (F.normalize(y[..., i * d:(i + 1) * d], dim=-1) for i in range(3))
@@ -134,16 +141,19 @@ class SelfModifyingTitans(nn.Module):
         xs = torch.cat([state.pending.to(x.dtype), x.view(B, T, self.h, self.d)], 1)
         valid = torch.cat([state.pending_valid, state.pending_valid.new_ones(B, T)], 1)
         Pn, L, C = state.pending.shape[1], xs.shape[1], self.proj_chunk
-        P = fast_weight(self.P0, state.proj, self.differentiable_writes)
-        parts = []
-        for s0 in range(0, L, C):
-            s1 = min(s0 + C, L)
-            q, k, v, eta, alpha = self._project(xs[:, s0:s1], P)
-            parts.append((q, k, v, eta, alpha))
-            if s1 - s0 == C and self.self_modifying:  # a complete chunk advances the projection memory
-                ok = valid[:, s0:s1, None]
-                P = self._write(P, k, v, torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0))
-        q, k, v, eta, alpha = (torch.cat(t, 1)[:, Pn:] for t in zip(*parts))
+        if self.differentiable_writes or not self.batched_reads:
+            P, parts = fast_weight(self.P0, state.proj, self.differentiable_writes), []
+            for s0 in range(0, L, C):
+                s1 = min(s0 + C, L)
+                q, k, v, eta, alpha = self._project(xs[:, s0:s1], P)
+                parts.append((q, k, v, eta, alpha))
+                if s1 - s0 == C and self.self_modifying:  # a complete chunk advances the projection memory
+                    ok = valid[:, s0:s1, None]
+                    P = self._write(P, k, v, torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0))
+            q, k, v, eta, alpha = (torch.cat(t, 1)[:, Pn:] for t in zip(*parts))
+        else:
+            P, (q, k, v, eta, alpha) = self._project_stopped(xs, valid, state.proj)
+            q, k, v, eta, alpha = (t[:, Pn:] for t in (q, k, v, eta, alpha))
         M = fast_weight(self.M0, state.memory, False)
         a = 2 * k - v if self.memory_target == "self" else 2 * k
         if self.residual:
@@ -220,6 +230,33 @@ class SelfModifyingTitans(nn.Module):
     def decode_end(self, buf: SelfModifyingDecode) -> SelfModifyingState:
         return SelfModifyingState(buf.proj, buf.memory, buf.x[:, :buf.n].clone(), buf.valid[:, :buf.n].clone())
 
+    def _project_stopped(self, xs: Tensor, valid: Tensor, proj: Tensor):
+        """forward's projections with stop-gradient writes, in two passes: the chunk recurrence
+        of P without autograd (each chunk projected by its chunk-start P for the write), then
+        every token projected by its chunk's P in one batched product with autograd (the
+        gradient reaches P0 through each chunk's read, as fast_weight routes it, and x). The
+        same values as the loop of one autograd graph per chunk, bit for bit, with one graph.
+        Returns the state's P and q, k, v, eta, alpha of every token of xs."""
+        B, L = xs.shape[:2]
+        C = self.proj_chunk
+        n = -(-L // C)
+        with torch.no_grad():  # P_c as the loop reads it: P0 + (P_c - P0), one rounding from P_c
+            raws = [proj]
+            for c in range(n - 1 if L % C else n):
+                if not self.self_modifying:
+                    raws.append(proj)
+                    continue
+                s0 = c * C
+                read = self.P0 + (raws[-1] - self.P0)
+                _, k, v, eta, alpha = self._project(xs[:, s0:s0 + C], read)
+                ok = valid[:, s0:s0 + C, None]
+                raws.append(self._write(read, k, v, torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0)))
+        P = fast_weight(self.P0, raws[-1], False)  # the state's value (and its route to P0), as the loop leaves it
+        reads = fast_weight(self.P0, torch.stack(raws[:n], 1), False)  # [B, n, H, 3d+2, d]
+        x = F.pad(xs, (0, 0, 0, 0, 0, n * C - L)).view(B, n, C, self.h, self.d)
+        y = torch.einsum("bnchi,bnhoi->bncho", x, reads.to(xs.dtype)).reshape(B, n * C, self.h, -1)[:, :L]
+        return P, self._project_y(y, xs)
+
     def _write(self, P: Tensor, k, v, eta, alpha) -> Tensor:
         """Advance P [B, H, 3d+2, d] over one chunk: every row block's target is its own output
         on v; the residual q, k, v blocks write eta (v - k), the gate rows nothing."""
@@ -230,5 +267,6 @@ class SelfModifyingTitans(nn.Module):
         a = 2 * k - v
         if not self.differentiable_writes:
             args, a, P = tuple(t.detach() for t in args), a.detach(), P.detach()
-        _, P_new = ops.dgd_update(*args, a=a, initial_state=P, read="before", chunk_size=self.proj_chunk)
+        with range_checks_off():  # the gates are in range by construction (a NaN still reaches the main memory's check)
+            _, P_new = ops.dgd_update(*args, a=a, initial_state=P, read="before", chunk_size=self.proj_chunk)
         return P_new if self.differentiable_writes else fast_weight(self.P0, P_new, False)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench import eval_memory, probe_compile_decode, profile_decode, train_memory
+from bench import eval_memory, probe_compile_decode, profile_decode, selfmod_layer, train_memory
 
 
 def test_eval_memory_scores_the_same_items_each_round(tiny_runs, tmp_path, capsys):
@@ -42,3 +42,12 @@ def test_train_memory_measures_a_run_and_its_steps(corpus_dir, tmp_path):
     assert row["reached_step"] == 3 and row["peak_rss_mb"] > 50 and "error" not in row
     killed = train_memory.measure("hope", 50, 1, extra)  # 1 MB: the watchdog stops it at once
     assert killed["killed_over_mb"] == 1 and killed["reached_step"] < 50
+
+
+def test_selfmod_layer_times_both_reads_and_finds_them_equal(tmp_path):
+    rows = selfmod_layer.main(["--seq", "40", "--batch", "2", "--size", "tiny", "--rounds", "1",
+                               "--json", str(tmp_path / "s.json")])
+    assert rows[0]["same_outputs"] and rows[0]["loop_ms"] > 0 and rows[0]["batched_ms"] > 0
+    assert (tmp_path / "s.json").exists()
+    steps = selfmod_layer.main(["--step", "--seq", "32", "--batch", "2", "--size", "tiny", "--rounds", "1"])
+    assert steps[0]["loop_ms"] > 0 and steps[0]["batched_ms"] > 0
