@@ -1,7 +1,8 @@
 """The self-modifying mixer's forward + backward at smoke width, by segment length: one
-autograd graph per projection chunk (`SelfModifyingTitans.batched_reads = False`, the loop
-before issue 32) against the chunk recurrence without autograd and one batched read for every
-chunk (the default), in interleaved rounds; also checks the two give the same outputs.
+autograd graph per projection chunk (`SelfModifyingTitans.batched_reads = False`, the default)
+against the chunk recurrence without autograd and one batched read for every chunk
+(`batched_reads = True`, opt-in), in interleaved rounds; also checks the two give the same
+outputs.
 
     OMP_NUM_THREADS=2 python bench/selfmod_layer.py --seq 256,2048 --json bench/out/selfmod_layer.json
     OMP_NUM_THREADS=2 python bench/selfmod_layer.py --step --seq 256,2048   # HOPE's whole training step
@@ -22,6 +23,13 @@ from nested_learning.eval.results import write
 from nested_learning.layers.self_modifying import SelfModifyingTitans
 from nested_learning.models import build_model
 
+if __package__:  # imported as bench.selfmod_layer (the tests)
+    from .cases import StepCase
+else:  # python bench/selfmod_layer.py: bench/ is sys.path[0]
+    from cases import StepCase
+
+DEFAULT = SelfModifyingTitans.batched_reads
+
 
 def _time(mixer, x, state, batched: bool) -> tuple[float, torch.Tensor]:
     SelfModifyingTitans.batched_reads = batched
@@ -31,7 +39,7 @@ def _time(mixer, x, state, batched: bool) -> tuple[float, torch.Tensor]:
         y.square().mean().backward()
         return (time.perf_counter() - t) * 1e3, y.detach()
     finally:
-        SelfModifyingTitans.batched_reads = True
+        SelfModifyingTitans.batched_reads = DEFAULT
 
 
 def main(argv=None) -> list[dict]:
@@ -71,12 +79,6 @@ def main(argv=None) -> list[dict]:
 
 
 def _steps(a) -> list[dict]:
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from cases import StepCase
-
     rows = []
     for T in (int(s) for s in a.seq.split(",")):
         B = a.batch if T <= 256 else 1
@@ -91,7 +93,7 @@ def _steps(a) -> list[dict]:
                     if r:
                         times[batched].append((time.perf_counter() - t) * 1e3)
                 finally:
-                    SelfModifyingTitans.batched_reads = True
+                    SelfModifyingTitans.batched_reads = DEFAULT
         loop, batched = statistics.median(times[False]), statistics.median(times[True])
         rows.append({"step": True, "seq": T, "batch": B, "size": a.size, "loop_ms": loop, "batched_ms": batched,
                      "speedup": loop / batched, "threads": torch.get_num_threads()})

@@ -74,9 +74,14 @@ class SelfModifyingDecode:
 
 
 class SelfModifyingTitans(nn.Module):
-    # Stop-gradient writes: the chunk recurrence runs without autograd and every chunk's read is
-    # one batched product (_project_stopped); False: one autograd graph per chunk (the same numbers)
-    batched_reads = True
+    # Stop-gradient writes. False (the default): one autograd graph per projection chunk.
+    # True: the chunk recurrence runs without autograd and every chunk's read is one batched
+    # product (_project_stopped): the same outputs, states and input gradients bit for bit,
+    # 1.08x (T=256) to 1.38x (T=2048) faster per HOPE training step, but the parameters'
+    # gradients differ in the last bits (they sum over chunks in another order), so training
+    # trajectories part from the loop's; opt-in until the campaign that uses the loop's is done
+    # (bench/RESULTS.md 16).
+    batched_reads = False
 
     def __init__(self, d_model: int, n_heads: int, proj_chunk: int = 16, memory_chunk: int = 64,
                  eta_max: float = 0.3, differentiable_writes: bool = False, self_modifying: bool = True,
@@ -240,14 +245,17 @@ class SelfModifyingTitans(nn.Module):
         B, L = xs.shape[:2]
         C = self.proj_chunk
         n = -(-L // C)
-        with torch.no_grad():  # P_c as the loop reads it: P0 + (P_c - P0), one rounding from P_c
+        # the value fast_weight gives the loop's reads: P0 + (P_c - P0) (one rounding from P_c)
+        # when autograd routes a gradient to P0, else P_c itself
+        rounded = torch.is_grad_enabled() and self.P0.requires_grad
+        with torch.no_grad():
             raws = [proj]
             for c in range(n - 1 if L % C else n):
                 if not self.self_modifying:
                     raws.append(proj)
                     continue
                 s0 = c * C
-                read = self.P0 + (raws[-1] - self.P0)
+                read = self.P0 + (raws[-1] - self.P0) if rounded else raws[-1]
                 _, k, v, eta, alpha = self._project(xs[:, s0:s0 + C], read)
                 ok = valid[:, s0:s0 + C, None]
                 raws.append(self._write(read, k, v, torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0)))

@@ -1,6 +1,6 @@
 """The self-modifying mixer's two schedules for stop-gradient writes: one autograd graph per
-projection chunk (batched_reads=False) and the chunk recurrence without autograd plus one
-batched read of every chunk (the default). Outputs, states and the input's gradient are equal
+projection chunk (batched_reads=False, the default) and the chunk recurrence without autograd
+plus one batched read of every chunk (opt-in). Outputs, states and the input's gradient are equal
 bit for bit; the parameters' gradients equal to float rounding (they sum over chunks in
 another order), for every memory variant, with pending tokens and partial chunks."""
 
@@ -43,7 +43,25 @@ def test_batched_reads_equal_the_loop(kw, T, pending, monkeypatch):
 def test_differentiable_writes_keep_the_loop(monkeypatch):
     """differentiable_writes=True needs the writes in the graph: the per-chunk loop runs."""
     m = SelfModifyingTitans(32, 2, proj_chunk=8, differentiable_writes=True)
+    monkeypatch.setattr(SelfModifyingTitans, "batched_reads", True)
     called = []
     monkeypatch.setattr(SelfModifyingTitans, "_project_stopped", lambda *a: called.append(1))
     m(torch.randn(1, 20, 32), m.init_state(1, "cpu", torch.float32))
     assert not called
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_batched_reads_equal_the_loop_without_autograd_too(grad, monkeypatch):
+    """Under torch.no_grad (evaluation, generation) the loop reads P_c itself, not P0 + (P_c - P0):
+    the batched schedule must too, bit for bit."""
+    outs = []
+    for batched in (True, False):
+        monkeypatch.setattr(SelfModifyingTitans, "batched_reads", batched)
+        torch.manual_seed(0)
+        m = SelfModifyingTitans(32, 2, proj_chunk=8)
+        x = torch.randn(2, 45, 32)
+        with torch.set_grad_enabled(grad):
+            y, st = m(x, m.init_state(2, "cpu", torch.float32))
+            y2, _ = m(x, st)
+        outs.append((y.detach(), st.proj.detach(), y2.detach()))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
