@@ -31,11 +31,12 @@ def _restore_wandb_env(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-def read_wandb_records(path: str) -> list:
+def read_wandb_records(path: str, growing: bool = False) -> list:
     """The protobuf Records of a run-*.wandb file: a 7-byte header (":W&B", 0xBEE1, version 0)
     then LevelDB log blocks of 32 KiB, each record split into chunks with a 7-byte header
     (crc32 of the type byte and data, length, type: 1 full, 2 first, 3 middle, 4 last).
-    wandb 0.31 no longer ships a Python reader of its own files."""
+    wandb 0.31 no longer ships a Python reader of its own files. growing: the file may still be
+    being written (its last chunk half there): stop at the first chunk that does not check."""
     with open(path, "rb") as f:
         data = f.read()
     assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0)
@@ -49,6 +50,8 @@ def read_wandb_records(path: str) -> list:
         if n == 0 and typ == 0:
             break
         chunk = data[pos + 7:pos + 7 + n]
+        if growing and zlib.crc32(chunk, zlib.crc32(bytes([typ]))) != crc:
+            break
         assert zlib.crc32(chunk, zlib.crc32(bytes([typ]))) == crc, f"corrupt record at byte {pos}"
         pos += 7 + n
         buf = chunk if typ in (1, 2) else buf + chunk
@@ -80,12 +83,13 @@ def offline_run(out_dir: str) -> tuple[dict, dict[int, dict]]:
     # writing it when run.finish() returns (a loaded machine once read 4 of 6 history rows)
     deadline = time.monotonic() + 120
     while True:
-        records = read_wandb_records(files[0])
+        records = read_wandb_records(files[0], growing=True)
         kinds = [r.WhichOneof("record_type") for r in records]
         if "exit" in kinds or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert "exit" in kinds, f"no exit record after 120 s; record types: {sorted(set(kinds))}"
+    records = read_wandb_records(files[0])  # complete now: every chunk must check
     config, history = {}, {}
     for rec in records:
         kind = rec.WhichOneof("record_type")
