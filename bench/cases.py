@@ -320,25 +320,6 @@ class DecodeCase:
         return elements * p.element_size()
 
 
-def read_ms(nbytes: int, dev: torch.device, repeat: int = 21) -> float:
-    """Median ms to read `nbytes` of float32 once (a sum over a buffer of that size, warm): the
-    floor of a step that must read that many bytes, at this machine's rate for that working set."""
-    import statistics
-    import time
-
-    x = torch.rand(max(1, nbytes // 4), device=dev)
-    x.sum()
-    out = []
-    for _ in range(repeat):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        x.sum()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        out.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(out)
-
 
 def decode_cases(quick: bool) -> list[DecodeCase]:
     names = ("transformer", "titans", "hope")

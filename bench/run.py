@@ -33,11 +33,18 @@ from nested_learning.models.flops import count_flops
 from nested_learning.train.mfu import gemm_peak
 
 if __package__:  # imported as bench.run (the tests; python -m bench.run)
-    from .cases import cases, decode_cases, read_ms, step_cases
+    from .cases import cases, decode_cases, step_cases
 else:  # python bench/run.py: bench/ is sys.path[0]
-    from cases import cases, decode_cases, read_ms, step_cases
+    from cases import cases, decode_cases, step_cases
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def read_ms(nbytes: int, dev: torch.device) -> float:
+    """Median ms to read `nbytes` of float32 once (a sum over a buffer of that size, warm): the
+    floor of a step that must read that many bytes, at this machine's rate for that working set."""
+    x = torch.rand(max(1, nbytes // 4), device=dev)
+    return median_ms(x.sum, dev, warmup=1, repeat=21)
 
 
 def median_ms(fn, device: torch.device, warmup: int, repeat: int) -> float:
