@@ -147,6 +147,44 @@ def titan_mlp_case(B, T, H, d, hidden, chunk=16, backward=True):
                 backward, make)
 
 
+def _selfmod_base(B, T, H, d, g):
+    P = torch.randn(B, H, 3 * d + 2, d, generator=g) / d**0.5
+    P[:, :, 3 * d:] *= 0.1
+    return dict(x=torch.randn(B, T, H, d, generator=g), P=P, gate_bias=torch.tensor([[0.0, 4.0]]).repeat(H, 1))
+
+
+def selfmod_case(B, T, H, d, chunk=16, backward=True):
+    """The HOPE mixer's projection recurrence (stop-gradient writes, its default); the peer is the
+    layer's per-chunk loop that the op replaced (an einsum, the gates and one dgd_update per chunk)."""
+    def leaves(dev, dtype):
+        g = torch.Generator().manual_seed(0)
+        x = {n: _leaf(v.to(dev), dtype, backward) for n, v in _selfmod_base(B, T, H, d, g).items()}
+        valid = torch.rand(B, T, generator=g).to(dev) > 0.05
+        return x, valid
+
+    def make(dev, dtype):
+        x, valid = leaves(dev, dtype)
+
+        def run(backend):
+            y, P = ops.selfmod_projection(**x, valid=valid, chunk_size=chunk, backend=backend)
+            return _grads([y, P], list(x.values()), backward)
+        return run
+
+    def make_loop(dev, dtype):
+        from nested_learning.checks import range_checks_off
+        from nested_learning.reference.selfmod import selfmod_projection_reference
+
+        x, valid = leaves(dev, dtype)
+
+        def run():
+            with range_checks_off():  # as the layer ran it
+                y, P = selfmod_projection_reference(*x.values(), valid, chunk, 0.3, True, True, dgd=ops.dgd_update)
+            return _grads([y, P], list(x.values()), backward)
+        return run
+    return Case("selfmod_projection", dict(B=B, T=T, H=H, d=d, chunk=chunk), B * T, backward, make,
+                peers={"the layer's per-chunk loop (before the op)": (lambda: True, make_loop)})
+
+
 def cms_case(B, T, d_in, d_out, period, optimizer="dgd"):
     def make(dev, dtype):
         g = torch.Generator().manual_seed(0)
@@ -181,6 +219,7 @@ def cases(quick: bool, device: str) -> list[Case]:
     if quick:
         return [
             dgd_case(1, 256, 2, 32),
+            selfmod_case(1, 256, 2, 32),
             titan_case(1, 256, 2, 32),
             titan_mlp_case(1, 128, 2, 32, 64),
             cms_case(2, 256, 64, 128, 16),
@@ -190,6 +229,7 @@ def cases(quick: bool, device: str) -> list[Case]:
         return [
             dgd_case(8, 4096, 16, 64),
             dgd_stream_case(8, 128, 16, 64),
+            selfmod_case(8, 4096, 16, 64),
             titan_case(8, 4096, 16, 64),
             titan_mlp_case(4, 2048, 8, 64, 256),
             cms_case(8, 4096, 1024, 4096, 16),
@@ -198,6 +238,7 @@ def cases(quick: bool, device: str) -> list[Case]:
     return [
         dgd_case(2, 2048, 4, 64),
         dgd_stream_case(2, 64, 4, 64),
+        selfmod_case(4, 2048, 4, 32),
         titan_case(2, 2048, 4, 64),
         titan_mlp_case(2, 1024, 4, 64, 128),
         cms_case(4, 1024, 256, 1024, 16),

@@ -1,8 +1,7 @@
-"""The self-modifying mixer's forward + backward at smoke width, by segment length: one
-autograd graph per projection chunk (`SelfModifyingTitans.batched_reads = False`, the default)
-against the chunk recurrence without autograd and one batched read for every chunk
-(`batched_reads = True`, opt-in), in interleaved rounds; also checks the two give the same
-outputs.
+"""The self-modifying mixer's forward + backward at smoke width, by segment length: the
+projection recurrence as one op (`SelfModifyingTitans.fused_projection = True`, the default:
+ops.selfmod_projection) against the per-chunk Python loop it replaced (`False`), in interleaved
+rounds; also the largest relative difference of the two outputs.
 
     OMP_NUM_THREADS=2 python bench/selfmod_layer.py --seq 256,2048 --json bench/out/selfmod_layer.json
     OMP_NUM_THREADS=2 python bench/selfmod_layer.py --step --seq 256,2048   # HOPE's whole training step
@@ -14,6 +13,7 @@ outputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -28,18 +28,30 @@ if __package__:  # imported as bench.selfmod_layer (the tests)
 else:  # python bench/selfmod_layer.py: bench/ is sys.path[0]
     from cases import StepCase
 
-DEFAULT = SelfModifyingTitans.batched_reads
+SCHEDULES = {"loop": False, "op": True}
 
 
-def _time(mixer, x, state, batched: bool) -> tuple[float, torch.Tensor]:
-    SelfModifyingTitans.batched_reads = batched
+@contextlib.contextmanager
+def fused(on: bool):
+    default = SelfModifyingTitans.fused_projection
+    SelfModifyingTitans.fused_projection = on
     try:
-        t = time.perf_counter()
-        y, _ = mixer(x, state)
-        y.square().mean().backward()
-        return (time.perf_counter() - t) * 1e3, y.detach()
+        yield
     finally:
-        SelfModifyingTitans.batched_reads = DEFAULT
+        SelfModifyingTitans.fused_projection = default
+
+
+def _interleaved(run, rounds: int) -> dict[str, list[float]]:
+    """Median-ready times (ms) of run() under each schedule, alternating, after one warm-up round."""
+    times = {k: [] for k in SCHEDULES}
+    for r in range(rounds + 1):
+        for name, on in SCHEDULES.items():
+            with fused(on):
+                t = time.perf_counter()
+                run(name)
+                if r:
+                    times[name].append((time.perf_counter() - t) * 1e3)
+    return times
 
 
 def main(argv=None) -> list[dict]:
@@ -51,54 +63,35 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--step", action="store_true", help="time HOPE's whole training step instead of the mixer")
     a = ap.parse_args(argv)
-    if a.step:
-        return _steps(a)
-    torch.manual_seed(0)
-    mixer = build_model("hope", a.size).blocks[0].mixer
     rows = []
     for T in (int(s) for s in a.seq.split(",")):
-        x = torch.randn(a.batch, T, mixer.h * mixer.d, requires_grad=True)
-        state = mixer.init_state(a.batch, "cpu", torch.float32)
-        times = {False: [], True: []}
-        outs = {}
-        for r in range(a.rounds + 1):
-            for batched in (False, True):
-                ms, outs[batched] = _time(mixer, x, state, batched)
-                if r:  # the first round warms up
-                    times[batched].append(ms)
-        loop, batched = statistics.median(times[False]), statistics.median(times[True])
-        row = {"seq": T, "batch": a.batch, "size": a.size, "loop_ms": loop, "batched_ms": batched,
-               "speedup": loop / batched, "same_outputs": bool(torch.equal(outs[False], outs[True])),
-               "threads": torch.get_num_threads()}
+        if a.step:
+            B = a.batch if T <= 256 else 1
+            _, step = StepCase("hope", a.size, B, T).make(torch.device("cpu"))
+            times = _interleaved(lambda name: step(), a.rounds)
+            row = {"step": True, "seq": T, "batch": B}
+        else:
+            torch.manual_seed(0)
+            mixer = build_model("hope", a.size).blocks[0].mixer
+            x = torch.randn(a.batch, T, mixer.h * mixer.d, requires_grad=True)
+            state = mixer.init_state(a.batch, "cpu", torch.float32)
+            outs = {}
+
+            def run(name):
+                y, _ = mixer(x, state)
+                y.square().mean().backward()
+                outs[name] = y.detach()
+
+            times = _interleaved(run, a.rounds)
+            diff = float((outs["op"] - outs["loop"]).norm() / outs["loop"].norm())
+            row = {"step": False, "seq": T, "batch": a.batch, "rel_diff": diff}
+        loop, op = statistics.median(times["loop"]), statistics.median(times["op"])
+        row.update(size=a.size, loop_ms=loop, op_ms=op, speedup=loop / op, threads=torch.get_num_threads())
         rows.append(row)
-        print(f"T={T}: one graph per chunk {loop:.1f} ms, batched reads {batched:.1f} ms ({loop / batched:.2f}x); "
-              f"outputs {'identical' if row['same_outputs'] else 'DIFFER'}", flush=True)
-    if a.json:
-        write({"rows": rows}, a.json)
-    return rows
-
-
-def _steps(a) -> list[dict]:
-    rows = []
-    for T in (int(s) for s in a.seq.split(",")):
-        B = a.batch if T <= 256 else 1
-        _, step = StepCase("hope", a.size, B, T).make(torch.device("cpu"))
-        times = {False: [], True: []}
-        for r in range(a.rounds + 1):
-            for batched in (False, True):
-                SelfModifyingTitans.batched_reads = batched
-                try:
-                    t = time.perf_counter()
-                    step()
-                    if r:
-                        times[batched].append((time.perf_counter() - t) * 1e3)
-                finally:
-                    SelfModifyingTitans.batched_reads = DEFAULT
-        loop, batched = statistics.median(times[False]), statistics.median(times[True])
-        rows.append({"step": True, "seq": T, "batch": B, "size": a.size, "loop_ms": loop, "batched_ms": batched,
-                     "speedup": loop / batched, "threads": torch.get_num_threads()})
-        print(f"HOPE {a.size} training step B={B} T={T}: one graph per chunk {loop:.1f} ms, batched reads "
-              f"{batched:.1f} ms ({loop / batched:.2f}x)", flush=True)
+        what = f"HOPE {a.size} training step" if a.step else "the mixer fwd+bwd"
+        extra = "" if a.step else f"; outputs differ by {row['rel_diff']:.1e} (relative)"
+        print(f"{what} B={row['batch']} T={T}: per-chunk loop {loop:.1f} ms, one op {op:.1f} ms "
+              f"({loop / op:.2f}x){extra}", flush=True)
     if a.json:
         write({"rows": rows}, a.json)
     return rows

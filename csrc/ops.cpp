@@ -11,6 +11,7 @@
 #include "cpu/cms.h"
 #include "cpu/dgd.h"
 #include "cpu/isa.h"
+#include "cpu/selfmod.h"
 #include "cpu/titan.h"
 
 #ifdef NL_WITH_CUDA
@@ -122,6 +123,9 @@ TORCH_LIBRARY(nested_learning_C, m) {
   m.def("titan_bwd(Tensor dout, Tensor? dMt, Tensor? dSt, Tensor q, Tensor k, Tensor v, Tensor theta, "
         "Tensor abar, Tensor rho, Tensor ebar, Tensor c_par, Tensor c_mom, Tensor Mck, Tensor Sck, int chunk) "
         "-> Tensor[]");
+  m.def("selfmod_fwd(Tensor x, Tensor P, Tensor gate_bias, Tensor valid, int chunk, float eta_max, bool residual, "
+        "bool keep_checkpoints) -> (Tensor, Tensor, Tensor)");
+  m.def("selfmod_bwd(Tensor dy, Tensor x, Tensor checkpoints, int chunk) -> (Tensor, Tensor)");
   m.def("dgd_recurrent_fwd(Tensor q, Tensor k, Tensor w, Tensor a, Tensor alpha, Tensor eta, Tensor? h0, "
         "bool read_after) -> (Tensor, Tensor)");
 }
@@ -133,6 +137,8 @@ TORCH_LIBRARY_IMPL(nested_learning_C, CPU, m) {
   m.impl("cms_apply", &nested_learning::cms_apply_cpu);
   m.impl("titan_fwd", &nested_learning::titan_fwd_cpu);
   m.impl("titan_bwd", &nested_learning::titan_bwd_cpu);
+  m.impl("selfmod_fwd", &nested_learning::selfmod_fwd_cpu);
+  m.impl("selfmod_bwd", &nested_learning::selfmod_bwd_cpu);
 }
 
 #ifdef NL_WITH_CUDA

@@ -27,10 +27,14 @@ always differentiated: they are the only path by which k, v and the gates reach 
 The projection memory's writes are stop-gradient unless differentiable_writes=True.
 Streaming is exact for any split (the unfinished projection chunk is kept and replayed).
 
+The projection memory's recurrence runs as one op, ops.selfmod_projection (every token read by
+its chunk-start P, then each complete chunk's writes; C++ on the CPU, Triton on CUDA);
+`fused_projection = False` restores the per-chunk Python loop it replaced.
+
 Decoding (decode_begin / decode / decode_end) replays nothing: a token projects itself with the
 chunk-start P, reads and writes the main memory by the one-token DGD recurrence, and keeps its
-k, v and gates in a preallocated chunk buffer; the token that completes a projection chunk
-makes the chunk's write (`_write`, as forward does) inside the step.
+input in a preallocated chunk buffer; the token that completes a projection chunk makes the
+chunk's write (`_advance`, the same op as forward's) inside the step.
 """
 
 from __future__ import annotations
@@ -60,28 +64,23 @@ class SelfModifyingState:
 @dataclass
 class SelfModifyingDecode:
     """The decode step's state: the chunk-start projection memory P and the main memory M as
-    in SelfModifyingState, the unfinished chunk's inputs x [B, C, H, d], its k, v [B, C, 2, H,
-    d] and gates eta, alpha [B, C, 2, H] (eta 0 and alpha 1 for tokens dropped by a reset),
-    `valid` [B, C], of which the first `n` are filled."""
+    in SelfModifyingState, the unfinished chunk's inputs x [B, C, H, d] and `valid` [B, C]
+    (False for tokens dropped by a reset), of which the first `n` are filled."""
 
     proj: Tensor
     memory: Tensor
     x: Tensor
-    kv: Tensor
-    gates: Tensor
     valid: Tensor
     n: int
 
 
 class SelfModifyingTitans(nn.Module):
-    # Stop-gradient writes. False (the default): one autograd graph per projection chunk.
-    # True: the chunk recurrence runs without autograd and every chunk's read is one batched
-    # product (_project_stopped): the same outputs, states and input gradients bit for bit,
-    # 1.08x (T=256) to 1.38x (T=2048) faster per HOPE training step, but the parameters'
-    # gradients differ in the last bits (they sum over chunks in another order), so training
-    # trajectories part from the loop's; opt-in until the campaign that uses the loop's is done
-    # (bench/RESULTS.md 16).
-    batched_reads = False
+    # The projection memory's chunk recurrence: True (the default) runs it as one op
+    # (ops.selfmod_projection: C++ on the CPU, Triton on CUDA); False runs the per-chunk Python
+    # loop it replaced (one projection, gates and dgd_update write per chunk), kept as the
+    # benchmark's baseline and for the campaign that trained with it. The two agree to float
+    # rounding (tests/models/test_selfmod_projection_op.py; bench/RESULTS.md 17).
+    fused_projection = True
 
     def __init__(self, d_model: int, n_heads: int, proj_chunk: int = 16, memory_chunk: int = 64,
                  eta_max: float = 0.3, differentiable_writes: bool = False, self_modifying: bool = True,
@@ -131,14 +130,18 @@ class SelfModifyingTitans(nn.Module):
         return self._project_y(torch.einsum("bchi,bhoi->bcho", x, P.to(x.dtype)), x)
 
     def _project_y(self, y: Tensor, x: Tensor):
-        """q, k, v, eta, alpha from the raw projection y [B, C, H, 3d+2] of x [B, C, H, d]."""
+        """q, k, v, eta, alpha from the raw projection y [B, C, H, 3d+2] of x [B, C, H, d]. Split,
+        view and unbind, not slices: their backward concatenates instead of zero-filling a
+        y-sized gradient per slice."""
         d = self.d
+        qkv, g = y.split([3 * d, 2], -1)
+        qkv = qkv.unflatten(-1, (3, d))
         if self.residual:  # M(x) = x + W x for the q, k and v memories
-            y = torch.cat([y[..., :3 * d] + x.repeat(1, 1, 1, 3), y[..., 3 * d:]], -1)
-        q, k, v = (F.normalize(y[..., i * d:(i + 1) * d], dim=-1) for i in range(3))
-        g = y[..., 3 * d:] + self.gate_bias.to(x.dtype)
-        eta = self.eta_max * torch.sigmoid(g[..., 0])
-        alpha = torch.sigmoid(g[..., 1]).clamp(min=1e-4)
+            qkv = qkv + x.unsqueeze(-2)
+        q, k, v = F.normalize(qkv, dim=-1).unbind(-2)
+        g_eta, g_alpha = (g + self.gate_bias.to(x.dtype)).unbind(-1)
+        eta = self.eta_max * torch.sigmoid(g_eta)
+        alpha = torch.sigmoid(g_alpha).clamp(min=1e-4)
         return q, k, v, eta, alpha
 
     def forward(self, x: Tensor, state: SelfModifyingState) -> tuple[Tensor, SelfModifyingState]:
@@ -146,18 +149,15 @@ class SelfModifyingTitans(nn.Module):
         xs = torch.cat([state.pending.to(x.dtype), x.view(B, T, self.h, self.d)], 1)
         valid = torch.cat([state.pending_valid, state.pending_valid.new_ones(B, T)], 1)
         Pn, L, C = state.pending.shape[1], xs.shape[1], self.proj_chunk
-        if self.differentiable_writes or not self.batched_reads:
-            P, parts = fast_weight(self.P0, state.proj, self.differentiable_writes), []
-            for s0 in range(0, L, C):
-                s1 = min(s0 + C, L)
-                q, k, v, eta, alpha = self._project(xs[:, s0:s1], P)
-                parts.append((q, k, v, eta, alpha))
-                if s1 - s0 == C and self.self_modifying:  # a complete chunk advances the projection memory
-                    ok = valid[:, s0:s1, None]
-                    P = self._write(P, k, v, torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0))
-            q, k, v, eta, alpha = (torch.cat(t, 1)[:, Pn:] for t in zip(*parts))
+        P = fast_weight(self.P0, state.proj, self.differentiable_writes)
+        if not self.self_modifying:  # static projections: P is never written
+            q, k, v, eta, alpha = self._project(xs[:, Pn:], P)
+        elif self.fused_projection:
+            y, P = ops.selfmod_projection(xs, P, self.gate_bias, valid, C, self.eta_max, self.residual,
+                                          stop_writes=not self.differentiable_writes)
+            q, k, v, eta, alpha = self._project_y(y[:, Pn:] if Pn else y, xs[:, Pn:] if Pn else xs)
         else:
-            P, (q, k, v, eta, alpha) = self._project_stopped(xs, valid, state.proj)
+            q, k, v, eta, alpha, P = self._project_loop(xs, valid, P)
             q, k, v, eta, alpha = (t[:, Pn:] for t in (q, k, v, eta, alpha))
         M = fast_weight(self.M0, state.memory, False)
         a = 2 * k - v if self.memory_target == "self" else 2 * k
@@ -176,18 +176,10 @@ class SelfModifyingTitans(nn.Module):
     # ----- the one-token decode step -----------------------------------------------------
     def decode_begin(self, state: SelfModifyingState, pos: int = 0, room: int = 0) -> SelfModifyingDecode:
         B, Pn = state.pending.shape[:2]
-        C, dt = self.proj_chunk, state.pending.dtype
-        x = state.pending.new_empty(B, C, self.h, self.d)
-        kv = state.pending.new_empty(B, C, 2, self.h, self.d)
-        gates = state.pending.new_empty(B, C, 2, self.h)
-        valid = state.pending_valid.new_zeros(B, C)
-        if Pn:  # the pending tokens' k, v and gates, as forward's write would compute them
-            _, k, v, eta, alpha = self._project(state.pending, state.proj)
-            ok = state.pending_valid[..., None]
-            x[:, :Pn], kv[:, :Pn] = state.pending, torch.stack([k, v], 2).to(dt)
-            gates[:, :Pn] = torch.stack([torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0)], 2).to(dt)
-            valid[:, :Pn] = state.pending_valid
-        return SelfModifyingDecode(state.proj, state.memory, x, kv, gates, valid, Pn)
+        x = state.pending.new_empty(B, self.proj_chunk, self.h, self.d)
+        valid = state.pending_valid.new_zeros(B, self.proj_chunk)
+        x[:, :Pn], valid[:, :Pn] = state.pending, state.pending_valid
+        return SelfModifyingDecode(state.proj, state.memory, x, valid, Pn)
 
     def decode(self, x: Tensor, buf: SelfModifyingDecode, pos: int = 0) -> Tensor:
         """x [B, D] -> the mixer's output [B, D] for one token: forward's arithmetic, the main
@@ -204,10 +196,7 @@ class SelfModifyingTitans(nn.Module):
         g = y[..., 3 * d:] + self.gate_bias.to(x.dtype)
         eta = self.eta_max * torch.sigmoid(g[..., 0])
         alpha = torch.sigmoid(g[..., 1]).clamp(min=1e-4)
-        n = buf.n
-        buf.x[:, n], buf.kv[:, n, 0], buf.kv[:, n, 1] = xh, k, v
-        buf.gates[:, n, 0], buf.gates[:, n, 1] = eta, alpha
-        buf.valid[:, n] = True
+        buf.x[:, buf.n], buf.valid[:, buf.n] = xh, True
         buf.n += 1
         M, cdt = buf.memory, buf.memory.dtype
         q, k, v, eta, alpha = (t.to(cdt) for t in (q, k, v, eta, alpha))
@@ -225,9 +214,7 @@ class SelfModifyingTitans(nn.Module):
             o = o + q
         if buf.n == self.proj_chunk:
             if self.self_modifying:
-                k_c, v_c = buf.kv.unbind(2)
-                eta_c, alpha_c = buf.gates.unbind(2)
-                buf.proj = self._write(buf.proj, k_c, v_c, eta_c, alpha_c)
+                buf.proj = self._advance(buf.proj, buf.x, buf.valid)
             buf.n = 0
         o = F.rms_norm(o.to(x.dtype), (d,), self.norm.weight, self.norm.eps).reshape(B, D)
         return F.linear(o * torch.sigmoid(F.linear(x, self.gate.weight)), self.out.weight)
@@ -235,35 +222,27 @@ class SelfModifyingTitans(nn.Module):
     def decode_end(self, buf: SelfModifyingDecode) -> SelfModifyingState:
         return SelfModifyingState(buf.proj, buf.memory, buf.x[:, :buf.n].clone(), buf.valid[:, :buf.n].clone())
 
-    def _project_stopped(self, xs: Tensor, valid: Tensor, proj: Tensor):
-        """forward's projections with stop-gradient writes, in two passes: the chunk recurrence
-        of P without autograd (each chunk projected by its chunk-start P for the write), then
-        every token projected by its chunk's P in one batched product with autograd (the
-        gradient reaches P0 through each chunk's read, as fast_weight routes it, and x). The
-        same values as the loop of one autograd graph per chunk, bit for bit, with one graph.
-        Returns the state's P and q, k, v, eta, alpha of every token of xs."""
-        B, L = xs.shape[:2]
-        C = self.proj_chunk
-        n = -(-L // C)
-        # the value fast_weight gives the loop's reads: P0 + (P_c - P0) (one rounding from P_c)
-        # when autograd routes a gradient to P0, else P_c itself
-        rounded = torch.is_grad_enabled() and self.P0.requires_grad
-        with torch.no_grad():
-            raws = [proj]
-            for c in range(n - 1 if L % C else n):
-                if not self.self_modifying:
-                    raws.append(proj)
-                    continue
-                s0 = c * C
-                read = self.P0 + (raws[-1] - self.P0) if rounded else raws[-1]
-                _, k, v, eta, alpha = self._project(xs[:, s0:s0 + C], read)
-                ok = valid[:, s0:s0 + C, None]
-                raws.append(self._write(read, k, v, torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0)))
-        P = fast_weight(self.P0, raws[-1], False)  # the state's value (and its route to P0), as the loop leaves it
-        reads = fast_weight(self.P0, torch.stack(raws[:n], 1), False)  # [B, n, H, 3d+2, d]
-        x = F.pad(xs, (0, 0, 0, 0, 0, n * C - L)).view(B, n, C, self.h, self.d)
-        y = torch.einsum("bnchi,bnhoi->bncho", x, reads.to(xs.dtype)).reshape(B, n * C, self.h, -1)[:, :L]
-        return P, self._project_y(y, xs)
+    def _project_loop(self, xs: Tensor, valid: Tensor, P: Tensor):
+        """The per-chunk loop (fused_projection=False): each chunk projected by its start P, then
+        written by _write. Returns q, k, v, eta, alpha of every token of xs and the state's P."""
+        C, parts = self.proj_chunk, []
+        for s0 in range(0, xs.shape[1], C):
+            s1 = min(s0 + C, xs.shape[1])
+            q, k, v, eta, alpha = self._project(xs[:, s0:s1], P)
+            parts.append((q, k, v, eta, alpha))
+            if s1 - s0 == C:  # a complete chunk advances the projection memory
+                ok = valid[:, s0:s1, None]
+                P = self._write(P, k, v, torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0))
+        return (*(torch.cat(t, 1) for t in zip(*parts)), P)
+
+    def _advance(self, P: Tensor, x: Tensor, valid: Tensor) -> Tensor:
+        """P after one complete chunk x [B, C, H, d] of writes, as forward makes them."""
+        if self.fused_projection:
+            return ops.selfmod_projection(x, P, self.gate_bias, valid, self.proj_chunk, self.eta_max, self.residual,
+                                          stop_writes=not self.differentiable_writes)[1]
+        _, k, v, eta, alpha = self._project(x, P)
+        ok = valid[..., None]
+        return self._write(P, k, v, torch.where(ok, eta, 0.0), torch.where(ok, alpha, 1.0))
 
     def _write(self, P: Tensor, k, v, eta, alpha) -> Tensor:
         """Advance P [B, H, 3d+2, d] over one chunk: every row block's target is its own output

@@ -14,9 +14,10 @@ from ._backend import (
 from .cms import CMSState, CMSUpdate, cms_update
 from .cross_entropy import linear_cross_entropy
 from .dgd import dgd_update
+from .selfmod import selfmod_projection
 from .titan import titan_chunk_scan, titan_mlp_update, titan_update
 
-OPS = ("dgd_update", "titan_update", "titan_mlp_update", "cms_update", "linear_cross_entropy")
+OPS = ("dgd_update", "selfmod_projection", "titan_update", "titan_mlp_update", "cms_update", "linear_cross_entropy")
 
 __all__ = [
     "BACKEND_ORDER",
@@ -34,6 +35,7 @@ __all__ = [
     "last_backend",
     "linear_cross_entropy",
     "registered_backends",
+    "selfmod_projection",
     "titan_chunk_scan",
     "titan_mlp_update",
     "titan_update",

@@ -40,6 +40,18 @@ def titan_mlp_case():
     return f, args
 
 
+def selfmod_case(stop_writes):
+    g = torch.Generator().manual_seed(0)
+    x, P = torch.randn(1, 9, 2, 3, generator=g, dtype=F64), 0.5 * torch.randn(1, 2, 11, 3, generator=g, dtype=F64)
+    gb = torch.tensor([[0.0, 2.0], [0.5, 3.0]], dtype=F64)
+    valid = torch.rand(1, 9, generator=g) > 0.2
+
+    def f(x, P, gb):
+        return ops.selfmod_projection(x, P, gb, valid, chunk_size=4, stop_writes=stop_writes)
+
+    return f, [leaf(x), leaf(P), leaf(gb)]
+
+
 def cms_case(optimizer):
     W, xs, ds = torch.randn(2, 3, 4, dtype=F64), torch.randn(2, 7, 4, dtype=F64), torch.randn(2, 7, 3, dtype=F64)
     args = [leaf(W), leaf(xs), leaf(ds)]
@@ -63,6 +75,7 @@ CASES = {
     "dgd_before": lambda: dgd_case("before"),
     "titan": titan_case,
     "titan_mlp": titan_mlp_case,
+    "selfmod": lambda: selfmod_case(False),
     "cms_gd": lambda: cms_case("gd"),
     "cms_momentum": lambda: cms_case("momentum"),
     "cms_dgd": lambda: cms_case("dgd"),
@@ -73,6 +86,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_gradcheck(case):
+    # (selfmod_projection's stop-gradient writes give the straight-through gradient, not the
+    # function's derivative: tests/ops/test_selfmod.py checks that formula instead)
     f, args = CASES[case]()
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7)
 
@@ -85,12 +100,13 @@ def _total(out):
     return tot
 
 
-@pytest.mark.parametrize("case", ["dgd_before", "titan", "titan_mlp", "cms_dgd", "ce_mean"])
+@pytest.mark.parametrize("case", ["dgd_before", "titan", "titan_mlp", "selfmod", "selfmod_stop_writes", "cms_dgd",
+                                  "ce_mean"])
 @pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward(case):
     # inductor (the default backend) also checks that real outputs match the fakes' strides
     torch._dynamo.reset()
-    f, args = CASES[case]()
+    f, args = selfmod_case(True) if case == "selfmod_stop_writes" else CASES[case]()
     eager = _total(f(*args)) * 2 + 1
     g_eager = torch.autograd.grad(eager, args)
     compiled = torch.compile(lambda *a: _total(f(*a)) * 2 + 1, fullgraph=True)

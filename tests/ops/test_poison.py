@@ -32,6 +32,12 @@ def run_all(wrap):
                              wrap(torch.randn(2, 21, 3, dtype=torch.float64)), lr=0.1, optimizer="dgd")
     outs += [st2.weight, st2.buffer_x, up.update_norms]
     outs += list(ops.linear_cross_entropy(wrap(h), wrap(W), y))
+    g = torch.Generator().manual_seed(2)
+    x, P = torch.randn(2, 37, 2, 5, generator=g, dtype=torch.float64), torch.randn(2, 2, 17, 5, generator=g, dtype=torch.float64)
+    gb = torch.tensor([[0.0, 3.0], [1.0, 2.0]], dtype=torch.float64)
+    xs, Ps = wrap(x).requires_grad_(), wrap(P).requires_grad_()
+    ysm, Psm = ops.selfmod_projection(xs, Ps, wrap(gb), chunk_size=8)
+    outs += [ysm, Psm, *torch.autograd.grad((ysm.sum() + Psm.sum()), (xs, Ps))]
     return outs
 
 

@@ -27,6 +27,7 @@ LAZY_ALLOWED = {
     ("nested_learning.ops.cms", "nested_learning.kernels.cms"),
     ("nested_learning.ops.cross_entropy", "nested_learning.kernels.cross_entropy"),
     ("nested_learning.ops.dgd", "nested_learning.kernels.dgd"),
+    ("nested_learning.ops.selfmod", "nested_learning.kernels.selfmod"),
     ("nested_learning.ops.titan", "nested_learning.kernels.titan"),
     # the adapter imports the optional lm-evaluation-harness, located only when the command runs
     ("nested_learning.cli.lm_eval", "nested_learning.eval.lm_eval_adapter"),
