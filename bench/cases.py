@@ -150,7 +150,7 @@ def titan_mlp_case(B, T, H, d, hidden, chunk=16, backward=True):
 def _selfmod_base(B, T, H, d, g):
     P = torch.randn(B, H, 3 * d + 2, d, generator=g) / d**0.5
     P[:, :, 3 * d:] *= 0.1
-    return dict(x=torch.randn(B, T, H, d, generator=g), P=P, gate_bias=torch.tensor([[0.0, 4.0]]).repeat(H, 1))
+    return dict(x=torch.randn(B, T, H, d, generator=g), P=P, gate_bias=torch.tensor([[0.0, 8.0]]).repeat(H, 1))  # the layer's initial biases
 
 
 def selfmod_case(B, T, H, d, chunk=16, backward=True):

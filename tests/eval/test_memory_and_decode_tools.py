@@ -49,5 +49,9 @@ def test_selfmod_layer_times_the_loop_and_the_op_and_finds_them_equal(tmp_path):
                                "--json", str(tmp_path / "s.json")])
     assert rows[0]["rel_diff"] < 1e-5 and rows[0]["loop_ms"] > 0 and rows[0]["op_ms"] > 0
     assert (tmp_path / "s.json").exists()
-    steps = selfmod_layer.main(["--step", "--seq", "32", "--batch", "2", "--size", "tiny", "--rounds", "1"])
-    assert steps[0]["loop_ms"] > 0 and steps[0]["op_ms"] > 0
+    steps = selfmod_layer.main(["--step", "--seq", "32", "--batch", "2", "--size", "tiny", "--rounds", "1",
+                                "--models", "transformer"])
+    assert steps[0]["loop_ms"] > 0 and steps[0]["op_ms"] > 0 and steps[0]["others_ms"]["transformer"] > 0
+    per = steps[0]["per_param_vs"]["transformer"]  # HOPE's tokens/s per parameter over the Transformer's
+    p = steps[0]["params"]
+    assert per["op"] == pytest.approx(steps[0]["others_ms"]["transformer"] / steps[0]["op_ms"] * p["transformer"] / p["hope"])
