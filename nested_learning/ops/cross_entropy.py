@@ -68,11 +68,16 @@ def _loss_scale(gl: Tensor, valid: Tensor, reduction: str) -> Tensor:
     return scale / valid.sum().clamp(min=1) if reduction == "mean" else scale
 
 
-def _softmax_minus_onehot_(logits: Tensor, lse: Tensor, y: Tensor, scale: Tensor) -> Tensor:
-    """In place: scale_t * (softmax(logits_t) - onehot(y_t)); rows with scale 0 become 0."""
-    logits.sub_(lse[:, None]).exp_()
-    logits.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
-    return logits.mul_(scale[:, None])
+def _softmax_minus_onehot_(logits: Tensor, y: Tensor, scale: Tensor) -> Tensor:
+    """In place: scale_t * (softmax(logits_t) - onehot(y_t)); rows with scale 0 become 0.
+    Returns the rows' logsumexp. One pass of exp, written into the logits' own buffer
+    (logsumexp would allocate a logits-sized temporary and exponentiate a second time)."""
+    m = logits.amax(1, keepdim=True)
+    total = logits.sub_(m).exp_().sum(1, keepdim=True)
+    logits.div_(total)
+    logits.scatter_add_(1, y[:, None], torch.full_like(m, -1.0))
+    logits.mul_(scale[:, None])
+    return (m + total.log()).squeeze(1)
 
 
 def _fused_forward(h, weight, targets, ignore_index, reduction):
@@ -81,9 +86,10 @@ def _fused_forward(h, weight, targets, ignore_index, reduction):
     delta = hf.new_empty(hf.shape)
     vf = valid.to(hf.dtype)
     for s, e, logits in _logit_blocks(hf, wf):
-        lse = logits.logsumexp(1)
-        loss_tok[s:e] = (lse - logits.gather(1, y[s:e, None]).squeeze(1)) * vf[s:e]
-        torch.mm(_softmax_minus_onehot_(logits, lse, y[s:e], vf[s:e]), wf, out=delta[s:e])
+        target = logits.gather(1, y[s:e, None]).squeeze(1)
+        lse = _softmax_minus_onehot_(logits, y[s:e], vf[s:e])
+        loss_tok[s:e] = (lse - target) * vf[s:e]
+        torch.mm(logits, wf, out=delta[s:e])
     return _reduce(loss_tok, valid, targets, reduction).to(h.dtype), delta.reshape(h.shape).to(h.dtype)
 
 
@@ -97,8 +103,8 @@ def _fused_backward(grads, inputs, ignore_index, reduction):
     dh = (delta.reshape(-1, delta.shape[-1]).to(hf.dtype) * scale[:, None]).reshape(h.shape)
     dW = torch.zeros_like(wf)
     for s, e, logits in _logit_blocks(hf, wf):
-        P = _softmax_minus_onehot_(logits, logits.logsumexp(1), y[s:e], scale[s:e])
-        dW.addmm_(P.T, hf[s:e])
+        _softmax_minus_onehot_(logits, y[s:e], scale[s:e])
+        dW.addmm_(logits.T, hf[s:e])
     return [dh.to(h.dtype), dW.to(weight.dtype), h.new_empty(0)]
 
 
