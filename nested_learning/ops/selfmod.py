@@ -69,42 +69,40 @@ def chunk_starts_backward(grads, inputs, chunk_size, checkpoints) -> list[Tensor
     return [dx, dP.to(P.dtype), torch.zeros_like(gate_bias), valid.new_empty(0)]
 
 
-def _fast_backward(checkpoints_of, stopped_backward=chunk_starts_backward):
-    """A backend's backward: `stopped_backward` with stop-gradient writes (from the residual
-    checkpoints, else recomputed by `checkpoints_of`), the reference's vjp otherwise."""
+def _fast_backend(name: str, run, stopped_backward=chunk_starts_backward, **kw) -> _backend.Backend:
+    """A compiled backend from its forward kernel `run(x, P, gate_bias, valid, chunk_size,
+    eta_max, residual, keep) -> (y, P_out, checkpoints)`: the forward keeps the chunk-start
+    states when the writes stop gradients and an input requires grad; the backward is
+    `stopped_backward` from them (recomputed when absent, as under torch.compile), or with
+    differentiable writes the reference's vjp."""
+
+    def outputs(x, P, y, P_out):
+        return y.to(x.dtype), P_out.to(_state_dtype(x, P))
+
+    def forward(x, P, gate_bias, valid, chunk_size, eta_max, residual, stop_writes):
+        y, P_out, _ = run(x, P, gate_bias, valid, chunk_size, eta_max, residual, False)
+        return outputs(x, P, y, P_out)
+
+    def forward_with_residuals(x, P, gate_bias, valid, chunk_size, eta_max, residual, stop_writes):
+        y, P_out, ck = run(x, P, gate_bias, valid, chunk_size, eta_max, residual, stop_writes)
+        return outputs(x, P, y, P_out), ([ck] if stop_writes else [])
 
     def backward(grads, inputs, chunk_size, eta_max, residual, stop_writes):
         if not stop_writes:
             return reference_vjp(lambda *xs: selfmod_projection_reference(
                 *xs, chunk_size, eta_max, residual, stop_writes), inputs[:4], grads)
-        ck = inputs[4] if len(inputs) > 4 else checkpoints_of(*inputs[:4], chunk_size, eta_max, residual)
+        ck = inputs[4] if len(inputs) > 4 else run(*inputs[:4], chunk_size, eta_max, residual, True)[2]
         return stopped_backward(grads, inputs, chunk_size, ck)
 
-    return backward
-
-
-def _cpu_args(x, P, gate_bias):
-    cdt = torch.float64 if _state_dtype(x, P) == torch.float64 else torch.float32
-    return [t.to(cdt).contiguous() for t in (x, P, gate_bias)]
+    return _backend.Backend(name, forward=forward, backward=backward, forward_with_residuals=forward_with_residuals,
+                            **kw)
 
 
 def _cpu_run(x, P, gate_bias, valid, chunk_size, eta_max, residual, keep):
-    xc, Pc, gb = _cpu_args(x, P, gate_bias)
+    """csrc/cpu/selfmod.cpp in float32 (float64 for float64 inputs)."""
+    cdt = torch.float64 if _state_dtype(x, P) == torch.float64 else torch.float32
+    xc, Pc, gb = (t.to(cdt).contiguous() for t in (x, P, gate_bias))
     return torch.ops.nested_learning_C.selfmod_fwd(xc, Pc, gb, valid.contiguous(), chunk_size, eta_max, residual, keep)
-
-
-def _cpu_forward(x, P, gate_bias, valid, chunk_size, eta_max, residual, stop_writes):
-    y, P_out, _ = _cpu_run(x, P, gate_bias, valid, chunk_size, eta_max, residual, False)
-    return y.to(x.dtype), P_out.to(_state_dtype(x, P))
-
-
-def _cpu_forward_with_residuals(x, P, gate_bias, valid, chunk_size, eta_max, residual, stop_writes):
-    y, P_out, ck = _cpu_run(x, P, gate_bias, valid, chunk_size, eta_max, residual, stop_writes)
-    return (y.to(x.dtype), P_out.to(_state_dtype(x, P))), ([ck] if stop_writes else [])
-
-
-def _cpu_checkpoints(x, P, gate_bias, valid, chunk_size, eta_max, residual):
-    return _cpu_run(x, P, gate_bias, valid, chunk_size, eta_max, residual, True)[2]
 
 
 def _cpu_stopped_backward(grads, inputs, chunk_size, checkpoints):
@@ -126,34 +124,16 @@ def _cpu_unavailable(device_type):
     return reason
 
 
-_backend.register(OP, _backend.Backend("cpu", forward=_cpu_forward, backward=_fast_backward(_cpu_checkpoints, _cpu_stopped_backward),
-                                       devices=("cpu",), unavailable=_cpu_unavailable,
-                                       forward_with_residuals=_cpu_forward_with_residuals))
-
-
 def _triton_run(x, P, gate_bias, valid, chunk_size, eta_max, residual, keep):
     from nested_learning.kernels.selfmod import selfmod_fwd
 
     return selfmod_fwd(x, P, gate_bias, valid, chunk_size, eta_max, residual, keep)
 
 
-def _triton_forward(x, P, gate_bias, valid, chunk_size, eta_max, residual, stop_writes):
-    y, P_out, _ = _triton_run(x, P, gate_bias, valid, chunk_size, eta_max, residual, False)
-    return y.to(x.dtype), P_out.to(_state_dtype(x, P))
-
-
-def _triton_forward_with_residuals(x, P, gate_bias, valid, chunk_size, eta_max, residual, stop_writes):
-    y, P_out, ck = _triton_run(x, P, gate_bias, valid, chunk_size, eta_max, residual, stop_writes)
-    return (y.to(x.dtype), P_out.to(_state_dtype(x, P))), ([ck] if stop_writes else [])
-
-
-def _triton_checkpoints(x, P, gate_bias, valid, chunk_size, eta_max, residual):
-    return _triton_run(x, P, gate_bias, valid, chunk_size, eta_max, residual, True)[2]
-
-
-_backend.register(OP, _backend.Backend("triton", forward=_triton_forward, backward=_fast_backward(_triton_checkpoints),
-                                       devices=("cuda",), forced_devices=("cpu",), unavailable=_backend.triton_unavailable,
-                                       forward_with_residuals=_triton_forward_with_residuals))
+_backend.register(OP, _fast_backend("cpu", _cpu_run, _cpu_stopped_backward, devices=("cpu",),
+                                    unavailable=_cpu_unavailable))
+_backend.register(OP, _fast_backend("triton", _triton_run, devices=("cuda",), forced_devices=("cpu",),
+                                    unavailable=_backend.triton_unavailable))
 
 
 def selfmod_projection(
