@@ -136,5 +136,5 @@ def selfmod_fwd(x: torch.Tensor, P: torch.Tensor, gate_bias: torch.Tensor, valid
     selfmod_fwd_kernel[(B * H,)](xk, P.float().contiguous(), gate_bias.float().contiguous(),
                                  valid.to(torch.int8).contiguous(), y, Pout, ck, T, H, N, float(eta_max),
                                  D=d, BD=pow2(d), CH=chunk, BT=pow2(chunk), RESIDUAL=bool(residual), KEEP=bool(keep),
-                                 PREC=dot_precision(xk))
+                                 PREC=dot_precision(xk), num_warps=4 if d <= 32 else 8)  # P's tiles: 3 d^2 + 16 d floats
     return y, Pout, (ck if keep else None)
