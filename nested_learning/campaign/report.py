@@ -166,6 +166,37 @@ class Report:
         verdict = "exceeds the spread" if abs(d) > 2 * ref_sd else "within the spread"
         return d, ref_sd, n, verdict
 
+    def level(self, variant: str, key: str) -> str | None:
+        """Where `variant`'s mean lies against the metric's second reference level (MQAR: the
+        accuracy without recall): "above", "at" or "below" it, "at" meaning within the same 2 sd
+        as the effects (the variant's own seeds' sd, or the reference's with one seed)."""
+        floor, (mean, sd, n) = self.r.floor(key), self.r.stat(variant, key)
+        if floor is None or mean is None:
+            return None
+        sd = sd if sd is not None else self.r.stat(self.c.reference, key)[1]
+        tol = self.c.confirm_sigmas * (sd or 0.0)
+        return "above" if mean > floor + tol else "below" if mean < floor - tol else "at"
+
+    def levels(self, variants: list[str]) -> list[str]:
+        """One sentence per metric with a second reference level: each variant against it."""
+        out = []
+        for key in MAIN_KEYS:
+            m, floor = BY_KEY[key], self.r.floor(key)
+            placed = [(v, self.r.stat(v, key)[0], self.level(v, key)) for v in variants]
+            placed = [(v, x, lv) for v, x, lv in placed if lv is not None]
+            if floor is None or not placed:
+                continue
+            out.append(f"{m.label} against its {m.floor_label} level ({fmt(floor)}: a model that answers with one "
+                       "of the sequence's N values at random, without recalling which, scores 1/N; mean over the "
+                       "cells): " + ", ".join(f"{v} {x:.3f} {lv}" for v, x, lv in placed)
+                       + (". No model is above it: none recalls at this training budget."
+                          if all(lv != "above" for _, _, lv in placed) else "."))
+        return out
+
+    def _chance_cell(self, key: str) -> str:
+        floor = self.r.floor(key)
+        return fmt(self.r.chance(key)) + (f"; {BY_KEY[key].floor_label} {fmt(floor)}" if floor is not None else "")
+
     def progress(self) -> str:
         done = [e.name for e in self.r.entries if self.r.done(e)]
         left = [e.name for e in self.r.entries if not self.r.done(e)]
@@ -179,7 +210,7 @@ class Report:
         for key in MAIN_KEYS:
             m = BY_KEY[key]
             cells = [cell(*self.r.stat(v, key)) for v in variants]
-            lines.append(f"| {m.label} | " + " | ".join(cells) + f" | {fmt(self.r.chance(key))} | "
+            lines.append(f"| {m.label} | " + " | ".join(cells) + f" | {self._chance_cell(key)} | "
                          f"{'higher' if m.higher_is_better else 'lower'} |")
         return lines
 
@@ -302,7 +333,9 @@ class Report:
             cells = []
             for k in keys:
                 d, sd, n, verdict = self.effect(v, k)
-                cells.append("not run yet" if d is None else f"{d:+.3f} ({verdict})")
+                level = self.level(v, k)
+                level = f"; {level} the {BY_KEY[k].floor_label} level" if level else ""
+                cells.append("not run yet" if d is None else f"{d:+.3f} ({verdict}{level})")
             lines.append(f"| {v} | {changes} | {self._params(v)} | {self.r.stat(v, 'val_loss')[2]} | "
                          + " | ".join(cells) + " |")
         return lines
@@ -336,7 +369,8 @@ class Report:
              "Cells: mean ± standard deviation over seeds (number of seeds). Chance: the value a model without "
              "knowledge scores (for a loss: the uniform distribution over the vocabulary, ln V nats/token). The "
              "settings of each evaluation (lengths, depths, pairs, steps) are its command in the campaign file.", "",
-             "## Main comparison", "", *self.main_table(), "", self.ordering(), "", "### Training", "",
+             "## Main comparison", "", *self.main_table(), "", self.ordering(),
+             *[x for line in self.levels(self.r.variants("main")) for x in ("", line)], "", "### Training", "",
              *self.training_table()]
         if "val_loss" in figures:
             L += ["", f"![validation loss]({rel(figures['val_loss'])})"]
@@ -349,6 +383,7 @@ class Report:
               *self.ablation_table(keys=["val_loss", "blimp", "recall"])]
         if "ablations" in figures:
             L += ["", f"![ablation effects]({rel(figures['ablations'])})"]
+        L += [x for line in self.levels(self.r.variants("ablation")) for x in ("", line)]
         L += _paper_section(paper)
         L += ["", "## Where each number comes from", "", *self.sources(), ""]
         return "\n".join(L)
@@ -365,7 +400,9 @@ class Report:
              f"{c.reference}'s seeds (for the validation loss: {fmt(sd, 4)} nats/token), and is otherwise "
              f"**within the spread** (not told apart from seed noise). An ablation within the spread on the "
              f"validation loss after seed {c.ablation_seeds[0]} gets seeds {c.confirm_seeds} as well. Negative "
-             "loss effects and positive accuracy effects are improvements.", "", *self.ablation_table()]
+             "loss effects and positive accuracy effects are improvements. Where a metric has a second "
+             "reference level (MQAR: the accuracy without recall), each cell also says whether the ablation's "
+             "mean is above, at (within 2 sd) or below it.", "", *self.ablation_table()]
         if "ablations" in figures:
             L += ["", f"![ablation effects]({os.path.relpath(figures['ablations'], os.path.dirname(self.c.reports_dir))})"]
         L += ["", "## Where each number comes from", "", *self.sources(), ""]
@@ -386,8 +423,8 @@ def headline(rep: Report) -> str:
          "| metric | " + " | ".join(variants) + " | chance |", "|---|" + "---:|" * (len(variants) + 1)]
     for key in HEADLINE_KEYS:
         L.append(f"| {BY_KEY[key].label} | " + " | ".join(cell(*r.stat(v, key)) for v in variants)
-                 + f" | {fmt(r.chance(key))} |")
-    L += ["", rep.ordering()]
+                 + f" | {rep._chance_cell(key)} |")
+    L += ["", rep.ordering(), *[x for line in rep.levels(variants) for x in ("", line)]]
     verdicts: dict[str, list[str]] = {}
     for v in r.variants("ablation"):
         d, _, n, verdict = rep.effect(v, "val_loss")

@@ -28,15 +28,25 @@ class Metric:
     higher_is_better: bool
     chance: float | str | None = None  # a number, a JSON path (tuple) beside `path`, or None
     chance_path: tuple | None = None
+    floor: object = None  # doc -> float | None: a second reference level, named by floor_label
+    floor_label: str | None = None
 
 
 def _task(stage, file, task, metric):
     return f"{stage}/{file}", ("tasks", task, "metrics", metric, "value")
 
 
-def _m(key, label, stage, file, task, metric, higher=True, chance=None, chance_from_task=False):
+def _m(key, label, stage, file, task, metric, higher=True, chance=None, chance_from_task=False, **floor):
     f, p = _task(stage, file, task, metric)
-    return Metric(key, label, f, p, higher, chance, ("tasks", task, "chance") if chance_from_task else None)
+    return Metric(key, label, f, p, higher, chance, ("tasks", task, "chance") if chance_from_task else None, **floor)
+
+
+def _no_recall_level(doc) -> float | None:
+    """MQAR's level without recall: a model that answers with one of the sequence's N values at
+    random scores 1/N, so over the scored cells (equally weighted in the mean accuracy) it scores
+    the mean of 1/N. Models sit on it before they learn to recall (bench/RESULTS.md 11.4)."""
+    cells = _dig(doc, ("tasks", "mqar", "extra", "settings", "cells"))
+    return sum(1 / n for n, _ in cells) / len(cells) if cells else None
 
 
 UNIFORM = "uniform"  # chance of a loss: ln(vocabulary), the loss of the uniform distribution
@@ -62,7 +72,7 @@ METRICS = [
     _m("cl_fwt", "continual FWT (forward transfer)", "continual", "continual.json", "sotu_eras", "FWT"),
     _m("cl_acc_mem", "continual ACC, memorising", "continual", "continual_memorize.json", "sotu_eras", "ACC"),
     _m("recall", "MQAR accuracy", "recall", "recall_{model}.json", "mqar", "acc",
-       chance_from_task=True),
+       chance_from_task=True, floor=_no_recall_level, floor_label="no-recall"),
 ]
 BY_KEY = {m.key: m for m in METRICS}
 
@@ -81,6 +91,7 @@ class Value:
     value: float
     source: str   # "<reports>/<entry>/zeroshot/zeroshot.json: tasks.blimp.metrics.acc.value"
     chance: float | None
+    floor: float | None = None
 
 
 class CampaignResults:
@@ -117,7 +128,8 @@ class CampaignResults:
             chance = _dig(doc, m.chance_path) if m.chance_path else m.chance
             if chance == UNIFORM:
                 chance = self.uniform_loss(entry)
-            out[m.key] = Value(float(v), f"{self.rel(path)}: {'.'.join(m.path)}", chance)
+            out[m.key] = Value(float(v), f"{self.rel(path)}: {'.'.join(m.path)}", chance,
+                               m.floor(doc) if m.floor else None)
         return out
 
     def uniform_loss(self, entry: Entry) -> float | None:
@@ -158,3 +170,10 @@ class CampaignResults:
             if key in vals and vals[key].chance is not None:
                 return vals[key].chance
         return None
+
+    def floor(self, key: str) -> float | None:
+        """The metric's second reference level (MQAR: without recall), when every entry that has
+        the metric states the same one; None otherwise."""
+        levels = {round(vals[key].floor, 12) for vals in self.values.values()
+                  if key in vals and vals[key].floor is not None}
+        return levels.pop() if len(levels) == 1 else None

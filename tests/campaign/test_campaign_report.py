@@ -54,6 +54,12 @@ evaluation: {zeroshot: "{python} scripts/eval/zeroshot.py --run {run} --out {out
         _write(f"{rep}/hope-s{seed}/zeroshot/zeroshot.json", {"tasks": {"blimp": _task([0.6, 0.62, 0.64][seed], 0.5)}})
         _write(f"{rep}/hope-s{seed}/perplexity/perplexity.json", {"tasks": {"val": {"metrics": {}, "extra": {
             "loss_by_position": [{"bucket": "0-1k", "loss": 6.0 + seed / 10}, {"bucket": "1k-2k", "loss": 5.0}]}}}})
+    # MQAR over the cells N=2 and N=4: the no-recall level is (1/2 + 1/4) / 2 = 0.375
+    recall = lambda acc: {"tasks": {"mqar": _task(acc, 1 / 120, settings={"cells": [[2, 64], [4, 64]]})}}  # noqa: E731
+    for seed, acc in enumerate([0.05, 0.06, 0.07]):  # hope: mean 0.06, sd 0.01: below the level
+        _write(f"{rep}/hope-s{seed}/recall/recall_hope.json", recall(acc))
+    _write(f"{rep}/transformer-s0/recall/recall_transformer.json", recall(0.39))  # within 2 x hope's sd: at
+    _write(f"{rep}/hope_cms_depth1-s0/recall/recall_hope.json", recall(0.5))  # above
     # depth1: +0.4 (beyond 2 sd = 0.2); dgd: +0.05 (within): dgd gets seeds 1 and 2
     _write(f"{rep}/hope_cms_depth1-s0/train.json", _train(5.5))
     _write(f"{rep}/hope_cms_depth1-s0/zeroshot/zeroshot.json", {"tasks": {"blimp": _task(0.55, 0.5)}})
@@ -71,6 +77,12 @@ def test_the_tables_hold_the_hand_computed_numbers(tmp_path):
     main = "\n".join(rep.main_table())
     assert "| validation loss (nats/token, final) | 5.100 ± 0.100 (3) | 5.400 ± 0.100 (3) | 8.318 | lower |" in main
     assert "| BLiMP accuracy | 0.620 ± 0.020 (3) | not run yet | 0.500 | higher |" in main
+    assert "| MQAR accuracy | 0.060 ± 0.010 (3) | 0.390 (1) | 0.008; no-recall 0.375 | higher |" in main
+    assert ("MQAR accuracy against its no-recall level (0.375: " in rep.levels(["hope", "transformer"])[0]
+            and rep.levels(["hope", "transformer"])[0].endswith(
+                "hope 0.060 below, transformer 0.390 at. No model is above it: none recalls at this training budget."))
+    assert "+0.440 (exceeds the spread; above the no-recall level)" in "\n".join(rep.ablation_table(keys=["recall"]))
+    assert rep.levels(["hope_cms_depth1"])[0].endswith("hope_cms_depth1 0.500 above.")
     abl = "\n".join(rep.ablation_table(keys=["val_loss", "blimp"]))
     assert "| hope_cms_depth1 | cms_periods=[16] | 1,000 | 1 | +0.400 (exceeds the spread) | -0.070 (exceeds the spread) |" in abl
     assert "| hope_cms_dgd | cms_optimizer=dgd | 1,000 | 1 | +0.050 (within the spread) | not run yet |" in abl
