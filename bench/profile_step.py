@@ -4,6 +4,7 @@ interleaved pairs, with the spread of the per-pair ratios), the time of the upda
 alone, and torch.profiler's table of the ops that dominate.
 
     python bench/profile_step.py [--model hope --size smoke --batch 4 --seq 256 --rows 20]
+    python bench/profile_step.py --profile update   # the table of the update pass alone
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=9, help="interleaved (on, off) pairs timed")
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--profile", choices=("step", "update"), default="step",
+                    help="what the op table profiles: one whole step, or 5 update passes alone")
     ap.add_argument("--diff", type=int, default=0, metavar="N",
                     help="also print the N (op, shapes) that cost most more with the updates on")
     args = ap.parse_args(argv)
@@ -58,7 +61,12 @@ def main(argv=None) -> int:
     if dev.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
     with profile() as p:
-        step_on()
+        if args.profile == "step":
+            step_on()
+        else:
+            for _ in range(5):
+                m.apply_updates(st, cap)
+    print(f"profiled: {'one step' if args.profile == 'step' else '5 update passes'}")
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if args.diff:
         print_difference(step_on, step_off, args.diff)

@@ -226,6 +226,19 @@ class CMSChain(nn.Module):
             z = z + torch.bmm(a, st.down.weight.transpose(1, 2).to(a.dtype))[:, 0]
         return z
 
+    def _factor(self, norm_t: Tensor, passed: Tensor, surprise_threshold: float) -> Tensor | None:
+        """Each token's teach-signal factor [B, T, 1]: teach_scale, times the clip's
+        min(1, teach_clip / ||delta_t||), times 0 below the surprise threshold. None (the signals
+        are used as they are, no multiply) when it is 1 on every token with a signal: scale 1, no
+        clip and threshold <= 0, where it would only zero tokens whose signal is zero (or so small,
+        below about 1e-22, that its squared norm underflows)."""
+        if self.teach_scale == 1.0 and self.teach_clip is None and surprise_threshold <= 0:
+            return None
+        factor = torch.full_like(norm_t, self.teach_scale)
+        if self.teach_clip is not None:
+            factor = factor * (self.teach_clip / norm_t.clamp(min=1e-30)).clamp(max=1.0)
+        return factor * passed
+
     def update(self, state: list[CMSLevelState], capture: TeachCapture, layer: int, log: UpdateLog,
                lr: float | None = None, levels=None, surprise_threshold: float = 0.0):
         """Apply the teach signals of `capture` (one forward + backward) to the fast weights.
@@ -239,11 +252,8 @@ class CMSChain(nn.Module):
             kd, ku = ("cms", layer, lvl, "down"), ("cms", layer, lvl, "up")
             d_down, d_up = capture.signal(kd), capture.signal(ku)
             norm_t = d_down.float().norm(dim=-1, keepdim=True)  # [B, T, 1] surprise per token
-            factor = torch.full_like(norm_t, self.teach_scale)
-            if self.teach_clip is not None:
-                factor = factor * (self.teach_clip / norm_t.clamp(min=1e-30)).clamp(max=1.0)
             passed = norm_t > surprise_threshold
-            factor = factor * passed
+            factor = self._factor(norm_t, passed, surprise_threshold)
             seen = norm_t > 0  # tokens with a signal (ignored targets have none)
             surprise[lvl] = (norm_t.mean(), torch.stack([
                 seen.sum().to(norm_t.dtype), passed.sum().to(norm_t.dtype),
@@ -252,8 +262,8 @@ class CMSChain(nn.Module):
             kw = dict(lr=dgd_step(step, self.periods[lvl]) if opt == "dgd" else step, optimizer=opt,
                       beta=self.beta, alpha=self.dgd_alpha)
             wdt = st.up.weight.dtype  # under autocast the activations may be in another dtype
-            x_up, s_up = dgd_inputs(capture.inputs[ku], d_up * factor, opt)
-            x_dn, s_dn = dgd_inputs(capture.inputs[kd], d_down * factor, opt)
+            x_up, s_up = dgd_inputs(capture.inputs[ku], d_up if factor is None else d_up * factor, opt)
+            x_dn, s_dn = dgd_inputs(capture.inputs[kd], d_down if factor is None else d_down * factor, opt)
             up, u_rep = ops.cms_update(st.up, x_up.to(wdt), s_up.to(wdt), **kw)
             down, d_rep = ops.cms_update(st.down, x_dn.to(wdt), s_dn.to(wdt), **kw)
             norms = (u_rep.update_norms.square() + d_rep.update_norms.square()).sqrt()

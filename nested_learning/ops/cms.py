@@ -99,6 +99,12 @@ _op = define_op(
 _OPT_ID = {"gd": 0, "momentum": 1, "dgd": 2}
 
 
+def _joined(buffer: Tensor, filled: int, new: Tensor, dtype: torch.dtype) -> Tensor:
+    """The buffered tokens then the new ones, in `dtype`; the new tokens themselves (no copy)
+    when nothing is buffered, as in training, whose segments are whole chunks of every level."""
+    return (new if filled == 0 else torch.cat([buffer[:, :filled], new], 1)).to(dtype)
+
+
 def _chunked_forward(apply, upcast: bool):
     """A backend forward from apply(weight, momentum, X [B, N, Din], D [B, N, Dout], C, lr,
     optimizer, beta, alpha) -> (W, m, norms [B, n]), which applies the n = N / C >= 1 complete
@@ -108,8 +114,7 @@ def _chunked_forward(apply, upcast: bool):
     def forward(weight, x, delta, buffer_x, buffer_delta, momentum, filled, lr, optimizer, beta, alpha):
         C = buffer_x.shape[1]
         cdt = torch.promote_types(weight.dtype, torch.float32) if upcast else weight.dtype
-        xs = torch.cat([buffer_x[:, :filled], x], 1).to(cdt)
-        ds = torch.cat([buffer_delta[:, :filled], delta], 1).to(cdt)
+        xs, ds = _joined(buffer_x, filled, x, cdt), _joined(buffer_delta, filled, delta, cdt)
         B, L = xs.shape[:2]
         N = L // C * C
         if N == 0:
@@ -134,14 +139,14 @@ def _cpu_apply(weight, momentum, X, D, C, lr, optimizer, beta, alpha):
     cdt = X.dtype
     B, N = X.shape[:2]
     n = N // C
-    W = weight.to(cdt).clone(memory_format=torch.contiguous_format)
     m = momentum.to(cdt).clone(memory_format=torch.contiguous_format) if momentum is not None else None
-    if optimizer == "gd":
-        W.baddbmm_(D.transpose(1, 2), X, alpha=-lr)
+    if optimizer == "gd":  # out of place: the product writes the new weight (no clone to update)
+        W = torch.baddbmm(weight.to(cdt), D.transpose(1, 2), X, alpha=-lr)
         Xc, Dc = X.reshape(B, n, C, -1), D.reshape(B, n, C, -1)
         gram = (Xc @ Xc.transpose(-1, -2)) * (Dc @ Dc.transpose(-1, -2))  # <G_c, G_c> termwise
         norms = lr * gram.sum((-1, -2)).clamp(min=0).sqrt()
     else:
+        W = weight.to(cdt).clone(memory_format=torch.contiguous_format)
         norms = torch.ops.nested_learning_C.cms_apply(W, m, X.contiguous(), D.contiguous(), C, float(lr),
                                                       _OPT_ID[optimizer], float(beta), float(alpha))
     return W, m, norms
