@@ -119,15 +119,21 @@ class Report:
         rows = [r for r in rows if r[1] is not None]
         if "ablations" in paths:
             fig, ax = plt.subplots(figsize=(6, 0.5 + 0.32 * len(rows)), dpi=120)
-            ax.barh([r[0] for r in rows], [r[1] for r in rows], color=["C3" if r[1] > 0 else "C2" for r in rows])
+            labels = [f"{r[0]} ({r[3]} seed{'s' if r[3] != 1 else ''})" for r in rows]
+            ax.barh(labels, [r[1] for r in rows], color=["C3" if r[1] > 0 else "C2" for r in rows], alpha=0.8)
+            ref_mean = self.r.stat(self.c.reference, "val_loss")[0]
+            for i, r in enumerate(rows):  # each seed's own effect, so that one seed's bar reads as one point
+                pts = [v.value - ref_mean for _, v in self.r.seeds(r[0], "val_loss")]
+                ax.plot(pts, [i] * len(pts), "o", color="black", ms=3, label="one seed" if i == 0 else None)
             sd = self.r.stat(self.c.reference, "val_loss")[1]
             if sd:
                 ax.axvspan(-2 * sd, 2 * sd, color="grey", alpha=0.2, label=f"±2 sd of {self.c.reference}'s seeds")
-                ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="lower right")
             ax.axvline(0, color="black", lw=0.8)
             ax.invert_yaxis()
             ax.tick_params(labelsize=7)
-            ax.set_xlabel(f"final validation loss - {self.c.reference}'s mean (nats/token; lower is better)")
+            ax.set_xlabel(f"final validation loss - {self.c.reference}'s mean (nats/token)")
+            ax.set_title("ablation effects: bars the mean over seeds, dots each seed; lower is better", fontsize=8)
             ax.grid(alpha=0.3, axis="x")
             fig.tight_layout()
             fig.savefig(paths["ablations"], metadata={"Software": None})
