@@ -176,7 +176,7 @@ class Report:
         """Where `variant`'s mean lies against the metric's second reference level (MQAR: the
         accuracy without recall): "above", "at" or "below" it, "at" meaning within the same 2 sd
         as the effects (the variant's own seeds' sd, or the reference's with one seed)."""
-        floor, (mean, sd, n) = self.r.floor(key), self.r.stat(variant, key)
+        floor, (mean, sd, _) = self.r.floor(key), self.r.stat(variant, key)
         if floor is None or mean is None:
             return None
         sd = sd if sd is not None else self.r.stat(self.c.reference, key)[1]

@@ -16,6 +16,7 @@ from nested_learning.cli._common import command
 from nested_learning.data.sources import read_local
 from nested_learning.eval import results as R
 from nested_learning.eval.perplexity import document_perplexity, plot_loss_by_position
+from nested_learning.models.streaming import stream_segment
 from nested_learning.runs.load import held_out_documents, load_run
 
 
@@ -27,7 +28,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-docs", type=int, default=None, help="the first N documents")
     ap.add_argument("--max-tokens", type=int, default=None, help="score at most N tokens of each document")
     ap.add_argument("--segment", type=int, default=None,
-                    help="tokens per streamed segment (default: the model's prefill segment)")
+                    help="tokens per streamed segment (default: memorising, the run's training segment "
+                         "train.seq_len; otherwise the model's prefill segment)")
     ap.add_argument("--data-dir", default=None, help="corpus cache (default: as in training)")
     a = ap.parse_args(argv)
     R.memorize_settings(a)
@@ -37,13 +39,12 @@ def main(argv=None) -> dict:
     else:
         name, docs = held_out_documents(model, a.data_dir)
     docs = docs[: a.max_docs]
-    segment = a.segment or model.prefill_segment()
     total = sum(min(len(tok.encode(t).ids), a.max_tokens or 1 << 62) for _, t in docs)
 
     def evaluate(setting, reports):
         bar = R.progress_bar(total, f"perplexity{' (memorised)' if setting else ''}", "tok", a.no_progress)
         partial = os.path.join(a.out, f".perplexity{'_memorize' if setting else ''}.partial.pt")  # a kill resumes here
-        block = document_perplexity(model, tok, docs, segment, setting, a.max_tokens, reports, bar, partial,
+        block = document_perplexity(model, tok, docs, a.segment or stream_segment(model, setting), setting, a.max_tokens, reports, bar, partial,
                                     key={"checkpoint": os.path.abspath(model.run_info.checkpoint),
                                          "step": model.run_info.step, "data": name})
         if bar is not None:

@@ -22,7 +22,7 @@ from ..checks import NonFiniteInputError
 from ..data.sources import read_local, split_documents
 from ..data.streams import DocumentStreams
 from ..data.tokens import SPECIALS, TokenDocs
-from ..models.streaming import Memorize, segment_losses
+from ..models.streaming import Memorize, segment_losses, stream_segment
 from ..train.config import OptimConfig
 from ..train.optim import build_optimizer, lr_factor, set_lr
 from ..train.step import TrainStep
@@ -248,7 +248,6 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: OptimConfig | d
         raise ValueError(f"the context prefix must be >= 1 token, got {prefix}")
     torch.manual_seed(seed)
     pad = tok.token_to_id(SPECIALS[1])
-    segment = model.prefill_segment()
     train_docs = [TokenDocs.encode(s.train, tok) for s in segments]
     evals = [held_out_ids(tok, s, max_docs, max_tokens, prefix) for s in segments]
     optim_cfg = OptimConfig.of(optim_cfg)
@@ -261,7 +260,7 @@ def run_protocol(model, tok, segments: list[Segment], optim_cfg: OptimConfig | d
         out, se = [], []
         for d in evals:
             docs: list[float] = []
-            out.append(segment_score(model, d, prefix, segment, setting, reports if setting else None, docs))
+            out.append(segment_score(model, d, prefix, stream_segment(model, setting), setting, reports if setting else None, docs))
             se.append(mean_stderr(docs)[1] if len(docs) == len(d) else None)
             if progress is not None:
                 progress.update(1)

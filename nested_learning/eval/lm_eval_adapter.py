@@ -20,7 +20,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..data.tokens import SPECIALS
-from ..models.streaming import Memorize, MemorizeTally, stream_document
+from ..models.streaming import Memorize, MemorizeTally, stream_document, stream_segment
 from ..runs.load import load_run
 from .loglik import consume_context, encode_pair, score_requests
 
@@ -55,7 +55,7 @@ class NestedLearningLM(LM):
         return [(s.loglik, s.greedy) for s in scored]
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        out, seg = [], self.model.prefill_segment()
+        out, seg = [], stream_segment(self.model, self.memorize)
         for r in requests:
             ids = self.tok_encode(r.args[0])
             if not ids:
@@ -74,7 +74,7 @@ class NestedLearningLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             n = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             ids = torch.tensor([self.tok_encode(context) or [self.eot]], device=dev)
-            state = consume_context(self.model, ids, self.memorize, self.reports, self.model.prefill_segment())
+            state = consume_context(self.model, ids, self.memorize, self.reports, stream_segment(self.model, self.memorize))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             new, _ = self.model.generate(ids[:, -1:], n, temperature, state=state, eos=self.eot)
             text = self.tok_decode(t for t in new[0].tolist() if t != self.eot)

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..constants import IGNORE
 from ..data.tokens import SPECIALS
 from ..models.state import ModelState, map_tensors
-from ..models.streaming import Memorize, segment_losses
+from ..models.streaming import Memorize, segment_losses, stream_segment
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -69,7 +69,7 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], memorize:
     `progress` (a tqdm bar) advances by the items done, `item_of[i]` naming request i's item
     (default: one item per request)."""
     device = model.embed.weight.device
-    segment = model.prefill_segment()
+    segment = stream_segment(model, memorize)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (ctx, cont) in enumerate(requests):
         if not ctx or not cont:

@@ -11,6 +11,7 @@ import sys
 import time
 
 from ..data.sources import read_local
+from ..models.streaming import stream_segment
 from ..runs.load import held_out_documents, load_run
 from . import results as R
 from .needle import (
@@ -200,7 +201,8 @@ def main(kind: str, argv=None) -> dict:
     ap.add_argument("--attention-window", default="8192",
                     help="attention layers keep at most this many keys ('none': full attention, up to --max-kv-gib)")
     ap.add_argument("--max-kv-gib", type=float, default=8.0)
-    ap.add_argument("--segment", type=int, default=None, help="prompt tokens per streamed segment")
+    ap.add_argument("--segment", type=int, default=None, help="prompt tokens per streamed segment (default: memorising, the run's training "
+                                                                  "segment train.seq_len; otherwise the model's prefill segment)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds per model and variant; longer lengths that would not fit are 'not run'")
     ap.add_argument("--data-dir", default=None, help="corpus cache (default: as in training)")
@@ -237,10 +239,10 @@ def main(kind: str, argv=None) -> dict:
             name, docs = held_out_documents(model, a.data_dir)
             hay = Haystack.from_texts(tok, [t for _, t in docs], name)
         task = NeedleTask(tok, hay, kind, a.digits, a.distractors, getattr(a, "needles", 3))
-        segment = a.segment or model.prefill_segment()
         total = len(variants) * len(lengths) * len(depths) * a.samples
 
-        def evaluate(setting, reports, model=model, task=task, segment=segment, label=label):
+        def evaluate(setting, reports, model=model, task=task, label=label):
+            segment = a.segment or stream_segment(model, setting)
             bar = R.progress_bar(total, f"{kind} {label}{' (memorised)' if setting else ''}", "prompt", a.no_progress)
             ck = {"checkpoint": os.path.abspath(model.run_info.checkpoint), "step": model.run_info.step,
                   "seed": a.seed, "samples": a.samples}

@@ -57,6 +57,20 @@ class MemorizeTally:
         self.mean_n += len(rep.surprise)
 
 
+def stream_segment(model, memorize: Memorize | None = None) -> int:
+    """The segment an evaluation streams in. Memorising (a Memorize setting, on a model with
+    CMS levels) a model loaded from a run: the run's training segment (train.seq_len), so
+    that each level's reads are as stale as in training. A segment reads every level's
+    segment-start weights (MATH 4.3), so a longer segment than training's reads staler weights
+    and learns from staler teach signals; with a large cms_lr that made memorising hurt
+    (bench/RESULTS.md 20). Otherwise model.prefill_segment(): without memorising the segment
+    changes only the speed."""
+    if memorize is None or not model.has_cms():
+        return model.prefill_segment()
+    seq_len = getattr(getattr(model, "run_info", None), "seq_len", None)
+    return int(seq_len) if seq_len else model.prefill_segment()
+
+
 def segment_losses(model, tokens: Tensor, targets: Tensor, state: ModelState,
                    memorize: Memorize | None = None, reports: list | None = None) -> tuple[Tensor, ModelState]:
     """Per-token loss [B, T] (float32, 0 where the target is IGNORE) of one segment and the new

@@ -26,6 +26,7 @@ class RunInfo:
     step: int
     model: str
     size: str
+    seq_len: int | None = None  # the training segment (train.seq_len), for memorising evaluations
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -93,7 +94,7 @@ def load_run(path: str, step: int | None = None, device: str | torch.device | No
                               "is damaged or was edited") from err
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net.to(device).eval()
-    net.run_info = RunInfo(run_dir, ck, int(meta["step"]), name, meta.get("size", "?"))
+    net.run_info = RunInfo(run_dir, ck, int(meta["step"]), name, meta.get("size", "?"), meta.get("seq_len"))
     return net, load_tokenizer(run_dir, ck)
 
 

@@ -55,8 +55,11 @@ def test_zeroshot_perplexity_generate_and_lm_eval_scripts(tiny_runs, tmp_path):
     res = _check(out / "perplexity.json", "perplexity")
     (block,) = res["tasks"].values()
     assert block["extra"]["tokens"] == 300 and block["n_items"] == 1  # the validation split of the run's corpus
-    _check(out / "perplexity_memorize.json", "perplexity_memorize", memorised=True)
+    mem = _check(out / "perplexity_memorize.json", "perplexity_memorize", memorised=True)
     assert os.path.getsize(out / "perplexity_loss_by_position.png") > 1000
+    # memorising streams in the run's training segment (train.seq_len 16), the plain score in the prefill segment
+    (mblock,) = mem["tasks"].values()
+    assert mblock["extra"]["segment"] == 16 and block["extra"]["segment"] > 16
 
     r = run_python("scripts/generate.py", "--run", run, "--prompt", "the king", "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr

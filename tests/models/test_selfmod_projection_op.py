@@ -12,7 +12,6 @@ import torch
 
 from nested_learning import ops
 from nested_learning.layers.self_modifying import SelfModifyingState, SelfModifyingTitans
-
 from tests.helpers import rel_err
 
 
