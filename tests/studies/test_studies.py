@@ -6,7 +6,7 @@ from tests.helpers import run_python
 
 
 @pytest.mark.parametrize("study", ["forget_sweep.py", "optimizer_compare.py", "variant_stability.py",
-                                   "inner_curvature.py"])
+                                   "inner_curvature.py", "cms_lr.py"])
 def test_a_study_runs_as_a_file_from_the_repository_root(study):
     """`python studies/X.py` finds its sibling modules (studies/ is sys.path[0]) and the package
     (installed), with no sys.path edit."""
@@ -38,6 +38,20 @@ def test_forget_sweep_reads_the_memories_at_the_start_and_end_of_each_context():
     h = context_end_health(recs)
     assert abs(h["mixer.proj_rel_start"] - 0.8) < 1e-12 and abs(h["mixer.proj_rel_end"] - 0.3) < 1e-12
     assert abs(h["mixer.memory_rel_end"] - 0.15) < 1e-12 and abs(h["mixer_rms_end"] - 0.3) < 1e-12
+
+
+def test_cms_lr_table_states_the_gain_as_loss_without_minus_with_memorising():
+    from studies.cms_lr import table
+
+    row = {"cms_lr": 0.01, "train": {"final_val_loss": 5.2, "clipped_fraction": 0.05, "grad_norm_max": 3.0,
+                                     "skipped_steps": 0},
+           "perplexity": {"baseline": {"loss": 5.30, "bits_per_byte": 2.65},
+                          "memorised": {"loss": 5.25, "bits_per_byte": 2.63}},
+           "drift": {"level0": 0.02, "level1": 0.001}}
+    lines = table([row])
+    assert "level0 drift | level1 drift" in lines[0]
+    assert lines[2] == ("| 0.01 | 5.2000 | 5.3000 | 5.2500 | +0.0500 | 2.6500 / 2.6300 | 2.00e-02 | 1.00e-03 | 5.0% | "
+                        "3.00 | 0 |")
 
 
 @pytest.mark.slow
