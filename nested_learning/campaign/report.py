@@ -192,10 +192,9 @@ class Report:
             placed = [(v, x, lv) for v, x, lv in placed if lv is not None]
             if floor is None or not placed:
                 continue
-            out.append(f"{m.label} against its {m.floor_label} level ({fmt(floor)}: a model that answers with one "
-                       "of the sequence's N values at random, without recalling which, scores 1/N; mean over the "
-                       "cells): " + ", ".join(f"{v} {x:.3f} {lv}" for v, x, lv in placed)
-                       + (". No model is above it: none recalls at this training budget."
+            out.append(f"{m.label} against its {m.floor_label} level ({fmt(floor)}: {m.floor_note}): "
+                       + ", ".join(f"{v} {x:.3f} {lv}" for v, x, lv in placed)
+                       + (f". No model is above it: {m.floor_none_above}."
                           if all(lv != "above" for _, _, lv in placed) else "."))
         return out
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..models.registry import size_config
@@ -28,8 +29,10 @@ class Metric:
     higher_is_better: bool
     chance: float | str | None = None  # a number, a JSON path (tuple) beside `path`, or None
     chance_path: tuple | None = None
-    floor: object = None  # doc -> float | None: a second reference level, named by floor_label
-    floor_label: str | None = None
+    floor: Callable[[dict], float | None] | None = None  # a second reference level from the result file
+    floor_label: str | None = None  # its name ("no-recall")
+    floor_note: str | None = None  # what a model at that level does
+    floor_none_above: str | None = None  # what it means that no model is above it
 
 
 def _task(stage, file, task, metric):
@@ -72,7 +75,10 @@ METRICS = [
     _m("cl_fwt", "continual FWT (forward transfer)", "continual", "continual.json", "sotu_eras", "FWT"),
     _m("cl_acc_mem", "continual ACC, memorising", "continual", "continual_memorize.json", "sotu_eras", "ACC"),
     _m("recall", "MQAR accuracy", "recall", "recall_{model}.json", "mqar", "acc",
-       chance_from_task=True, floor=_no_recall_level, floor_label="no-recall"),
+       chance_from_task=True, floor=_no_recall_level, floor_label="no-recall",
+       floor_note="a model that answers with one of the sequence's N values at random, without recalling which, "
+                  "scores 1/N; mean over the cells",
+       floor_none_above="none recalls at this training budget"),
 ]
 BY_KEY = {m.key: m for m in METRICS}
 
