@@ -11,7 +11,10 @@ HOPE entry (`configs/campaign/cpu.yaml`: same data, steps, batch, context, seed)
 - how far the fast weights move: ||W_fast - W_slow||_F / ||W_slow||_F per level after one
   training context (context_len tokens) of each held-out document, memorised segment by segment
   in the training segment (train.seq_len), as the evaluations memorise (models.streaming.stream_segment);
-- stability: the fraction of clipped steps, the largest gradient norm, skipped steps.
+- stability: the fraction of clipped steps, the largest gradient norm, skipped steps;
+- health (OUT/cms_lr.md's second table): the drift after 4x the training context, memorised
+  the same way without a reset, and the gradient norm of each parameter group (summed over the
+  layers) at the median of the run's second half.
 
     python -m studies.cms_lr [--lrs 1e-3,1e-2,3e-2,1e-1] [--seed 0] [--out studies/out/cms_lr]
 
@@ -35,6 +38,7 @@ from nested_learning.eval.plots import pyplot
 from nested_learning.models.streaming import Memorize, stream_document, stream_segment
 from nested_learning.runs.checkpoint import step_dirs
 from nested_learning.runs.load import held_out_documents, load_run
+from nested_learning.train.config import compose_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,10 +47,16 @@ def _env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
+def reference_entry(campaign: Campaign, seed: int):
+    """The campaign's reference (HOPE) entry of `seed` and the train.py config it composes."""
+    entry = next(e for e in campaign.main_entries() if e.name == f"{campaign.reference}-s{seed}")
+    return entry, compose_config([*campaign.train, *entry.overrides], config_dir=campaign.config_dir)
+
+
 def train(campaign: Campaign, seed: int, lr: float, run: str, threads: int) -> float:
     """Train the campaign's HOPE entry at cms_lr `lr` into `run` (resuming); returns seconds."""
-    entry = next(e for e in campaign.main_entries() if e.name == f"{campaign.reference}-s{seed}")
-    steps = int(next(a.split("=", 1)[1] for a in campaign.train if a.startswith("train.steps=")))
+    entry, cfg = reference_entry(campaign, seed)
+    steps = int(cfg["train"]["steps"])
     done = step_dirs(run) if os.path.isdir(run) else []
     if done and done[0][0] >= steps:
         return 0.0
@@ -76,23 +86,56 @@ def perplexity(run: str, threads: int, max_docs: int, max_tokens: int) -> dict:
 
 
 @torch.no_grad()
-def drift(run: str, context: int, max_docs: int) -> dict[str, float]:
-    """Per CMS level: ||W_fast - W_slow||_F / ||W_slow||_F after the first `context` tokens of each
-    held-out document, memorised segment by segment as in training; the mean over the documents,
-    the blocks and the level's two linear layers."""
+def drift(run: str, context: int, max_docs: int, spans=(1, 4)) -> dict[int, dict[str, float]]:
+    """{k: per CMS level, ||W_fast - W_slow||_F / ||W_slow||_F after the first k * `context`
+    tokens of each held-out document} for k in `spans`, memorised segment by segment as in
+    training, without a reset; the mean over the documents, the blocks and the level's two
+    linear layers (a document shorter than k * context counts with what it has)."""
     model, tok = load_run(run, None, "cpu")
     _, docs = held_out_documents(model, None)
-    seg, per = stream_segment(model, Memorize()), {}  # the training segment, as the evaluations memorise
+    seg = stream_segment(model, Memorize())  # the training segment, as the evaluations memorise
+    per: dict[int, dict[str, list[float]]] = {k: {} for k in spans}
     for _, text in docs[:max_docs]:
-        ids = torch.tensor(tok.encode(text).ids[:context + 1])
-        with torch.enable_grad():  # memorisation takes gradients
-            _, state = stream_document(model, ids, seg, Memorize())
-        for blk, st in zip(model.blocks, state.layers):
-            for name, (fast, slow) in blk.cms.fast_memories(st["cms"]).items():
-                level = name.split(".")[0]
-                rel = ((fast.float() - slow.float()).flatten(1).norm(dim=1) / slow.float().norm()).mean()
-                per.setdefault(level, []).append(float(rel))
-    return {k: sum(v) / len(v) for k, v in sorted(per.items())}
+        ids = torch.tensor(tok.encode(text).ids[:max(spans) * context + 1])
+        state, at = None, 0
+        for k in spans:
+            end = min(k * context, len(ids) - 1)
+            if end > at:
+                with torch.enable_grad():  # memorisation takes gradients
+                    _, state = stream_document(model, ids[at:end + 1], seg, Memorize(), state=state)
+                at = end
+            for blk, st in zip(model.blocks, state.layers):
+                for name, (fast, slow) in blk.cms.fast_memories(st["cms"]).items():
+                    rel = ((fast.float() - slow.float()).flatten(1).norm(dim=1) / slow.float().norm()).mean()
+                    per[k].setdefault(name.split(".")[0], []).append(float(rel))
+    return {k: {lv: sum(v) / len(v) for lv, v in sorted(d.items())} for k, d in per.items()}
+
+
+def grad_groups(run: str) -> dict[str, float]:
+    """Each parameter group's gradient norm (metrics.jsonl health.grad_norm_groups, the groups
+    of every layer combined: sqrt of the sum of squares), the median over the run's second half."""
+    recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")) if line.strip()]
+    recs = [r for r in recs if (r.get("health") or {}).get("grad_norm_groups")]
+    per: dict[str, list[float]] = {}
+    for r in recs[len(recs) // 2:]:
+        sq: dict[str, float] = {}
+        for name, g in r["health"]["grad_norm_groups"].items():
+            kind = name.split(".", 1)[1] if name.startswith("layer") else name
+            sq[kind] = sq.get(kind, 0.0) + g * g
+        for kind, v in sq.items():
+            per.setdefault(kind, []).append(v ** 0.5)
+    return {k: sorted(v)[len(v) // 2] for k, v in sorted(per.items())}
+
+
+def health_table(rows: list[dict]) -> list[str]:
+    groups = sorted({k for r in rows for k in r["grad_groups"]})
+    L = ["| cms_lr | seed | drift after the context, mean over levels | after 4x the context | "
+         + " | ".join(f"gradient norm, {g}" for g in groups) + " |", "|---:|---:|---:|---:|" + "---:|" * len(groups)]
+    for r in rows:
+        mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+        L.append(f"| {r['cms_lr']:g} | {r['seed']} | {mean(r['drift']):.2e} | {mean(r['drift_4x']):.2e} | "
+                 + " | ".join(f"{r['grad_groups'].get(g, float('nan')):.3f}" for g in groups) + " |")
+    return L
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -153,7 +196,7 @@ def main(argv=None) -> list[dict]:
     if not lrs or any(x < 0 for x in lrs):
         raise SystemExit("--lrs: one or more non-negative numbers")
     campaign = Campaign.load(os.path.join(ROOT, "configs", "campaign", f"{a.campaign}.yaml"))
-    context = int(next(x.split("=", 1)[1] for x in campaign.train if x.startswith("train.context_len=")))
+    context = int(reference_entry(campaign, a.seed)[1]["train"]["context_len"])
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     rows = []
@@ -165,14 +208,16 @@ def main(argv=None) -> list[dict]:
         row = {"cms_lr": lr, "seed": a.seed, "run": os.path.relpath(run, ROOT),
                "train": {k: summary[k] for k in ("final_val_loss", "final_val_se", "clipped_fraction", "grad_norm_median",
                                                  "grad_norm_max", "skipped_steps", "steps", "tokens", "fast_memory")},
-               "perplexity": perplexity(run, a.threads, a.max_docs, a.max_tokens),
-               "drift": drift(run, context, a.max_docs)}
+               "perplexity": perplexity(run, a.threads, a.max_docs, a.max_tokens)}
+        spans = drift(run, context, a.max_docs)
+        row.update(drift=spans[1], drift_4x=spans[4], grad_groups=grad_groups(run))
         rows.append(row)
         print("\n".join(table([row])[2:]), flush=True)
     with open(os.path.join(out, "cms_lr.json"), "w") as f:
         json.dump({"command": "python -m studies.cms_lr " + " ".join(argv if argv is not None else sys.argv[1:]),
                    "campaign": a.campaign, "context": context, "rows": rows}, f, indent=1)
-    text = "\n".join(table(sorted(rows, key=lambda r: r["cms_lr"])))
+    rows_by_lr = sorted(rows, key=lambda r: r["cms_lr"])
+    text = "\n".join([*table(rows_by_lr), "", *health_table(rows_by_lr)])
     with open(os.path.join(out, "cms_lr.md"), "w") as f:
         f.write(text + "\n")
     print(text)
