@@ -365,7 +365,7 @@ class Report:
 
     def experiments_report(self, figures: dict[str, str], paper: str) -> str:
         c = self.c
-        rel = lambda p: os.path.relpath(p, os.path.join(c.root, "docs"))  # noqa: E731
+        rel = lambda p: os.path.relpath(p, os.path.dirname(c.report_path("experiments")))  # noqa: E731 (links from where it lives)
         L = [GENERATED.format(name=c.name), "", f"# Experiments report: the {c.name} campaign", "",
              f"Scale: {c.scale}", "",
              f"Campaign file: `{os.path.relpath(c.path, c.root)}`; every run and evaluation command is "
@@ -384,7 +384,7 @@ class Report:
         if "retrieval" in figures:
             L += ["", f"![retrieval by length]({rel(figures['retrieval'])})"]
         L += ["", "## Continual learning across the State of the Union eras", *self.continual_tables(),
-              "", "## Ablations (in brief; details in `reports/ablations.md`)", "",
+              "", f"## Ablations (in brief; details in `{os.path.relpath(c.report_path('ablations'), c.root)}`)", "",
               *self.ablation_table(keys=["val_loss", "blimp", "recall"])]
         if "ablations" in figures:
             L += ["", f"![ablation effects]({rel(figures['ablations'])})"]
@@ -409,7 +409,7 @@ class Report:
              "reference level (MQAR: the accuracy without recall), each cell also says whether the ablation's "
              "mean is above, at (within 2 sd) or below it.", "", *self.ablation_table()]
         if "ablations" in figures:
-            L += ["", f"![ablation effects]({os.path.relpath(figures['ablations'], os.path.dirname(self.c.reports_dir))})"]
+            L += ["", f"![ablation effects]({os.path.relpath(figures['ablations'], os.path.dirname(c.report_path('ablations')))})"]
         L += ["", "## Where each number comes from", "", *self.sources(), ""]
         return "\n".join(L)
 
@@ -483,10 +483,10 @@ def write_reports(campaign: Campaign, experiments_md: str | None = None, ablatio
     of `writeup_in` (written to `writeup_out`, default in place); returns {file name: path}."""
     rep = Report(campaign)
     figs = rep.figures(draw=figures)
-    experiments_md = experiments_md or os.path.join(campaign.root, "docs", "experiments_report.md")
-    ablations_md = ablations_md or os.path.join(os.path.dirname(campaign.reports_dir), "ablations.md")
+    experiments_md = experiments_md or campaign.report_path("experiments")
+    ablations_md = ablations_md or campaign.report_path("ablations")
     paper = paper or os.path.join(campaign.root, "docs", "paper_numbers.md")
-    progress_md = progress_md or os.path.join(campaign.root, "docs", "stage2_progress.md")
+    progress_md = progress_md or campaign.report_path("progress")
     out = {}
     docs = [(experiments_md, rep.experiments_report(figs, paper)), (ablations_md, rep.ablations_report(figs)),
             (progress_md, progress_doc(rep))]

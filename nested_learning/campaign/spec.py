@@ -92,29 +92,17 @@ class Campaign:
     root: str = field(default_factory=repo_root)
     runs_root: str | None = None      # default: <root>/runs
     reports_root: str | None = None   # default: <root>/reports
+    reports: dict = field(default_factory=dict)  # make_report's files, relative to root (see report_path)
 
-    KEYS = ("name", "scale", "launcher", "execute", "threads", "seeds", "models", "reference", "train",
-            "ablations", "evaluation")
+    KEYS = ("name", "extends", "scale", "launcher", "execute", "threads", "seeds", "models", "reference", "train",
+            "ablations", "evaluation", "reports")
+    REPORTS = ("experiments", "ablations", "progress", "writeup")  # what make_report writes
 
     @classmethod
     def load(cls, name_or_path: str, root: str | None = None, runs_root: str | None = None,
              reports_root: str | None = None) -> Campaign:
         root = root or repo_root()
-        path = name_or_path
-        if not name_or_path.endswith((".yaml", ".yml")):
-            path = os.path.join(root, "configs", "campaign", f"{name_or_path}.yaml")
-        if not os.path.isfile(path):
-            folder = os.path.join(root, "configs", "campaign")
-            have = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
-            raise CampaignError(f"no campaign {name_or_path!r} (looked for {path}); the campaigns are "
-                                f"{', '.join(have) or 'none'}")
-        with open(path) as f:
-            doc = yaml.safe_load(f) or {}
-        if not isinstance(doc, dict):
-            raise CampaignError(f"{path}: a campaign file is a mapping of {', '.join(cls.KEYS)}")
-        bad = set(doc) - set(cls.KEYS)
-        if bad:
-            raise CampaignError(f"{path}: " + unknown_keys_message("campaign", sorted(bad), cls.KEYS))
+        path, doc = cls._read(name_or_path, root)
         missing = [k for k in ("name", "launcher", "seeds", "models", "train", "evaluation") if k not in doc]
         if missing:
             raise CampaignError(f"{path}: missing key(s) {', '.join(missing)}")
@@ -132,9 +120,42 @@ class Campaign:
                 confirm_seeds=[int(s) for s in abl.get("confirm_seeds", [])],
                 confirm_sigmas=float(abl.get("confirm_sigmas", 2.0)),
                 experiments=list(abl.get("experiments", [])), root=root, runs_root=runs_root,
-                reports_root=reports_root)
+                reports_root=reports_root, reports=dict(doc.get("reports") or {}))
         c.check()
         return c
+
+    @classmethod
+    def _read(cls, name_or_path: str, root: str, seen: tuple[str, ...] = ()) -> tuple[str, dict]:
+        """(path, mapping) of a campaign file, with the campaign it `extends` (a name or file)
+        underneath: the file's own keys replace the base's, whole (an `ablations` block too)."""
+        path = name_or_path
+        if not name_or_path.endswith((".yaml", ".yml")):
+            path = os.path.join(root, "configs", "campaign", f"{name_or_path}.yaml")
+        if not os.path.isfile(path):
+            folder = os.path.join(root, "configs", "campaign")
+            have = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+            raise CampaignError(f"no campaign {name_or_path!r} (looked for {path}); the campaigns are "
+                                f"{', '.join(have) or 'none'}")
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+        if not isinstance(doc, dict):
+            raise CampaignError(f"{path}: a campaign file is a mapping of {', '.join(cls.KEYS)}")
+        bad = set(doc) - set(cls.KEYS)
+        if bad:
+            raise CampaignError(f"{path}: " + unknown_keys_message("campaign", sorted(bad), cls.KEYS))
+        base = doc.pop("extends", None)
+        if base is None:
+            return path, doc
+        if "name" not in doc:  # else it would share the base's runs/ and reports/ folders
+            raise CampaignError(f"{path}: a campaign that extends {base!r} needs a name of its own")
+        if os.path.abspath(path) in seen:
+            raise CampaignError(f"{path}: extends itself through {' -> '.join(seen)}")
+        if not str(base).endswith((".yaml", ".yml")) or os.path.isabs(str(base)):
+            ref = str(base)
+        else:  # a file named relative to the extending file
+            ref = os.path.join(os.path.dirname(path), str(base))
+        _, under = cls._read(ref, root, (*seen, os.path.abspath(path)))
+        return path, {**under, **doc}
 
     def check(self) -> None:
         bad = [m for m in self.models if m not in MODELS]
@@ -149,6 +170,11 @@ class Campaign:
         for t in self.train:
             if t.split("=")[0].lstrip("+") in ("train.seed", "train.out_dir"):
                 raise CampaignError(f"{self.path}: {t}: the runner sets train.seed and train.out_dir per entry")
+        bad = set(self.reports) - set(self.REPORTS)
+        if bad:
+            raise CampaignError(f"{self.path}: " + unknown_keys_message("reports", sorted(bad), self.REPORTS))
+        if any(self.reports.get(k, "") is None for k in self.REPORTS[:3]):
+            raise CampaignError(f"{self.path}: only reports.writeup may be null (no write-up filled)")
         for e in self.experiments:
             model, _ = experiment_overrides(e, self.config_dir)
             if model != self.reference:
@@ -165,6 +191,18 @@ class Campaign:
     @property
     def reports_dir(self) -> str:
         return os.path.join(self.reports_root or os.path.join(self.root, "reports"), self.name)
+
+    def report_path(self, kind: str) -> str | None:
+        """Where make_report writes `kind` (one of REPORTS): the campaign file's `reports:` entry
+        (relative to the checkout; a null writeup: none), else docs/experiments_report.md,
+        reports/ablations.md (beside reports/<name>/), docs/stage2_progress.md, docs/writeup.md."""
+        if kind in self.reports:
+            path = self.reports[kind]
+            return None if path is None else os.path.join(self.root, path)
+        if kind == "ablations":
+            return os.path.join(os.path.dirname(self.reports_dir), "ablations.md")
+        return os.path.join(self.root, "docs", {"experiments": "experiments_report.md", "progress": "stage2_progress.md",
+                                                "writeup": "writeup.md"}[kind])
 
     @property
     def stages(self) -> list[str]:

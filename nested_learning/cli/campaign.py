@@ -43,8 +43,9 @@ def plan(c: Campaign) -> str:
               + ("(matched: within 5%)" if spread <= 5 else "(NOT matched: more than 5% apart)"),
               f"entries: {len(c.main_entries())} main ({len(c.models)} models x seeds {c.seeds}), "
               f"{len(c.experiments) * len(c.ablation_seeds)} ablation ({len(c.experiments)} x seeds "
-              f"{c.ablation_seeds}), plus seeds {c.confirm_seeds} of each ablation whose effect is within "
-              f"{c.confirm_sigmas:g} seed standard deviations of {c.reference}",
+              f"{c.ablation_seeds})" + (f", plus seeds {c.confirm_seeds} of each ablation whose effect is within "
+                                         f"{c.confirm_sigmas:g} seed standard deviations of {c.reference}"
+                                         if c.confirm_seeds else " (no confirmation seeds)"),
               f"stages per entry: {', '.join(c.stages)}"]
     return "\n".join(lines)
 

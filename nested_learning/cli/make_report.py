@@ -22,20 +22,24 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--campaign", default="cpu", help="a name in configs/campaign/ or a YAML file (default: cpu)")
     ap.add_argument("--reports-dir", default=None, help="where reports/<name>/ is (default: reports/)")
-    ap.add_argument("--experiments-md", default=None, help="default: docs/experiments_report.md")
-    ap.add_argument("--ablations-md", default=None, help="default: reports/ablations.md")
-    ap.add_argument("--progress-md", default=None, help="default: docs/stage2_progress.md")
+    ap.add_argument("--experiments-md", default=None,
+                    help="default: the campaign file's reports.experiments, else docs/experiments_report.md")
+    ap.add_argument("--ablations-md", default=None,
+                    help="default: the campaign file's reports.ablations, else reports/ablations.md")
+    ap.add_argument("--progress-md", default=None,
+                    help="default: the campaign file's reports.progress, else docs/stage2_progress.md")
     ap.add_argument("--writeup", default=None,
-                    help="the document whose generated:headline section is filled (default: docs/writeup.md)")
+                    help="the document whose generated:headline section is filled (default: the campaign "
+                         "file's reports.writeup, else docs/writeup.md)")
     ap.add_argument("--no-figures", action="store_true", help="the markdown only")
     ap.add_argument("--check", action="store_true",
                     help="regenerate the markdown into a temporary folder and exit 1 if it differs from the files")
     a = ap.parse_args(argv)
     c = Campaign.load(a.campaign, reports_root=a.reports_dir)
-    exp = a.experiments_md or os.path.join(c.root, "docs", "experiments_report.md")
-    abl = a.ablations_md or os.path.join(os.path.dirname(c.reports_dir), "ablations.md")
-    prog = a.progress_md or os.path.join(c.root, "docs", "stage2_progress.md")
-    writeup = a.writeup or os.path.join(c.root, "docs", "writeup.md")
+    exp = a.experiments_md or c.report_path("experiments")
+    abl = a.ablations_md or c.report_path("ablations")
+    prog = a.progress_md or c.report_path("progress")
+    writeup = a.writeup or c.report_path("writeup")
     if a.check:
         with tempfile.TemporaryDirectory() as tmp:
             fresh = write_reports(c, os.path.join(tmp, "e.md"), os.path.join(tmp, "a.md"), figures=False,

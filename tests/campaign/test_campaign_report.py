@@ -9,8 +9,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from nested_learning.campaign.report import Report, write_reports
 from nested_learning.campaign.spec import Campaign
+from nested_learning.cli import make_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,9 +35,9 @@ def _task(value, chance=None, **extra):
     return {"metrics": {"acc": {"value": value, "stderr": 0.01}}, "chance": chance, "extra": extra}
 
 
-def fixed_campaign(tmp_path) -> Campaign:
+def fixed_campaign(tmp_path, extra: str = "") -> Campaign:
     spec = tmp_path / "fixed.yaml"
-    spec.write_text("""
+    spec.write_text(extra + """
 name: fixed
 scale: fixed result files
 launcher: ["{python}", "train.py"]
@@ -111,7 +114,19 @@ def test_the_tables_hold_the_hand_computed_numbers(tmp_path):
     assert "exceeds the spread: hope_cms_depth1 +0.400" in w and "within the spread: hope_cms_dgd +0.050" in w
 
 
-def test_the_committed_reports_regenerate_from_the_committed_result_files():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_report.py"), "--campaign", "cpu",
+def test_make_report_writes_where_the_campaign_file_says(tmp_path):
+    out = tmp_path / "out"
+    c = fixed_campaign(tmp_path, f"reports: {{experiments: {out}/r.md, ablations: {out}/a.md, progress: {out}/p.md, "
+                                 "writeup: null}\n")
+    args = ["--campaign", c.path, "--reports-dir", str(tmp_path / "reports")]
+    made = make_report.main([*args, "--no-figures"])
+    assert {"a.md", "p.md", "r.md"} <= set(made) and sorted(os.listdir(out)) == ["a.md", "p.md", "r.md"]
+    assert "5.100 ± 0.100 (3)" in (out / "r.md").read_text()
+    assert make_report.main([*args, "--check"]) == {}  # and its check reads the same files
+
+
+@pytest.mark.parametrize("campaign", ["cpu", "cms_lr"])
+def test_the_committed_reports_regenerate_from_the_committed_result_files(campaign):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_report.py"), "--campaign", campaign,
                         "--check"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -54,7 +54,8 @@ def test_the_cpu_campaign_has_every_ablation_and_matched_main_models():
     assert names[:9] == [f"{m}-s{s}" for s in (0, 1, 2) for m in ("hope", "titans", "transformer")]
     have = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs", "experiment"))
                   if f.startswith("hope_"))
-    assert sorted(c.experiments) == have  # every ablation config is in the campaign
+    tuning = set(Campaign.load("cms_lr").experiments)  # a setting's value, compared in its own campaign
+    assert sorted(c.experiments) == sorted(set(have) - tuning)  # every ablation config is in the campaign
     counts = [c.parameters(e)[0] for e in c.main_entries()[:3]]
     assert (max(counts) - min(counts)) / min(counts) <= 0.05
     pilot = Campaign.load("pilot")
@@ -98,6 +99,45 @@ def test_bad_campaign_files_are_refused_in_one_line(tmp_path):
         Campaign.load("nonesuch")
     r = subprocess.run([sys.executable, RUNNER, "--campaign", "nonesuch"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no campaign" in r.stderr
+
+
+def test_a_campaign_that_extends_another_takes_its_settings_and_keeps_its_own_folders_and_reports():
+    cpu, c = Campaign.load("cpu"), Campaign.load("cms_lr")
+    assert (c.train, c.evaluation, c.seeds, c.threads) == (cpu.train, cpu.evaluation, cpu.seeds, cpu.threads)
+    assert c.models == ["hope"] and c.experiments == ["hope_cms_lr_tuned"] and c.ablation_seeds == [0, 1, 2]
+    assert c.confirm_seeds == [] and [e.name for e in c.entries()][-1] == "hope_cms_lr_tuned-s2"
+    assert c.runs_dir.endswith("campaign-cms_lr") and c.reports_dir.endswith(os.path.join("reports", "cms_lr"))
+    assert c.report_path("experiments") == os.path.join(ROOT, "reports", "cms_lr", "report.md")
+    assert c.report_path("writeup") is None  # the cpu campaign's write-up is not touched
+    assert cpu.report_path("experiments") == os.path.join(ROOT, "docs", "experiments_report.md")
+    assert cpu.report_path("ablations") == os.path.join(ROOT, "reports", "ablations.md")
+    entry = c.ablation_entry("hope_cms_lr_tuned", 1)
+    assert compose_config([*c.train, *entry.overrides])["model"]["overrides"] == {"cms_lr": 0.1}
+
+
+def test_bad_extends_and_reports_are_refused(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("name: base\nlauncher: [python]\nseeds: [0]\nmodels: [hope]\ntrain: []\nevaluation: {}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nseeds: [1]\n")
+    with pytest.raises(CampaignError, match="needs a name of its own"):
+        Campaign.load(str(child))
+    child.write_text("extends: base.yaml\nname: child\nseeds: [1]\n")
+    c = Campaign.load(str(child))
+    assert (c.name, c.seeds, c.models) == ("child", [1], ["hope"])
+    base.write_text("extends: child.yaml\nname: base\n")
+    with pytest.raises(CampaignError, match="extends itself"):
+        Campaign.load(str(child))
+    base.write_text("name: base\nlauncher: [python]\nseeds: [0]\nmodels: [hope]\ntrain: []\nevaluation: {}\n")
+    child.write_text("extends: base.yaml\nname: child\nreports: {experiment: x.md}\n")
+    with pytest.raises(CampaignError, match="did you mean reports.experiments"):
+        Campaign.load(str(child))
+    child.write_text("extends: base.yaml\nname: child\nreports: {progress: null}\n")
+    with pytest.raises(CampaignError, match="only reports.writeup may be null"):
+        Campaign.load(str(child))
+    child.write_text("extends: nonesuch\nname: child\n")
+    with pytest.raises(CampaignError, match="no campaign 'nonesuch'"):
+        Campaign.load(str(child))
 
 
 def test_an_entry_claimed_by_a_live_runner_is_not_taken_and_a_dead_ones_claim_is(tmp_path):
