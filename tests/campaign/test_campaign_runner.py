@@ -84,17 +84,22 @@ def test_confirmation_seeds_follow_the_seed_spread():
     assert names[-2:] == [f"{e}-s1", f"{e}-s2"] and len(names) == 21 + 2
 
 
+MINIMAL = "launcher: [python]\nseeds: [0]\nevaluation: {}\n"  # with a name, models and train: a campaign
+
+
+def _refused(path, text: str, match: str, load=None) -> None:
+    """Writing `text` to `path` makes loading `load` (default: `path`) fail with `match`."""
+    path.write_text(text)
+    with pytest.raises(CampaignError, match=match):
+        Campaign.load(str(load or path))
+
+
 def test_bad_campaign_files_are_refused_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nlauncher: [python]\nseeds: [0]\nmodels: [hope]\ntrain: []\nevaluation: {}\nseed: 3\n")
-    with pytest.raises(CampaignError, match="unknown key campaign.seed .did you mean campaign.seeds"):
-        Campaign.load(str(bad))
-    bad.write_text("name: x\nlauncher: [python]\nseeds: [0]\nmodels: [hopee]\ntrain: []\nevaluation: {}\n")
-    with pytest.raises(CampaignError, match="unknown model"):
-        Campaign.load(str(bad))
-    bad.write_text("name: x\nlauncher: [python]\nseeds: [0]\nmodels: [hope]\ntrain: [train.seed=1]\nevaluation: {}\n")
-    with pytest.raises(CampaignError, match="sets train.seed"):
-        Campaign.load(str(bad))
+    _refused(bad, "name: x\nmodels: [hope]\ntrain: []\nseed: 3\n" + MINIMAL,
+             "unknown key campaign.seed .did you mean campaign.seeds")
+    _refused(bad, "name: x\nmodels: [hopee]\ntrain: []\n" + MINIMAL, "unknown model")
+    _refused(bad, "name: x\nmodels: [hope]\ntrain: [train.seed=1]\n" + MINIMAL, "sets train.seed")
     with pytest.raises(CampaignError, match="the campaigns are .*cpu"):
         Campaign.load("nonesuch")
     r = subprocess.run([sys.executable, RUNNER, "--campaign", "nonesuch"], capture_output=True, text=True, cwd=ROOT)
@@ -117,27 +122,19 @@ def test_a_campaign_that_extends_another_takes_its_settings_and_keeps_its_own_fo
 
 def test_bad_extends_and_reports_are_refused(tmp_path):
     base = tmp_path / "base.yaml"
-    base.write_text("name: base\nlauncher: [python]\nseeds: [0]\nmodels: [hope]\ntrain: []\nevaluation: {}\n")
+    base.write_text("name: base\nmodels: [hope]\ntrain: []\n" + MINIMAL)
     child = tmp_path / "child.yaml"
-    child.write_text("extends: base.yaml\nseeds: [1]\n")
-    with pytest.raises(CampaignError, match="needs a name of its own"):
-        Campaign.load(str(child))
+    _refused(child, "extends: base.yaml\nseeds: [1]\n", "needs a name of its own")
     child.write_text("extends: base.yaml\nname: child\nseeds: [1]\n")
     c = Campaign.load(str(child))
     assert (c.name, c.seeds, c.models) == ("child", [1], ["hope"])
-    base.write_text("extends: child.yaml\nname: base\n")
-    with pytest.raises(CampaignError, match="extends itself"):
-        Campaign.load(str(child))
-    base.write_text("name: base\nlauncher: [python]\nseeds: [0]\nmodels: [hope]\ntrain: []\nevaluation: {}\n")
-    child.write_text("extends: base.yaml\nname: child\nreports: {experiment: x.md}\n")
-    with pytest.raises(CampaignError, match="did you mean reports.experiments"):
-        Campaign.load(str(child))
-    child.write_text("extends: base.yaml\nname: child\nreports: {progress: null}\n")
-    with pytest.raises(CampaignError, match="only reports.writeup may be null"):
-        Campaign.load(str(child))
-    child.write_text("extends: nonesuch\nname: child\n")
-    with pytest.raises(CampaignError, match="no campaign 'nonesuch'"):
-        Campaign.load(str(child))
+    _refused(base, "extends: child.yaml\nname: base\n", "extends itself", load=child)
+    base.write_text("name: base\nmodels: [hope]\ntrain: []\n" + MINIMAL)
+    _refused(child, "extends: base.yaml\nname: child\nreports: {experiment: x.md}\n",
+             "did you mean reports.experiments")
+    _refused(child, "extends: base.yaml\nname: child\nreports: {progress: null}\n",
+             "only reports.writeup may be null")
+    _refused(child, "extends: nonesuch\nname: child\n", "no campaign 'nonesuch'")
 
 
 def test_an_entry_claimed_by_a_live_runner_is_not_taken_and_a_dead_ones_claim_is(tmp_path):
