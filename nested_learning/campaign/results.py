@@ -33,15 +33,18 @@ class Metric:
     floor_label: str | None = None  # its name ("no-recall")
     floor_note: str | None = None  # what a model at that level does
     floor_none_above: str | None = None  # what it means that no model is above it
+    # a proportion over a finite set of items (prompts, pairs, sequences): its own standard error
+    # bounds its seed spread from below (three seeds of 18 prompts can agree exactly by chance)
+    proportion: bool = False
 
 
 def _task(stage, file, task, metric):
     return f"{stage}/{file}", ("tasks", task, "metrics", metric, "value")
 
 
-def _m(key, label, stage, file, task, metric, higher=True, chance=None, chance_from_task=False, **floor):
+def _m(key, label, stage, file, task, metric, higher=True, chance=None, chance_from_task=False, **more):
     f, p = _task(stage, file, task, metric)
-    return Metric(key, label, f, p, higher, chance, ("tasks", task, "chance") if chance_from_task else None, **floor)
+    return Metric(key, label, f, p, higher, chance, ("tasks", task, "chance") if chance_from_task else None, **more)
 
 
 def _no_recall_level(doc) -> float | None:
@@ -59,17 +62,17 @@ METRICS = [
     _m("ppl_loss", "long-document loss (nats/token)", "perplexity", "perplexity.json", "*", "loss", False, UNIFORM),
     _m("bpb", "bits per byte", "perplexity", "perplexity.json", "*", "bits_per_byte", False),
     _m("bpb_mem", "bits per byte, memorising", "perplexity", "perplexity_memorize.json", "*", "bits_per_byte", False),
-    _m("blimp", "BLiMP accuracy", "zeroshot", "zeroshot.json", "blimp", "acc", chance_from_task=True),
-    _m("niah_single", "NIAH single, rank-1", "niah", "niah_{run}.json", "single", "rank1", chance_from_task=True),
+    _m("blimp", "BLiMP accuracy", "zeroshot", "zeroshot.json", "blimp", "acc", chance_from_task=True, proportion=True),
+    _m("niah_single", "NIAH single, rank-1", "niah", "niah_{run}.json", "single", "rank1", chance_from_task=True, proportion=True),
     _m("niah_single_mem", "NIAH single, rank-1, memorising", "niah", "niah_{run}_memorize.json", "single", "rank1",
-       chance_from_task=True),
+       chance_from_task=True, proportion=True),
     _m("niah_multikey", "NIAH multikey, rank-1", "niah", "niah_{run}.json", "multikey", "rank1",
-       chance_from_task=True),
-    _m("niah_exact", "NIAH single, exact answer", "niah", "niah_{run}.json", "single", "exact", chance=0.0),
+       chance_from_task=True, proportion=True),
+    _m("niah_exact", "NIAH single, exact answer", "niah", "niah_{run}.json", "single", "exact", chance=0.0, proportion=True),
     _m("passkey", "passkey, rank-1", "passkey", "passkey_{run}.json", "single", "rank1",
-       chance_from_task=True),
+       chance_from_task=True, proportion=True),
     _m("passkey_mem", "passkey, rank-1, memorising", "passkey", "passkey_{run}_memorize.json", "single", "rank1",
-       chance_from_task=True),
+       chance_from_task=True, proportion=True),
     _m("cl_acc", "continual ACC (mean -loss after the last era)", "continual", "continual.json", "sotu_eras", "ACC"),
     _m("cl_bwt", "continual BWT (backward transfer)", "continual", "continual.json", "sotu_eras", "BWT"),
     _m("cl_fwt", "continual FWT (forward transfer)", "continual", "continual.json", "sotu_eras", "FWT"),
@@ -78,7 +81,7 @@ METRICS = [
        chance_from_task=True, floor=_no_recall_level, floor_label="no-recall",
        floor_note="a model that answers with one of the sequence's N values at random, without recalling which, "
                   "scores 1/N; mean over the cells",
-       floor_none_above="none recalls at this training budget"),
+       floor_none_above="none recalls at this training budget", proportion=True),
 ]
 BY_KEY = {m.key: m for m in METRICS}
 
@@ -98,6 +101,7 @@ class Value:
     source: str   # "<reports>/<entry>/zeroshot/zeroshot.json: tasks.blimp.metrics.acc.value"
     chance: float | None
     floor: float | None = None
+    stderr: float | None = None  # the evaluation's own standard error of this value, where it states one
 
 
 class CampaignResults:
@@ -134,8 +138,9 @@ class CampaignResults:
             chance = _dig(doc, m.chance_path) if m.chance_path else m.chance
             if chance == UNIFORM:
                 chance = self.uniform_loss(entry)
+            se = _dig(doc, (*m.path[:-1], "stderr"))
             out[m.key] = Value(float(v), f"{self.rel(path)}: {'.'.join(m.path)}", chance,
-                               m.floor(doc) if m.floor else None)
+                               m.floor(doc) if m.floor else None, None if se is None else float(se))
         return out
 
     def uniform_loss(self, entry: Entry) -> float | None:
@@ -170,6 +175,17 @@ class CampaignResults:
         if not vals:
             return None, None, 0
         return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+    def spread(self, variant: str, key: str) -> float | None:
+        """How far `variant`'s value moves by chance: its seeds' standard deviation, and for a
+        proportion (BY_KEY[key].proportion) at least its evaluation's own standard error (the
+        root mean square over the seeds). None with one seed and no standard error."""
+        sd = self.stat(variant, key)[1]
+        errs = [v.stderr for _, v in self.seeds(variant, key) if v.stderr is not None]
+        if not BY_KEY[key].proportion or not errs:
+            return sd
+        se = math.sqrt(statistics.fmean(e * e for e in errs))
+        return se if sd is None else max(sd, se)
 
     def chance(self, key: str) -> float | None:
         for vals in self.values.values():

@@ -63,6 +63,12 @@ evaluation: {zeroshot: "{python} scripts/eval/zeroshot.py --run {run} --out {out
         _write(f"{rep}/hope-s{seed}/recall/recall_hope.json", recall(acc))
     _write(f"{rep}/transformer-s0/recall/recall_transformer.json", recall(0.39))  # within 2 x hope's sd: at
     _write(f"{rep}/hope_cms_depth1-s0/recall/recall_hope.json", recall(0.5))  # above
+    # NIAH: hope's three seeds agree exactly (sd 0) on 18 prompts whose standard error is 0.09, so the
+    # spread is 0.09, not 0: depth1's -0.074 is within it (2 x 0.09 = 0.18)
+    niah = lambda acc: {"tasks": {"single": {"metrics": {"rank1": {"value": acc, "stderr": 0.09}}, "chance": 0.1}}}  # noqa: E731
+    for seed in range(3):
+        _write(f"{rep}/hope-s{seed}/niah/niah_hope-s{seed}.json", niah(1 / 6))
+    _write(f"{rep}/hope_cms_depth1-s0/niah/niah_hope_cms_depth1-s0.json", niah(1 / 6 - 0.074))
     # depth1: +0.4 (beyond 2 sd = 0.2); dgd: +0.05 (within): dgd gets seeds 1 and 2
     _write(f"{rep}/hope_cms_depth1-s0/train.json", _train(5.5))
     _write(f"{rep}/hope_cms_depth1-s0/zeroshot/zeroshot.json", {"tasks": {"blimp": _task(0.55, 0.5)}})
@@ -86,6 +92,11 @@ def test_the_tables_hold_the_hand_computed_numbers(tmp_path):
                 "hope 0.060 below, transformer 0.390 at. No model is above it: none recalls at this training budget."))
     assert "+0.440 (exceeds the spread; above the no-recall level)" in "\n".join(rep.ablation_table(keys=["recall"]))
     assert rep.levels(["hope_cms_depth1"])[0].endswith("hope_cms_depth1 0.500 above.")
+    assert rep.r.spread("hope", "niah_single") == 0.09 and rep.r.stat("hope", "niah_single")[1] == 0.0
+    assert rep.effect("hope_cms_depth1", "niah_single")[3] == "within the spread"
+    assert rep.r.spread("hope", "val_loss") == rep.r.stat("hope", "val_loss")[1]  # a loss: its seeds' sd alone
+    vals = "\n".join(rep.ablation_table(keys=["val_loss", "blimp"], values=True))
+    assert "| hope_cms_depth1 | cms_periods=[16] | 1,000 | 1 | 5.500 (1) | 0.550 (1) |" in vals
     abl = "\n".join(rep.ablation_table(keys=["val_loss", "blimp"]))
     assert "| hope_cms_depth1 | cms_periods=[16] | 1,000 | 1 | +0.400 (exceeds the spread) | -0.070 (exceeds the spread) |" in abl
     assert "| hope_cms_dgd | cms_optimizer=dgd | 1,000 | 1 | +0.050 (within the spread) | not run yet |" in abl
