@@ -45,6 +45,7 @@ class Entry:
     seed: int
     overrides: tuple[str, ...]   # train.py overrides of this entry (after the shared ones)
     model_overrides: tuple[tuple[str, object], ...] = ()  # the config fields the ablation changes
+    pinned: tuple[tuple[str, object], ...] = ()  # the campaign's fields of this model (model_overrides:)
 
 
 def hydra_value(v) -> str:
@@ -93,9 +94,12 @@ class Campaign:
     runs_root: str | None = None      # default: <root>/runs
     reports_root: str | None = None   # default: <root>/reports
     reports: dict = field(default_factory=dict)  # make_report's files, relative to root (see report_path)
+    # per model, config fields every entry of that model gets before an ablation's own (a default
+    # that changed after the campaign ran, pinned to the value it ran with)
+    model_overrides: dict = field(default_factory=dict)
 
     KEYS = ("name", "extends", "scale", "launcher", "execute", "threads", "seeds", "models", "reference", "train",
-            "ablations", "evaluation", "reports")
+            "model_overrides", "ablations", "evaluation", "reports")
     REPORTS = ("experiments", "ablations", "progress", "writeup")  # what make_report writes
 
     @classmethod
@@ -120,7 +124,8 @@ class Campaign:
                 confirm_seeds=[int(s) for s in abl.get("confirm_seeds", [])],
                 confirm_sigmas=float(abl.get("confirm_sigmas", 2.0)),
                 experiments=list(abl.get("experiments", [])), root=root, runs_root=runs_root,
-                reports_root=reports_root, reports=dict(doc.get("reports") or {}))
+                reports_root=reports_root, reports=dict(doc.get("reports") or {}),
+                model_overrides={str(m): dict(f or {}) for m, f in (doc.get("model_overrides") or {}).items()})
         c.check()
         return c
 
@@ -170,6 +175,10 @@ class Campaign:
         for t in self.train:
             if t.split("=")[0].lstrip("+") in ("train.seed", "train.out_dir"):
                 raise CampaignError(f"{self.path}: {t}: the runner sets train.seed and train.out_dir per entry")
+        bad = set(self.model_overrides) - set(self.models)
+        if bad:
+            raise CampaignError(f"{self.path}: model_overrides names {sorted(bad)}, which are not among the models "
+                                f"{self.models}")
         bad = set(self.reports) - set(self.REPORTS)
         if bad:
             raise CampaignError(f"{self.path}: " + unknown_keys_message("reports", sorted(bad), self.REPORTS))
@@ -210,15 +219,22 @@ class Campaign:
 
     # --- entries ---------------------------------------------------------------------------
 
-    def main_entries(self) -> list[Entry]:
+    def _model_args(self, model: str, fields: dict) -> tuple[str, ...]:
         # model.name too: an experiment in the shared overrides (plan_pilot) names a model of its own
-        return [Entry(f"{m}-s{s}", "main", m, m, s, (f"model={m}", f"model.name={m}"))
+        fields = {**self.model_overrides.get(model, {}), **fields}
+        return (f"model={model}", f"model.name={model}") + tuple(
+            f"model.overrides.{k}={hydra_value(v)}" for k, v in fields.items())
+
+    def main_entries(self) -> list[Entry]:
+        return [Entry(f"{m}-s{s}", "main", m, m, s, self._model_args(m, {}),
+                      pinned=tuple(self.model_overrides.get(m, {}).items()))
                 for s in self.seeds for m in self.models]
 
     def ablation_entry(self, experiment: str, seed: int) -> Entry:
         model, over = experiment_overrides(experiment, self.config_dir)
-        args = (f"model={model}", f"model.name={model}") + tuple(f"model.overrides.{k}={hydra_value(v)}" for k, v in over.items())
-        return Entry(f"{experiment}-s{seed}", "ablation", experiment, model, seed, args, tuple(over.items()))
+        pinned = {k: v for k, v in self.model_overrides.get(model, {}).items() if k not in over}
+        return Entry(f"{experiment}-s{seed}", "ablation", experiment, model, seed, self._model_args(model, over),
+                     tuple(over.items()), tuple(pinned.items()))
 
     def entries(self, final_loss: dict[str, float] | None = None) -> list[Entry]:
         """Every entry to run, in order: the main grid seed by seed, each ablation's first seeds,
@@ -258,7 +274,7 @@ class Campaign:
                 f"train.out_dir={self.rel(self.run_dir(entry))}"]
 
     def eval_command(self, entry: Entry, stage: str) -> list[str]:
-        rec = " ".join(f"--override {k}={shlex.quote(hydra_value(v))}" for k, v in entry.model_overrides)
+        rec = " ".join(f"--override {k}={shlex.quote(hydra_value(v))}" for k, v in (*entry.pinned, *entry.model_overrides))
         text = self.evaluation[stage].format(
             python=shlex.quote(sys.executable), run=shlex.quote(self.rel(self.run_dir(entry))),
             out=shlex.quote(self.rel(self.stage_out(entry, stage))), seed=entry.seed,

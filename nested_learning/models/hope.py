@@ -38,7 +38,7 @@ class HOPEConfig(ModelConfig):
     cms_periods: tuple = (1, 4, 16, 64)
     cms_hidden_mult: int = 2
     cms_optimizer: str = "gd"  # or a tuple, one per level: "gd" | "momentum" | "dgd" | "deep_momentum"
-    cms_lr: float = 1e-3  # or a tuple, one per level
+    cms_lr: float = 0.1  # or a tuple, one per level; 1e-3 until 0.2.0 left the levels inert (bench/RESULTS.md 20)
     cms_beta: float = 0.9
     cms_dgd_alpha: float = 1.0
     cms_deep_momentum_hidden: int = 16

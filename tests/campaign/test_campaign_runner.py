@@ -15,7 +15,7 @@ import time
 import pytest
 
 from nested_learning.campaign.runner import Lock, Runner, render_status
-from nested_learning.campaign.spec import Campaign, CampaignError
+from nested_learning.campaign.spec import Campaign, CampaignError, hydra_value
 from nested_learning.train.config import compose_config
 from tests.train.conftest import corpus_dir  # noqa: F401 (fixture)
 
@@ -68,8 +68,21 @@ def test_an_ablation_entry_composes_the_experiment_configs_model(experiment):
     c = Campaign.load("cpu")
     entry = c.ablation_entry(experiment, 0)
     ours = compose_config([*c.train, *entry.overrides])["model"]
-    theirs = compose_config([*c.train, f"experiment={experiment}"])["model"]
-    assert ours == theirs
+    pins = [f"model.overrides.{k}={hydra_value(v)}" for k, v in entry.pinned]  # HOPE as the campaign ran it
+    theirs = compose_config([*c.train, f"experiment={experiment}", *pins])["model"]
+    assert ours == theirs and ours["overrides"]["cms_lr"] == 0.001
+
+
+def test_model_overrides_pin_a_models_fields_in_its_entries_and_their_recall_command():
+    c = Campaign.load("cpu")
+    hope, titans = c.main_entries()[:2]
+    assert compose_config([*c.train, *hope.overrides])["model"]["overrides"] == {"cms_lr": 0.001}
+    assert compose_config([*c.train, *titans.overrides])["model"]["overrides"] == {}
+    assert "--override cms_lr=0.001" in " ".join(c.eval_command(hope, "recall"))
+    assert "--override" not in " ".join(c.eval_command(titans, "recall"))
+    side = Campaign.load("cms_lr")
+    tuned = side.ablation_entry("hope_cms_lr_tuned", 0)  # the experiment's own value wins over the pin
+    assert tuned.pinned == () and "--override cms_lr=0.1" in " ".join(side.eval_command(tuned, "recall"))
 
 
 def test_confirmation_seeds_follow_the_seed_spread():
@@ -135,6 +148,8 @@ def test_bad_extends_and_reports_are_refused(tmp_path):
     _refused(child, "extends: base.yaml\nname: child\nreports: {progress: null}\n",
              "only reports.writeup may be null")
     _refused(child, "extends: nonesuch\nname: child\n", "no campaign 'nonesuch'")
+    _refused(child, "extends: base.yaml\nname: child\nmodel_overrides: {titans: {chunk: 8}}\n",
+             "model_overrides names .'titans'., which are not among the models")
 
 
 def test_an_entry_claimed_by_a_live_runner_is_not_taken_and_a_dead_ones_claim_is(tmp_path):
