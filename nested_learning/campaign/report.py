@@ -347,6 +347,8 @@ class Report:
                     cells.append(cell(*self.r.stat(v, k)))
                     continue
                 d, sd, n, verdict = self.effect(v, k)
+                if d is not None and self.r.identical(v, ref, k):
+                    verdict = f"identical to {ref} seed by seed: the evaluation does not see this change"
                 level = self.level(v, k)
                 level = f"; {level} the {BY_KEY[k].floor_label} level" if level else ""
                 cells.append("not run yet" if d is None else f"{d:+.3f} ({verdict}{level})")

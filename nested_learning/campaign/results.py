@@ -176,6 +176,14 @@ class CampaignResults:
             return None, None, 0
         return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
 
+    def identical(self, variant: str, other: str, key: str) -> bool:
+        """Every seed of `variant` has exactly `other`'s value of the same seed (at least one seed
+        in common): the evaluation does not see what tells the two apart."""
+        mine = {e.seed: v.value for e, v in self.seeds(variant, key)}
+        theirs = {e.seed: v.value for e, v in self.seeds(other, key)}
+        common = set(mine) & set(theirs)
+        return bool(common) and all(mine[s] == theirs[s] for s in common)
+
     def spread(self, variant: str, key: str) -> float | None:
         """How far `variant`'s value moves by chance: its seeds' standard deviation, and for a
         proportion (BY_KEY[key].proportion) at least its evaluation's own standard error (the

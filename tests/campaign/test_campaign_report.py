@@ -95,6 +95,12 @@ def test_the_tables_hold_the_hand_computed_numbers(tmp_path):
     assert rep.r.spread("hope", "niah_single") == 0.09 and rep.r.stat("hope", "niah_single")[1] == 0.0
     assert rep.effect("hope_cms_depth1", "niah_single")[3] == "within the spread"
     assert rep.r.spread("hope", "val_loss") == rep.r.stat("hope", "val_loss")[1]  # a loss: its seeds' sd alone
+    mqar = {"tasks": {"mqar": _task(0.05, 1 / 120, settings={"cells": [[2, 64], [4, 64]]})}}
+    _write(f"{c.reports_dir}/hope_cms_dgd-s0/recall/recall_hope.json", mqar)  # hope-s0's value exactly
+    again = Report(c)
+    assert again.r.identical("hope_cms_dgd", "hope", "recall") and not again.r.identical("hope_cms_depth1", "hope", "recall")
+    assert "(identical to hope seed by seed: the evaluation does not see this change;" in "\n".join(
+        again.ablation_table(keys=["recall"]))
     vals = "\n".join(rep.ablation_table(keys=["val_loss", "blimp"], values=True))
     assert "| hope_cms_depth1 | cms_periods=[16] | 1,000 | 1 | 5.500 (1) | 0.550 (1) |" in vals
     abl = "\n".join(rep.ablation_table(keys=["val_loss", "blimp"]))
