@@ -95,6 +95,16 @@ def _dig(obj, path):
     return obj
 
 
+def _file_values(doc) -> tuple:
+    """(task, metric, value, stderr) of every metric of every task of a result file, sorted; a
+    file without tasks (train.json): the whole file."""
+    tasks = doc.get("tasks") if isinstance(doc, dict) else None
+    if not isinstance(tasks, dict):
+        return (json.dumps(doc, sort_keys=True, default=str),) if doc is not None else ()
+    return tuple(sorted((t, m, x.get("value"), x.get("stderr")) for t, tv in tasks.items()
+                        for m, x in (tv.get("metrics") or {}).items() if isinstance(x, dict)))
+
+
 @dataclass
 class Value:
     value: float
@@ -102,6 +112,7 @@ class Value:
     chance: float | None
     floor: float | None = None
     stderr: float | None = None  # the evaluation's own standard error of this value, where it states one
+    file_values: tuple = ()  # every (task, metric, value) of the result file it came from
 
 
 class CampaignResults:
@@ -140,7 +151,8 @@ class CampaignResults:
                 chance = self.uniform_loss(entry)
             se = _dig(doc, (*m.path[:-1], "stderr"))
             out[m.key] = Value(float(v), f"{self.rel(path)}: {'.'.join(m.path)}", chance,
-                               m.floor(doc) if m.floor else None, None if se is None else float(se))
+                               m.floor(doc) if m.floor else None, None if se is None else float(se),
+                               _file_values(doc))
         return out
 
     def uniform_loss(self, entry: Entry) -> float | None:
@@ -177,10 +189,12 @@ class CampaignResults:
         return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
 
     def identical(self, variant: str, other: str, key: str) -> bool:
-        """Every seed of `variant` has exactly `other`'s value of the same seed (at least one seed
-        in common): the evaluation does not see what tells the two apart."""
-        mine = {e.seed: v.value for e, v in self.seeds(variant, key)}
-        theirs = {e.seed: v.value for e, v in self.seeds(other, key)}
+        """Every seed of `variant` has a result file whose every number equals `other`'s of the
+        same seed (at least one seed in common; all the file's tasks and metrics, so that two
+        models agreeing on one proportion of a few prompts by chance do not count): the
+        evaluation does not see what tells the two apart."""
+        mine = {e.seed: v.file_values for e, v in self.seeds(variant, key)}
+        theirs = {e.seed: v.file_values for e, v in self.seeds(other, key)}
         common = set(mine) & set(theirs)
         return bool(common) and all(mine[s] == theirs[s] for s in common)
 

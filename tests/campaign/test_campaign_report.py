@@ -35,6 +35,10 @@ def _task(value, chance=None, **extra):
     return {"metrics": {"acc": {"value": value, "stderr": 0.01}}, "chance": chance, "extra": extra}
 
 
+def _niah(acc):
+    return {"tasks": {"single": {"metrics": {"rank1": {"value": acc, "stderr": 0.09}}, "chance": 0.1}}}
+
+
 def fixed_campaign(tmp_path, extra: str = "") -> Campaign:
     spec = tmp_path / "fixed.yaml"
     spec.write_text(extra + """
@@ -65,10 +69,9 @@ evaluation: {zeroshot: "{python} scripts/eval/zeroshot.py --run {run} --out {out
     _write(f"{rep}/hope_cms_depth1-s0/recall/recall_hope.json", recall(0.5))  # above
     # NIAH: hope's three seeds agree exactly (sd 0) on 18 prompts whose standard error is 0.09, so the
     # spread is 0.09, not 0: depth1's -0.074 is within it (2 x 0.09 = 0.18)
-    niah = lambda acc: {"tasks": {"single": {"metrics": {"rank1": {"value": acc, "stderr": 0.09}}, "chance": 0.1}}}  # noqa: E731
     for seed in range(3):
-        _write(f"{rep}/hope-s{seed}/niah/niah_hope-s{seed}.json", niah(1 / 6))
-    _write(f"{rep}/hope_cms_depth1-s0/niah/niah_hope_cms_depth1-s0.json", niah(1 / 6 - 0.074))
+        _write(f"{rep}/hope-s{seed}/niah/niah_hope-s{seed}.json", _niah(1 / 6))
+    _write(f"{rep}/hope_cms_depth1-s0/niah/niah_hope_cms_depth1-s0.json", _niah(1 / 6 - 0.074))
     # depth1: +0.4 (beyond 2 sd = 0.2); dgd: +0.05 (within): dgd gets seeds 1 and 2
     _write(f"{rep}/hope_cms_depth1-s0/train.json", _train(5.5))
     _write(f"{rep}/hope_cms_depth1-s0/zeroshot/zeroshot.json", {"tasks": {"blimp": _task(0.55, 0.5)}})
@@ -97,8 +100,14 @@ def test_the_tables_hold_the_hand_computed_numbers(tmp_path):
     assert rep.r.spread("hope", "val_loss") == rep.r.stat("hope", "val_loss")[1]  # a loss: its seeds' sd alone
     mqar = {"tasks": {"mqar": _task(0.05, 1 / 120, settings={"cells": [[2, 64], [4, 64]]})}}
     _write(f"{c.reports_dir}/hope_cms_dgd-s0/recall/recall_hope.json", mqar)  # hope-s0's value exactly
+    # the same NIAH single-needle value by chance, but another multikey task: not identical
+    niah2 = _niah(1 / 6)
+    niah2["tasks"]["multikey"] = {"metrics": {"rank1": {"value": 0.5, "stderr": 0.1}}}
+    _write(f"{c.reports_dir}/hope_cms_dgd-s0/niah/niah_hope_cms_dgd-s0.json", niah2)
     again = Report(c)
     assert again.r.identical("hope_cms_dgd", "hope", "recall") and not again.r.identical("hope_cms_depth1", "hope", "recall")
+    assert not again.r.identical("hope_cms_dgd", "hope", "niah_single")
+    assert again.r.seeds("hope_cms_dgd", "niah_single")[0][1].value == again.r.seeds("hope", "niah_single")[0][1].value
     assert "(identical to hope seed by seed: the evaluation does not see this change;" in "\n".join(
         again.ablation_table(keys=["recall"]))
     vals = "\n".join(rep.ablation_table(keys=["val_loss", "blimp"], values=True))
