@@ -164,12 +164,12 @@ class Report:
         """(ablation mean - reference mean, the reference's spread (CampaignResults.spread: its
         seeds' sd, for a proportion at least its standard error), the ablation's seeds, verdict)."""
         mean, _, n = self.r.stat(variant, key)
-        ref = self.r.stat(self.c.reference, key)[0]
+        ref, ref_seed_sd, _ = self.r.stat(self.c.reference, key)
         ref_sd = self.r.spread(self.c.reference, key)
         if mean is None or ref is None:
             return None, ref_sd, n, "not run yet"
         d = mean - ref
-        if self.r.stat(self.c.reference, key)[1] is None:
+        if ref_seed_sd is None:
             return d, None, n, "no seed spread yet"
         verdict = "exceeds the spread" if abs(d) > self.c.confirm_sigmas * ref_sd else "within the spread"
         return d, ref_sd, n, verdict
@@ -178,11 +178,10 @@ class Report:
         """Where `variant`'s mean lies against the metric's second reference level (MQAR: the
         accuracy without recall): "above", "at" or "below" it, "at" meaning within the same 2 sd
         as the effects (the variant's own seeds' sd, or the reference's with one seed)."""
-        floor, mean = self.r.floor(key), self.r.stat(variant, key)[0]
+        floor, (mean, own_sd, _) = self.r.floor(key), self.r.stat(variant, key)
         if floor is None or mean is None:
             return None
-        sd = self.r.spread(variant, key) if self.r.stat(variant, key)[1] is not None else \
-            self.r.spread(self.c.reference, key)
+        sd = self.r.spread(variant if own_sd is not None else self.c.reference, key)
         tol = self.c.confirm_sigmas * (sd or 0.0)
         return "above" if mean > floor + tol else "below" if mean < floor - tol else "at"
 

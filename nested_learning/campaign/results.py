@@ -112,7 +112,7 @@ class Value:
     chance: float | None
     floor: float | None = None
     stderr: float | None = None  # the evaluation's own standard error of this value, where it states one
-    file_values: tuple = ()  # every (task, metric, value) of the result file it came from
+    file_values: tuple = ()  # every (task, metric, value, stderr) of its result file (_file_values)
 
 
 class CampaignResults:
