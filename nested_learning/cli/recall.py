@@ -15,6 +15,14 @@ memory writes disabled: the control). Training mixes every (pairs, length) cell 
 cells with L < 4N are reported as not run. The data and the method are in the docstring of
 nested_learning/eval/recall.py.
 
+With --segment S the test sequences are read S tokens at a time, the fast state carried (the
+same predictions as one forward); with --memorize too, each segment is memorised after it is
+scored (model.memorize, the next-token loss of the input tokens, never the answers), and
+DIR/recall_<model>_memorize.json holds the memorised accuracies with their baseline_delta:
+
+    python scripts/eval/recall.py --models hope,titans --pairs 2,4,8 --lengths 64 --steps 600 \\
+        --segment 16 --memorize --out results/recall_memorize
+
 Writes DIR/recall_<model>.json (schema nested_learning.eval/1: task "mqar", the mean over
 cells, with the grid, the marginals and the training summaries in extra, and one task per
 cell "mqar_N<pairs>_L<length>"), DIR/recall_table.md (the printed table: accuracy ± standard
@@ -33,6 +41,7 @@ import yaml
 from nested_learning.cli._common import command
 from nested_learning.eval import recall as RC
 from nested_learning.eval import results as R
+from nested_learning.models.streaming import MemorizeTally
 from nested_learning.train.config import OptimConfig
 
 
@@ -67,8 +76,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: these models are small, and on a shared CPU several threads "
                          "wait on each other; 0: torch's default)")
+    ap.add_argument("--segment", type=int, default=None,
+                    help="read each test sequence in segments of this many tokens, the fast state carried "
+                         "(default: in one forward; needed for --memorize to act before the last segment)")
     ap.add_argument("--out", required=True, help="folder for the result JSON, the table and the plot")
     ap.add_argument("--no-progress", action="store_true")
+    R.add_memorize_args(ap)
     a = ap.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     bad = [m for m in models if m not in RC.MODELS]
@@ -76,6 +89,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"unknown model(s) {bad}; choose from {', '.join(RC.MODELS)}")
     if a.steps < 1 or a.batch_size < 1 or a.test_sequences < 2:
         raise SystemExit("need --steps >= 1, --batch-size >= 1 and --test-sequences >= 2")
+    if a.segment is not None and a.segment < 1:
+        raise SystemExit(f"--segment must be >= 1 token, got {a.segment}")
+    memorize = R.memorize_settings(a)
+    if memorize is not None and a.segment is None:
+        raise SystemExit("--memorize needs --segment: a sequence read in one piece is scored before anything is "
+                         "memorised, so memorisation could change no prediction")
     overrides = {}
     for o in a.override:
         key, eq, value = o.partition("=")
@@ -100,13 +119,14 @@ def main(argv=None) -> dict:
     settings = {"steps": a.steps, "seeds": seeds, "batch_size": a.batch_size, "test_sequences": a.test_sequences,
                 "d_model": a.d_model, "n_layers": a.layers, "n_heads": a.heads, "optimizer": optim, "clip": clip,
                 "inner_updates": not a.no_inner_updates, "time_limit": a.time_limit,
-                "threads": torch.get_num_threads(), "overrides": overrides, "cells": [list(c) for c in cells]}
+                "threads": torch.get_num_threads(), "overrides": overrides, "cells": [list(c) for c in cells],
+                "segment": a.segment}
     os.makedirs(a.out, exist_ok=True)
     runs = []
     for name in models:
         run = RC.run_model(name, task, cells, a.steps, seeds, a.batch_size, a.test_sequences, a.d_model, a.layers,
                            a.heads, optim, clip, not a.no_progress, a.time_limit, inner_updates=not a.no_inner_updates,
-                           overrides=overrides)
+                           overrides=overrides, segment=a.segment, memorize=memorize)
         runs.append(run)
         res = R.result("recall", None, seeds[0], RC.result_tasks(run, task, skipped, settings))
         R.write(res, os.path.join(a.out, f"recall_{name}.json"))
@@ -114,6 +134,16 @@ def main(argv=None) -> dict:
         m = res["tasks"]["mqar"]["metrics"]["acc"]
         print(f"{name}: {run['parameters']:,} parameters, {secs:.0f} s training, mean accuracy {m['value']:.3f}"
               f" (chance {task.chance:.4f})", flush=True)
+        if memorize is not None:
+            # no CMS levels (tally None): the baseline's numbers, and a warning that says why
+            block, notes = R.summarise_memorisation(memorize, run["memorize_tally"] or MemorizeTally())
+            mres = R.result("recall_memorize", None, seeds[0], RC.result_tasks(run, task, skipped, settings, True),
+                            block, notes)
+            R.add_deltas(mres, res)
+            R.write(mres, os.path.join(a.out, f"recall_{name}_memorize.json"))
+            d = mres["tasks"]["mqar"]["baseline_delta"]["acc"]
+            print(f"{name} memorised: mean accuracy {mres['tasks']['mqar']['metrics']['acc']['value']:.3f} "
+                  f"({d:+.3f} against reading without memorising; {block['updates_applied']:,} CMS updates)", flush=True)
     lines = RC.table(runs, task)
     text = "\n".join(lines)
     print(text)

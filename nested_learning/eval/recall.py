@@ -34,6 +34,15 @@ seeded order every round. Each model is built at the same width (d_model, n_head
 with torch seeded by `seed`, and trained by `train_step`: the one training step of train.py
 (`nested_learning.train.step.TrainStep`) on a batch of fresh sequences, from a fresh fast state.
 
+Reading a sequence: by default in one forward. With a segment length S, in segments of S tokens
+with the fast state carried, as a stream is read (exact: the same predictions, tested). Test-time
+memorisation (predict with a Memorize setting) then memorises each segment after scoring it,
+with the next-token loss of the input tokens themselves (k_i -> v_i in the pair region),
+never the labels; HOPE's CMS levels, read at each segment's start, can then hold the pairs
+for the queries in later segments. Training reads each sequence in one piece, its CMS update
+pass after the step (from a state that is then dropped), so a trained model has never used an
+in-sequence CMS update: memorisation measures what the update rule stores as it stands.
+
 The control `hope-nowrites` is HOPE with its in-context writes disabled: eta (the learning
 rate of the projection memory and of the main memory) is 0, set through the layer's eta_max
 after construction, so neither memory is ever written; the forget gate still scales both by
@@ -52,6 +61,7 @@ from torch import Tensor
 
 from ..constants import IGNORE
 from ..models import build_model
+from ..models.streaming import Memorize, MemorizeTally
 from ..train.config import OptimConfig
 from ..train.optim import build_optimizer, lr_factor
 from ..train.step import TrainStep
@@ -271,25 +281,62 @@ def _nanmean(xs: list[float]) -> float:
 
 
 # ---------------------------------------------------------------------------- evaluation
-def accuracy(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def accuracy(predictions: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """Per sequence: (correct, scored) [B] counts over the positions whose target is not -100;
-    a position is correct when the arg-max of its logits is its target."""
+    a position is correct when its prediction (the arg-max of its logits, [B, L]) is its target."""
     mask = targets != IGNORE
-    hit = (logits.argmax(-1) == targets) & mask
+    hit = (predictions == targets) & mask
     return hit.sum(1), mask.sum(1)
 
 
-@torch.no_grad()
-def evaluate(model, test: TestSet, batch: int = 128) -> dict[tuple[int, int], dict]:
+def predict(model, tokens: Tensor, segment: int | None = None, memorize: Memorize | None = None,
+            reports: list | None = None) -> Tensor:
+    """Arg-max next-token predictions [B, L] of the sequences tokens [B, L], from a fresh state.
+
+    segment None: one forward over the whole sequence. Else the sequences stream in segments of
+    `segment` tokens with the fast state carried (the in-forward memories carry across; HOPE's
+    CMS levels are read at each segment's start, as in training's segments). With `memorize`
+    (a model with CMS levels), each segment is scored first and then memorised (model.memorize)
+    with the next-token loss of the input itself: the targets are the following input tokens
+    (the segment's own, then the next segment's first), never the MQAR labels. A queried
+    value never appears in the input after its query, so memorisation sees the pairs
+    (k_i -> v_i) and the filler, not the answers, and no position is scored by a state that
+    has learned from it. Memorisation reports go to `reports`."""
+    if segment is None and memorize is None:
+        with torch.no_grad():
+            return model(tokens)[0].argmax(-1)
+    L = tokens.shape[1]
+    seg = L if segment is None else segment
+    state = model.init_state(tokens.shape[0])
+    out = []
+    for s in range(0, L, seg):
+        x = tokens[:, s:s + seg]
+        with torch.no_grad():
+            logits, after = model(x, state)
+        out.append(logits.argmax(-1))
+        if memorize is not None and model.has_cms():
+            nxt = tokens[:, s + seg] if s + seg < L else None
+            state, rep = model.memorize(x, state, steps=memorize.steps, lr=memorize.lr,
+                                        surprise_threshold=memorize.surprise_threshold, levels=memorize.levels,
+                                        next_token=nxt)
+            if reports is not None:
+                reports.append(rep)
+        else:
+            state = after
+    return torch.cat(out, 1)
+
+
+def evaluate(model, test: TestSet, batch: int = 128, segment: int | None = None, memorize: Memorize | None = None,
+             reports: list | None = None) -> dict[tuple[int, int], dict]:
     """Per cell: accuracy over its query positions, the standard error over sequences (each
-    sequence's accuracy is one item: queries of a sequence share its memory), the counts."""
+    sequence's accuracy is one item: queries of a sequence share its memory), the counts.
+    segment, memorize, reports: how the sequences are read (predict)."""
     model.eval()
     out = {}
     for cell, (tok, tgt) in test.cells.items():
         per_seq = []
         for s in range(0, tok.shape[0], batch):
-            logits, _ = model(tok[s:s + batch])
-            c, n = accuracy(logits, tgt[s:s + batch])
+            c, n = accuracy(predict(model, tok[s:s + batch], segment, memorize, reports), tgt[s:s + batch])
             per_seq += (c.double() / n.double()).tolist()
         acc, se = mean_stderr(per_seq)
         out[cell] = {"acc": acc, "stderr": se, "sequences": len(per_seq), "queries": cell[0] * len(per_seq)}
@@ -310,10 +357,17 @@ def split_cells(task: RecallTask, pairs: list[int], lengths: list[int]):
 def run_model(name: str, task: RecallTask, cells: list[tuple[int, int]], steps: int, seeds: list[int],
               batch: int = 32, n_test: int = 256, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
               optim: dict | None = None, clip: float | None = 1.0, progress: bool = True,
-              time_limit: float | None = None, inner_updates: bool = True, overrides: dict | None = None) -> dict:
+              time_limit: float | None = None, inner_updates: bool = True, overrides: dict | None = None,
+              segment: int | None = None, memorize: Memorize | None = None) -> dict:
     """Train and evaluate model `name` once per seed; {"cells": {(N, L): summary over seeds},
-    "seeds": [per seed: training summary and per-cell results], "parameters", "config"}."""
-    per_seed = []
+    "seeds": [per seed: training summary and per-cell results], "parameters", "config"}. With
+    `memorize`, each seed's model is also evaluated with test-time memorisation (predict):
+    "cells_memorized" (and per seed), and "memorize_tally", the memorisation reports' totals
+    (None for a model without CMS levels: it has nothing to memorise, and its memorised
+    cells are its baseline's)."""
+    if segment is not None and segment < 1:
+        raise ValueError(f"segment must be >= 1 token, got {segment}")
+    per_seed, tally = [], MemorizeTally() if memorize is not None else None
     for seed in seeds:
         test = make_test_set(task, cells, n_test, seed)
         model = build_recall_model(name, task, d_model, n_layers, n_heads, seed, **(overrides or {}))
@@ -321,12 +375,21 @@ def run_model(name: str, task: RecallTask, cells: list[tuple[int, int]], steps: 
         summary = train(model, batches, steps, optim, clip, progress, f"{name} seed {seed}", time_limit,
                         inner_updates)
         t0 = time.perf_counter()
-        res = evaluate(model, test)
+        rec = {"seed": seed, "train": summary, "cells": evaluate(model, test, segment=segment)}
         summary["eval_seconds"] = time.perf_counter() - t0
-        per_seed.append({"seed": seed, "train": summary, "cells": res})
+        if memorize is not None:
+            t0 = time.perf_counter()
+            rec["cells_memorized"] = (evaluate(model, test, segment=segment, memorize=memorize, reports=tally)
+                                      if model.has_cms() else rec["cells"])
+            summary["eval_memorized_seconds"] = time.perf_counter() - t0
+        per_seed.append(rec)
     cfg = asdict(model.config)
-    return {"model": name, "parameters": model.num_parameters(), "config": cfg,
-            "cells": {c: combine([s["cells"][c] for s in per_seed]) for c in cells}, "seeds": per_seed}
+    out = {"model": name, "parameters": model.num_parameters(), "config": cfg, "segment": segment,
+           "cells": {c: combine([s["cells"][c] for s in per_seed]) for c in cells}, "seeds": per_seed}
+    if memorize is not None:
+        out["cells_memorized"] = {c: combine([s["cells_memorized"][c] for s in per_seed]) for c in cells}
+        out["memorize_tally"] = tally if model.has_cms() else None
+    return out
 
 
 def combine(results: list[dict]) -> dict:
@@ -355,11 +418,12 @@ def marginal(cells: dict, key: int) -> dict[int, dict]:
     return out
 
 
-def result_tasks(run: dict, task: RecallTask, skipped: list, settings: dict) -> dict:
+def result_tasks(run: dict, task: RecallTask, skipped: list, settings: dict, memorized: bool = False) -> dict:
     """The `tasks` block of the result file (schema nested_learning.eval/1): "mqar" (the mean
     over cells, with the grid, the marginals and the training summaries in extra) and one
-    task per cell, "mqar_N{pairs}_L{length}"."""
-    cells = run["cells"]
+    task per cell, "mqar_N{pairs}_L{length}". memorized: the cells evaluated with test-time
+    memorisation (run["cells_memorized"]) instead of the baseline's."""
+    cells = run["cells_memorized" if memorized else "cells"]
     overall = marginal({(0, c): r for c, r in cells.items()}, 0)[0]
     tasks = {"mqar": {
         "metrics": {"acc": {"value": overall["acc"], "stderr": overall["stderr"]}},
@@ -392,18 +456,20 @@ def table(runs: list[dict], task: RecallTask) -> list[str]:
              "with one of the sequence's N values at random, without recall, scores 1/N)", "",
              "| model | params | steps | train s | " + " | ".join(f"N={N} L={L}" for N, L in cells) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(cells)]
-    for r in runs:
+    rows = [(r, r["model"], "cells") for r in runs]
+    rows += [(r, f"{r['model']} memorised", "cells_memorized") for r in runs if "cells_memorized" in r]
+    for r, label, key in rows:
         steps = sum(s["train"]["steps"] for s in r["seeds"]) // len(r["seeds"])
         secs = sum(s["train"]["seconds"] for s in r["seeds"]) / len(r["seeds"])
-        lines.append(f"| {r['model']} | {r['parameters']:,} | {steps} | {secs:.0f} | "
-                     + " | ".join(f(r["cells"][c]) if c in r["cells"] else "-" for c in cells) + " |")
+        lines.append(f"| {label} | {r['parameters']:,} | {steps} | {secs:.0f} | "
+                     + " | ".join(f(r[key][c]) if c in r[key] else "-" for c in cells) + " |")
     for key, label in ((0, "pairs"), (1, "length")):
         ks = sorted({c[key] for c in cells})
         lines += ["", f"by {label} (mean over the other axis)", "",
                   "| model | " + " | ".join(f"{label} {k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
-        for r in runs:
-            m = marginal(r["cells"], key)
-            lines.append(f"| {r['model']} | " + " | ".join(f(m[k]) if k in m else "-" for k in ks) + " |")
+        for r, name, which in rows:
+            m = marginal(r[which], key)
+            lines.append(f"| {name} | " + " | ".join(f(m[k]) if k in m else "-" for k in ks) + " |")
         if key == 0:
             lines.append("| (a value of the sequence at random: 1/N) | " + " | ".join(f"{1 / k:.3f}" for k in ks) + " |")
     return lines
@@ -421,10 +487,13 @@ def plot(runs: list[dict], task: RecallTask, path: str) -> str | None:
     fig, axes = plt.subplots(1, len(lengths), figsize=(3.4 * len(lengths) + 0.6, 3.2), dpi=120, squeeze=False)
     for ax, L in zip(axes[0], lengths):
         for r in runs:
-            cs = sorted(c for c in r["cells"] if c[1] == L)
-            ys = [r["cells"][c] for c in cs]
-            ax.errorbar([c[0] for c in cs], [y["acc"] for y in ys], yerr=[y["stderr"] or 0 for y in ys],
-                        marker="o", ms=3, capsize=2, label=r["model"])
+            for key, label, ls in (("cells", r["model"], "-"), ("cells_memorized", f"{r['model']} memorised", "--")):
+                if key not in r:
+                    continue
+                cs = sorted(c for c in r[key] if c[1] == L)
+                ys = [r[key][c] for c in cs]
+                ax.errorbar([c[0] for c in cs], [y["acc"] for y in ys], yerr=[y["stderr"] or 0 for y in ys],
+                            marker="o", ms=3, capsize=2, ls=ls, label=label)
         ax.axhline(task.chance, ls="--", color="grey", lw=0.8, label="chance")
         ns = sorted({c[0] for r in runs for c in r["cells"] if c[1] == L})
         ax.plot(ns, [1 / n for n in ns], ls=":", color="black", lw=0.8, label="a value of the sequence (1/N)")

@@ -45,6 +45,11 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_memorize_args(ap)
+
+
+def add_memorize_args(ap: argparse.ArgumentParser) -> None:
+    """--memorize and its settings (memorize_settings reads them)."""
     m = ap.add_argument_group("test-time memorisation (model.memorize on each item's context only)")
     m.add_argument("--memorize", action="store_true", help="also run the evaluation with memorisation")
     m.add_argument("--memorize-steps", type=int, default=1)

@@ -71,7 +71,7 @@ def test_accuracy_against_a_hand_made_case():
     logits[0, 3, 4] = 1.0  # wrong (target 1)
     logits[0, 0, 0] = logits[0, 2, 2] = 9.0  # ignored positions
     logits[1, 0, 2] = 1.0  # right
-    correct, scored = RC.accuracy(logits, targets)
+    correct, scored = RC.accuracy(logits.argmax(-1), targets)
     assert correct.tolist() == [1, 1] and scored.tolist() == [2, 1]
 
 
@@ -200,3 +200,94 @@ def test_the_command_line_end_to_end(tmp_path):
         assert res["tasks"]["mqar_N8_L32"]["n_items"] == 8  # 4 test sequences x 2 seeds
     hope = json.loads((out / "recall_hope.json").read_text())["tasks"]["mqar"]["extra"]
     assert hope["training"][0]["inner_updates"] > 0 and hope["model_config"]["d_model"] == 16
+
+
+def _tiny(name, seed=0):
+    model = RC.build_recall_model(name, TASK, d_model=16, n_heads=2, seed=seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(RC.MODELS))
+def test_reading_in_segments_gives_the_same_predictions(name):
+    """Streaming a sequence with the fast state carried is exact, whether or not the segment
+    divides the length or the model's chunks."""
+    tok, _ = RC.make_batch(TASK, 4, 32, 6, np.random.default_rng(1))
+    model = _tiny(name)
+    whole = RC.predict(model, tok)
+    for seg in (8, 5):
+        assert torch.equal(RC.predict(model, tok, seg), whole), (name, seg)
+
+
+def test_memorisation_scores_a_segment_before_learning_from_it_and_never_sees_the_labels(monkeypatch):
+    from nested_learning.models.streaming import Memorize, MemorizeTally
+
+    tok, tgt = RC.make_batch(TASK, 4, 32, 6, np.random.default_rng(2))
+    model = _tiny("hope")
+    seen = []
+    real = model.memorize
+
+    def spy(tokens, state, **kw):
+        seen.append((tokens.clone(), kw.get("next_token"), kw.get("targets")))
+        return real(tokens, state, **kw)
+
+    monkeypatch.setattr(model, "memorize", spy)
+    tally = MemorizeTally()
+    plain = RC.predict(model, tok, 8)
+    memo = RC.predict(model, tok, 8, Memorize(lr=1.0), tally)
+    # the memorised inputs are the segments, their next token the following input token, no labels
+    assert [t.shape[1] for t, _, _ in seen] == [8, 8, 8, 8] and all(g is None for _, _, g in seen)
+    for i, (t, nxt, _) in enumerate(seen):
+        assert torch.equal(t, tok[:, 8 * i:8 * i + 8])
+        assert (nxt is None) if i == 3 else torch.equal(nxt, tok[:, 8 * i + 8])
+    assert tally.reports == 4 and sum(tally.updates.values()) > 0
+    assert torch.equal(memo[:, :8], plain[:, :8])  # the first segment is scored before any update
+    assert not torch.equal(memo[:, 8:], plain[:, 8:])  # later segments read the updated levels
+    # causal: changing the last segment's tokens changes no earlier prediction
+    tok2 = tok.clone()
+    tok2[:, 24:] = TASK.filler.start
+    assert torch.equal(RC.predict(model, tok2, 8, Memorize(lr=1.0))[:, :24], memo[:, :24])
+
+
+def test_a_model_without_cms_levels_memorises_nothing():
+    from nested_learning.models.streaming import Memorize, MemorizeTally
+
+    tok, _ = RC.make_batch(TASK, 4, 32, 6, np.random.default_rng(3))
+    model, tally = _tiny("titans"), MemorizeTally()
+    assert torch.equal(RC.predict(model, tok, 8, Memorize(lr=1.0), tally), RC.predict(model, tok))
+    assert tally.reports == 0
+
+
+def test_memorize_without_segments_is_refused(tmp_path):
+    from nested_learning.cli import recall as cli
+
+    with pytest.raises(SystemExit, match="--memorize needs --segment"):
+        cli.main(["--models", "hope", "--memorize", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--segment must be >= 1"):
+        cli.main(["--models", "hope", "--segment", "0", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_the_command_line_memorises_in_segments(tmp_path):
+    """--segment and --memorize through the script: the memorised result file beside the
+    baseline's, with its deltas and update counts; Titans (no CMS levels) repeats its baseline
+    and says why."""
+    out = tmp_path / "recall"
+    r = run_python("scripts/eval/recall.py", "--models", "hope,titans", "--pairs", "2,4", "--lengths", "32",
+                   "--steps", "3", "--seeds", "0", "--batch-size", "4", "--test-sequences", "4", "--vocab", "64",
+                   "--filler", "8", "--d-model", "16", "--heads", "2", "--segment", "8", "--memorize",
+                   "--memory-lr", "1.0", "--out", str(out), "--no-progress", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "hope memorised" in r.stdout and "titans memorised" in r.stdout
+    for name in ("hope", "titans"):
+        base = json.loads((out / f"recall_{name}.json").read_text())
+        memo = json.loads((out / f"recall_{name}_memorize.json").read_text())
+        assert memo["evaluation"] == "recall_memorize" and set(memo["tasks"]) == set(base["tasks"])
+        assert base["tasks"]["mqar"]["extra"]["settings"]["segment"] == 8
+        for task, block in memo["tasks"].items():
+            delta = block["metrics"]["acc"]["value"] - base["tasks"][task]["metrics"]["acc"]["value"]
+            assert block["baseline_delta"]["acc"] == pytest.approx(delta)
+    hope = json.loads((out / "recall_hope_memorize.json").read_text())
+    assert hope["memorize"]["updates_applied"] > 0 and hope["memorize"]["settings"]["lr"] == 1.0
+    titans = json.loads((out / "recall_titans_memorize.json").read_text())
+    assert titans["memorize"]["updates_applied"] == 0 and "no CMS levels" in titans["warnings"][0]
+    assert all(b["baseline_delta"]["acc"] == 0 for b in titans["tasks"].values())
