@@ -55,6 +55,12 @@ def _no_recall_level(doc) -> float | None:
     return sum(1 / n for n, _ in cells) / len(cells) if cells else None
 
 
+# MQAR's chance and its no-recall level, the same with and without memorisation
+_RECALL = dict(chance_from_task=True, floor=_no_recall_level, floor_label="no-recall",
+               floor_note="a model that answers with one of the sequence's N values at random, without recalling "
+                          "which, scores 1/N; mean over the cells",
+               floor_none_above="none recalls at this training budget", proportion=True)
+
 UNIFORM = "uniform"  # chance of a loss: ln(vocabulary), the loss of the uniform distribution
 
 METRICS = [
@@ -77,11 +83,9 @@ METRICS = [
     _m("cl_bwt", "continual BWT (backward transfer)", "continual", "continual.json", "sotu_eras", "BWT"),
     _m("cl_fwt", "continual FWT (forward transfer)", "continual", "continual.json", "sotu_eras", "FWT"),
     _m("cl_acc_mem", "continual ACC, memorising", "continual", "continual_memorize.json", "sotu_eras", "ACC"),
-    _m("recall", "MQAR accuracy", "recall", "recall_{model}.json", "mqar", "acc",
-       chance_from_task=True, floor=_no_recall_level, floor_label="no-recall",
-       floor_note="a model that answers with one of the sequence's N values at random, without recalling which, "
-                  "scores 1/N; mean over the cells",
-       floor_none_above="none recalls at this training budget", proportion=True),
+    _m("recall", "MQAR accuracy", "recall", "recall_{model}.json", "mqar", "acc", **_RECALL),
+    _m("recall_mem", "MQAR accuracy, memorising", "recall", "recall_{model}_memorize.json", "mqar", "acc",
+       **_RECALL),
 ]
 BY_KEY = {m.key: m for m in METRICS}
 

@@ -144,6 +144,18 @@ def test_the_tables_hold_the_hand_computed_numbers(tmp_path):
     assert "exceeds the spread: hope_cms_depth1 +0.400" in w and "within the spread: hope_cms_dgd +0.050" in w
 
 
+def test_a_metric_no_result_has_is_named_instead_of_an_empty_row(tmp_path):
+    c = fixed_campaign(tmp_path)
+    main = "\n".join(Report(c).main_table())
+    assert "| MQAR accuracy, memorising |" not in main and "| continual BWT" not in main
+    assert main.endswith("MQAR accuracy, memorising.") and "In no finished result of this campaign: " in main
+    mem = {"tasks": {"mqar": _task(0.04, 1 / 120, settings={"cells": [[2, 64], [4, 64]]})}}
+    _write(f"{c.reports_dir}/hope-s0/recall/recall_hope_memorize.json", mem)
+    main = "\n".join(Report(Campaign.load(c.path, reports_root=str(tmp_path / "reports"))).main_table())
+    assert "| MQAR accuracy, memorising | 0.040 (1) | not run yet | 0.008; no-recall 0.375 | higher |" in main
+    assert "MQAR accuracy, memorising." not in main
+
+
 def test_make_report_writes_where_the_campaign_file_says(tmp_path):
     out = tmp_path / "out"
     c = fixed_campaign(tmp_path, f"reports: {{experiments: {out}/r.md, ablations: {out}/a.md, progress: {out}/p.md, "
