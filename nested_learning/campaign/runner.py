@@ -25,6 +25,7 @@ import ctypes
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +233,17 @@ class Runner:
         else:
             collect_eval(self.c.stage_out(entry, stage), os.path.join(dest, stage), self.c.rel)
 
+    def forget_entry(self, entry: Entry) -> None:
+        """Mark every stage of `entry` not done and remove what was collected from them."""
+        log, dest = self.stage_log(entry), os.path.join(self.c.reports_dir, entry.name)
+        for stage in self.c.stages:
+            log.forget(stage)
+            path = os.path.join(dest, "train.json" if stage == STAGES_FIRST else stage)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+
     def recollect(self) -> list[str]:
         """Collect every finished stage again from its run folder (after the collected format
         changed); stages whose run folder is gone keep their files. Returns what was redone."""
@@ -282,8 +294,13 @@ class Runner:
         log = self.stage_log(entry)
         failures = 0
         if log.done(STAGES_FIRST) and not self.has_checkpoint(entry) and not all(log.done(s) for s in self.c.stages):
-            self.log(f"{entry.name}: its run folder is gone and evaluations are left: training again")
-            log.forget(STAGES_FIRST)
+            # The model trained again is not the one the finished evaluations scored: training is
+            # not bit-reproducible across machines (the same seed's final validation loss moved by
+            # 0.015 on a new machine, bench/RESULTS.md 21), so every stage runs again on it.
+            done = [s for s in self.c.stages if log.done(s) and s != STAGES_FIRST]
+            self.log(f"{entry.name}: its run folder is gone and evaluations are left: training again"
+                     + (f", and running again the evaluations of the old checkpoint ({', '.join(done)})" if done else ""))
+            self.forget_entry(entry)
         for stage in self.c.stages:
             if self.stage_log(entry).done(stage):
                 continue

@@ -260,3 +260,38 @@ def test_the_runner_killed_at_any_point_loses_and_repeats_nothing(tmp_path, corp
     assert r.returncode == 0 and _headers(os.path.join(hope, "logs", "train.log")) == 2
     status = render_status(Runner(c))
     assert "3 entries done, 0 left" in status and "no runner is running" in status
+
+
+def test_an_entry_whose_run_folder_is_gone_is_trained_and_evaluated_again(tmp_path):
+    """Evaluations of a checkpoint that is gone describe a model that no longer exists (training
+    again is not bit-reproducible across machines), so all of the entry's stages run again and
+    their old collected files are removed first."""
+    spec = tiny_campaign(tmp_path, "unused")
+    c = Campaign.load(spec, runs_root=str(tmp_path / "runs"), reports_root=str(tmp_path / "reports"))
+    runner = Runner(c)
+    entry = c.entries()[0]
+    dest = os.path.join(c.reports_dir, entry.name)
+    os.makedirs(os.path.join(dest, "perplexity"))
+    open(os.path.join(dest, "train.json"), "w").write("{}")
+    open(os.path.join(dest, "perplexity", "perplexity.json"), "w").write("{}")
+    log = runner.stage_log(entry)
+    for stage in ("train", "perplexity"):
+        log.mark(stage, {"command": [], "seconds": 1.0}, ok=True)
+    ran, seen_files = [], []
+
+    def fake(e, stage):
+        seen_files.append(sorted(os.listdir(dest)))
+        ran.append(stage)
+        runner.stage_log(e).mark(stage, {"command": [], "seconds": 1.0}, ok=True)
+        return True
+
+    runner.run_stage = fake
+    said = []
+    runner.log = said.append
+    assert runner.run_entry(entry) == 0
+    assert "running again the evaluations of the old checkpoint (perplexity)" in said[0]
+    assert ran == ["train", "perplexity", "recall"]
+    assert seen_files[0] == ["stages.json"]  # the old train.json and perplexity files went first
+    # a finished entry whose run folder is gone is left alone
+    ran.clear()
+    assert runner.run_entry(entry) == 0 and ran == []
