@@ -12,7 +12,10 @@ Schema "nested_learning.eval/1" (one JSON object, written atomically):
                level K": n, ...} (chunk updates that changed a sequence's fast weights),
                updates_applied (their sum), surprise: {tokens, passed, min, max, mean} (token
                teach signals seen by the update rule, one per token, level and layer: how many
-               passed the threshold, the range and mean of their norms)}
+               passed the threshold, the range and mean of their norms), reread (with
+               steps > 1, else null: {segments, loss_before, loss_after, change}: the memorised
+               tokens' summed loss before memorising them and re-read at the last step, and
+               after / before - 1: whether the update stores what it is given)}
     warnings   list of strings (for example: no memorisation update fired)
     tasks      {name: {metrics: {metric: {value, stderr}}, n_items, chance (or null),
                baseline_delta: {metric: memorised - baseline} (memorised runs only),
@@ -77,7 +80,11 @@ def summarise_memorisation(settings: Memorize, tally: MemorizeTally) -> tuple[di
              "updates_applied": sum(tally.updates.values()),
              "surprise": {"tokens": tally.tokens, "passed": tally.passed,
                           "min": tally.lo if tally.tokens else None, "max": tally.hi if tally.tokens else None,
-                          "mean": tally.mean_sum / tally.mean_n if tally.mean_n else None}}
+                          "mean": tally.mean_sum / tally.mean_n if tally.mean_n else None},
+             "reread": {"segments": tally.loss_reports, "loss_before": tally.loss_before,
+                        "loss_after": tally.loss_after,
+                        "change": tally.loss_after / tally.loss_before - 1 if tally.loss_before else None}
+             if tally.loss_reports else None}
     notes = []
     if not tally.reports:
         notes.append("memorisation changed nothing: this model has no CMS levels (its memories learn in the "

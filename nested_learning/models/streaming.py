@@ -44,9 +44,18 @@ class MemorizeTally:
     hi: float = -math.inf
     mean_sum: float = 0.0  # of the per-pass mean surprises
     mean_n: int = 0
+    # memorising with steps > 1: the memorised tokens' summed loss before the first update and
+    # when re-read at the last step: does the update rule store what it is given?
+    loss_before: float = 0.0
+    loss_after: float = 0.0
+    loss_reports: int = 0
 
     def append(self, rep) -> None:
         self.reports += 1
+        if len(rep.loss) > 1:
+            self.loss_before += rep.loss[0]
+            self.loss_after += rep.loss[-1]
+            self.loss_reports += 1
         for e in rep.events:
             key = f"layer {e.layer} level {e.level}"
             self.updates[key] = self.updates.get(key, 0) + e.rows_updated

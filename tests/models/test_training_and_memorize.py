@@ -208,3 +208,24 @@ def test_memorize_without_cms_only_consumes_tokens(name):
     assert rep.updates_applied == 0 and st.position == 8
     _, st2 = m(tok)
     assert all(torch.allclose(a, b) for a, b in zip(st.tensors(), st2.tensors()))
+
+
+def test_the_memorisation_tally_records_the_reread_loss(trained_hope):
+    """With steps > 1 a memorising evaluation's result file says how the memorised tokens' loss
+    moved when re-read after the updates (falls at a descent lr); with one step it says nothing."""
+    from nested_learning.eval.results import summarise_memorisation
+    from nested_learning.models.streaming import Memorize, MemorizeTally
+
+    ctx, query, _ = needle_batch(16, torch.Generator().manual_seed(7))
+    lr = descent_lr(trained_hope, ctx, query[:, 0])
+    tally, setting = MemorizeTally(), Memorize(steps=3, lr=lr)
+    for half in (ctx[:8], ctx[8:]):
+        rep = trained_hope.memorize(half, steps=3, lr=lr)[1]
+        tally.append(rep)
+    block, _ = summarise_memorisation(setting, tally)
+    r = block["reread"]
+    assert r["segments"] == 2 and r["loss_after"] < r["loss_before"]
+    assert r["change"] == pytest.approx(r["loss_after"] / r["loss_before"] - 1) and r["change"] < 0
+    one = MemorizeTally()
+    one.append(trained_hope.memorize(ctx[:8], steps=1, lr=lr)[1])
+    assert summarise_memorisation(Memorize(lr=lr), one)[0]["reread"] is None
