@@ -316,9 +316,7 @@ def predict(model, tokens: Tensor, segment: int | None = None, memorize: Memoriz
         out.append(logits.argmax(-1))
         if memorize is not None and model.has_cms():
             nxt = tokens[:, s + seg] if s + seg < L else None
-            state, rep = model.memorize(x, state, steps=memorize.steps, lr=memorize.lr,
-                                        surprise_threshold=memorize.surprise_threshold, levels=memorize.levels,
-                                        next_token=nxt)
+            state, rep = model.memorize(x, state, next_token=nxt, **memorize.options())
             if reports is not None:
                 reports.append(rep)
         else:

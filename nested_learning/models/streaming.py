@@ -26,9 +26,13 @@ class Memorize:
     surprise_threshold: float = 0.0
     levels: tuple[int, ...] | None = None
 
-    def as_dict(self) -> dict:
+    def options(self) -> dict:
+        """The keyword arguments of model.memorize for these settings."""
         return {"steps": self.steps, "lr": self.lr, "surprise_threshold": self.surprise_threshold,
-                "levels": None if self.levels is None else list(self.levels)}
+                "levels": self.levels}
+
+    def as_dict(self) -> dict:
+        return {**self.options(), "levels": None if self.levels is None else list(self.levels)}
 
 
 @dataclass
@@ -91,9 +95,7 @@ def segment_losses(model, tokens: Tensor, targets: Tensor, state: ModelState,
         with torch.no_grad():
             loss, state = model(tokens, state, targets=targets, reduction="none")
         return loss.float(), state
-    state, rep = model.memorize(tokens, state, steps=memorize.steps, lr=memorize.lr,
-                                surprise_threshold=memorize.surprise_threshold, levels=memorize.levels,
-                                targets=targets)
+    state, rep = model.memorize(tokens, state, targets=targets, **memorize.options())
     loss, rep.token_loss = rep.token_loss.float(), None  # the report stays small
     if reports is not None:
         reports.append(rep)
