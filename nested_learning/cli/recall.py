@@ -16,7 +16,7 @@ cells with L < 4N are reported as not run. The data and the method are in the do
 nested_learning/eval/recall.py.
 
 With --segment S the test sequences are read S tokens at a time, the fast state carried (the
-same predictions as one forward); with --memorize too, each segment is memorised after it is
+same predictions as one forward, up to float rounding on near-ties); with --memorize too, each segment is memorised after it is
 scored (model.memorize, the next-token loss of the input tokens, never the answers), and
 DIR/recall_<model>_memorize.json holds the memorised accuracies with their baseline_delta:
 

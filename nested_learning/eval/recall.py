@@ -35,13 +35,14 @@ with torch seeded by `seed`, and trained by `train_step`: the one training step 
 (`nested_learning.train.step.TrainStep`) on a batch of fresh sequences, from a fresh fast state.
 
 Reading a sequence: by default in one forward. With a segment length S, in segments of S tokens
-with the fast state carried, as a stream is read (exact: the same predictions, tested). Test-time
-memorisation (predict with a Memorize setting) then memorises each segment after scoring it,
-with the next-token loss of the input tokens themselves (k_i -> v_i in the pair region),
-never the labels; HOPE's CMS levels, read at each segment's start, can then hold the pairs
-for the queries in later segments. Training reads each sequence in one piece, its CMS update
-pass after the step (from a state that is then dropped), so a trained model has never used an
-in-sequence CMS update: memorisation measures what the update rule stores as it stands.
+with the fast state carried, as a stream is read (the same predictions up to float rounding on
+near-ties; exact on the tests' models). Test-time memorisation (predict with a Memorize
+setting) then memorises each segment after scoring it, with the next-token loss of the input
+tokens themselves (k_i -> v_i in the pair region), never the labels; HOPE's CMS levels, read
+at each segment's start, can then hold the pairs for the queries in later segments. Training
+reads each sequence in one piece, its CMS update pass after the step (from a state that is then
+dropped), so a trained model has never used an in-sequence CMS update: memorisation measures
+what the update rule stores as it stands.
 
 The control `hope-nowrites` is HOPE with its in-context writes disabled: eta (the learning
 rate of the projection memory and of the main memory) is 0, set through the layer's eta_max
