@@ -85,6 +85,26 @@ def test_model_overrides_pin_a_models_fields_in_its_entries_and_their_recall_com
     assert tuned.pinned == () and "--override cms_lr=0.1" in " ".join(side.eval_command(tuned, "recall"))
 
 
+@pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs", "campaign"))
+                                         if f.endswith(".yaml")))
+def test_every_campaign_file_loads_and_its_entries_compose(name):
+    c = Campaign.load(name)
+    for entry in c.entries():
+        model = compose_config([*c.train, *entry.overrides])["model"]
+        assert model["name"] == entry.model
+        for k, v in (*entry.pinned, *entry.model_overrides):
+            assert model["overrides"][k] == v
+
+
+def test_the_cms_optimizer_campaign_runs_each_inner_optimizer_at_cms_lr_0_1():
+    c = Campaign.load("cms_optimizer")
+    assert c.train == Campaign.load("cpu").train and c.evaluation == Campaign.load("cpu").evaluation
+    for entry in c.entries():
+        over = compose_config([*c.train, *entry.overrides])["model"]["overrides"]
+        assert over["cms_lr"] == 0.1 and over.get("cms_optimizer", "gd") == (
+            entry.variant.removeprefix("hope_cms_") if entry.group == "ablation" else "gd")
+
+
 def test_confirmation_seeds_follow_the_seed_spread():
     c = Campaign.load("cpu")
     ref = {"hope-s0": 5.00, "hope-s1": 5.02, "hope-s2": 4.98}  # standard deviation 0.02
