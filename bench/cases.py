@@ -256,6 +256,7 @@ class StepCase:
     batch: int
     seq: int
     updates: bool = True  # False: the same step without teach capture and CMS update pass
+    overrides: dict = field(default_factory=dict)  # the model config's fields changed (cms_optimizer=...)
 
     @property
     def op(self) -> str:
@@ -269,7 +270,7 @@ class StepCase:
         from nested_learning.models import build_model
 
         torch.manual_seed(0)
-        m = build_model(self.model, self.size).to(dev)
+        m = build_model(self.model, self.size, **self.overrides).to(dev)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         tok = torch.randint(0, m.config.vocab_size, (self.batch, self.seq), device=dev)
 

@@ -5,6 +5,7 @@ alone, and torch.profiler's table of the ops that dominate.
 
     python bench/profile_step.py [--model hope --size smoke --batch 4 --seq 256 --rows 20]
     python bench/profile_step.py --profile update   # the table of the update pass alone
+    python bench/profile_step.py --override cms_optimizer=deep_momentum   # a model config field changed
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 
 import torch
 from torch.profiler import profile
+
+from nested_learning.cli._common import field_overrides
 
 if __package__:  # imported as bench.profile_step (python -m bench.profile_step)
     from .cases import StepCase
@@ -33,15 +36,18 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=9, help="interleaved (on, off) pairs timed")
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a model config field changed (repeatable), e.g. cms_optimizer=deep_momentum")
     ap.add_argument("--profile", choices=("step", "update"), default="step",
                     help="what the op table profiles: one whole step, or 5 update passes alone")
     ap.add_argument("--diff", type=int, default=0, metavar="N",
                     help="also print the N (op, shapes) that cost most more with the updates on")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
-    on_case = StepCase(args.model, args.size, args.batch, args.seq)
+    over = field_overrides(args.override)
+    on_case = StepCase(args.model, args.size, args.batch, args.seq, overrides=over)
     m, step_on = on_case.make(dev)
-    _, step_off = StepCase(args.model, args.size, args.batch, args.seq, updates=False).make(dev)
+    _, step_off = StepCase(args.model, args.size, args.batch, args.seq, updates=False, overrides=over).make(dev)
     # interleaved (on, off, on, off, ...) so that drift of a noisy machine hits both alike
     step_on(), step_off()
     on_t, off_t = [], []
@@ -54,7 +60,8 @@ def main(argv=None) -> int:
     loss, cap, st = m.train_forward(tok)
     loss.backward()
     upd = median_ms(lambda: m.apply_updates(st, cap), dev, warmup=1, repeat=args.repeat)
-    print(f"{args.model} {args.size} B={args.batch} T={args.seq} on {dev}: {m.num_parameters():,} parameters")
+    said = "".join(f" {k}={v}" for k, v in over.items())
+    print(f"{args.model}{said} {args.size} B={args.batch} T={args.seq} on {dev}: {m.num_parameters():,} parameters")
     print(f"step with in-context updates {on:.1f} ms, without {off:.1f} ms (ratio {on / off:.2f}; per-pair "
           f"ratios {ratios[0]:.2f}-{ratios[-1]:.2f}, median {statistics.median(ratios):.2f}); "
           f"update pass alone {upd:.1f} ms; {args.batch * args.seq / on * 1e3:.0f} tokens/s")

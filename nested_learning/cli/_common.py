@@ -74,3 +74,16 @@ def command(main):
     run.__doc__ = f"The entry point of {main.__module__}: main() with one-line errors."
     return run
 
+
+def field_overrides(pairs: list[str], flag: str = "--override") -> dict:
+    """{field: value} of FIELD=VALUE strings (a model config's fields; VALUE read as YAML, so
+    0.1, true, gd and [1,4] are a float, a bool, a string and a list). SystemExit on a bad one."""
+    import yaml
+
+    out = {}
+    for o in pairs:
+        key, eq, value = o.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"{flag} {o!r}: expected FIELD=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

@@ -36,9 +36,8 @@ import os
 import sys
 
 import torch
-import yaml
 
-from nested_learning.cli._common import command
+from nested_learning.cli._common import command, field_overrides
 from nested_learning.eval import recall as RC
 from nested_learning.eval import results as R
 from nested_learning.models.streaming import MemorizeTally
@@ -95,12 +94,7 @@ def main(argv=None) -> dict:
     if memorize is not None and a.segment is None:
         raise SystemExit("--memorize needs --segment: a sequence read in one piece is scored before anything is "
                          "memorised, so memorisation could change no prediction")
-    overrides = {}
-    for o in a.override:
-        key, eq, value = o.partition("=")
-        if not eq or not key.strip():
-            raise SystemExit(f"--override {o!r}: expected FIELD=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = field_overrides(a.override)
     if a.threads:
         torch.set_num_threads(a.threads)
     try:

@@ -22,6 +22,15 @@ def test_profile_step_reports_updates_on_and_off():
 
 
 @pytest.mark.slow
+def test_profile_step_builds_the_model_with_its_overrides():
+    # deep momentum's update pass runs its reference, whose MLP memory reads tanh(K): gd's has no tanh
+    args = ("--size", "tiny", "--batch", "1", "--seq", "32", "--repeat", "1", "--rows", "1000", "--profile", "update")
+    deep = script("profile_step.py", *args, "--override", "cms_optimizer=deep_momentum")
+    plain = script("profile_step.py", *args, "--override", "cms_optimizer=gd")
+    assert deep.startswith("hope cms_optimizer=deep_momentum tiny") and "aten::tanh" in deep
+    assert plain.startswith("hope cms_optimizer=gd tiny") and "aten::tanh" not in plain
+
+@pytest.mark.slow
 def test_profile_step_diff_names_the_update_ops():
     # every row of the difference (not the top few: their order is timing noise): the update op
     # is called only with the updates on, so its row has calls on and none off, and costs more on

@@ -266,6 +266,17 @@ def test_memorize_without_segments_is_refused(tmp_path):
         cli.main(["--models", "hope", "--segment", "0", "--out", str(tmp_path)])
 
 
+
+def test_config_field_overrides_are_read_as_yaml_and_a_malformed_one_is_refused(tmp_path):
+    from nested_learning.cli import recall as cli
+    from nested_learning.cli._common import field_overrides
+
+    assert field_overrides(["cms_lr=0.1", "cms_optimizer=gd", " cms_periods=[1,4]", "self_modifying=false"]) == {
+        "cms_lr": 0.1, "cms_optimizer": "gd", "cms_periods": [1, 4], "self_modifying": False}
+    for bad in ("cms_lr", "=0.1"):
+        with pytest.raises(SystemExit, match="expected FIELD=VALUE"):
+            cli.main(["--models", "hope", "--override", bad, "--out", str(tmp_path)])
+
 @pytest.mark.slow
 def test_the_command_line_memorises_in_segments(tmp_path):
     """--segment and --memorize through the script: the memorised result file beside the
