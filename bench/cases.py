@@ -27,6 +27,9 @@ class Case:
     # run() returning the outputs that correspond to the first outputs of `make`'s run
     peers: dict = field(default_factory=dict)
     mode: str = ""  # "fwd", "fwd+bwd", or a description such as "token by token"
+    # the implementations to time, reference first, where they are not the op's registered
+    # backends (deep momentum's factored form and reference); None: ops.available_backends
+    backends: tuple[str, ...] | None = None
 
     @property
     def shape_str(self) -> str:
@@ -186,6 +189,10 @@ def selfmod_case(B, T, H, d, chunk=16, backward=True):
 
 
 def cms_case(B, T, d_in, d_out, period, optimizer="dgd"):
+    """deep_momentum has no registered backend: its rows are the reference and the factored
+    form (ops.cms.deep_momentum_factored, what backend=None runs)."""
+    deep = optimizer == "deep_momentum"
+
     def make(dev, dtype):
         g = torch.Generator().manual_seed(0)
         W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dev, dtype)
@@ -194,11 +201,12 @@ def cms_case(B, T, d_in, d_out, period, optimizer="dgd"):
         state = ops.CMSState.create(W, period, batch_size=B, optimizer=optimizer)
 
         def run(backend):
-            st, up = ops.cms_update(state, xs, ds, lr=1e-3, optimizer=optimizer, backend=backend)
-            return [st.weight, up.update_norms]
+            chosen = None if deep and backend == "factored" else backend
+            st, up = ops.cms_update(state, xs, ds, lr=1e-3, optimizer=optimizer, backend=chosen)
+            return [st.weight, up.update_norms] + ([st.momentum, *st.deep] if deep else [])
         return run
     return Case("cms_update", dict(B=B, T=T, d_in=d_in, d_out=d_out, period=period, opt=optimizer),
-                B * T, False, make)
+                B * T, False, make, backends=("reference", "factored") if deep else None)
 
 
 def ce_case(N, D, V, backward=True):
@@ -223,6 +231,7 @@ def cases(quick: bool, device: str) -> list[Case]:
             titan_case(1, 256, 2, 32),
             titan_mlp_case(1, 128, 2, 32, 64),
             cms_case(2, 256, 64, 128, 16),
+            cms_case(2, 64, 32, 64, 1, "deep_momentum"),
             ce_case(512, 64, 2048),
         ]
     if device == "cuda":
@@ -233,6 +242,7 @@ def cases(quick: bool, device: str) -> list[Case]:
             titan_case(8, 4096, 16, 64),
             titan_mlp_case(4, 2048, 8, 64, 256),
             cms_case(8, 4096, 1024, 4096, 16),
+            cms_case(8, 256, 512, 2048, 1, "deep_momentum"),
             ce_case(8192, 512, 32768),
         ]
     return [
@@ -242,6 +252,7 @@ def cases(quick: bool, device: str) -> list[Case]:
         titan_case(2, 2048, 4, 64),
         titan_mlp_case(2, 1024, 4, 64, 128),
         cms_case(4, 1024, 256, 1024, 16),
+        cms_case(8, 128, 128, 256, 1, "deep_momentum"),  # HOPE smoke's period-1 level, one training segment
         ce_case(2048, 512, 32768),
     ]
 

@@ -208,12 +208,12 @@ def main(argv=None) -> int:
         run = case.make(dev, dtype)
         ref_ms = None
         # Triton on CPU tensors is its interpreter: a correctness tool, timed only when asked for
-        backends = [b for b in reversed(ops.available_backends(case.op, dev.type))
+        backends = [b for b in (case.backends or reversed(ops.available_backends(case.op, dev.type)))
                     if (b in args.backends if args.backends is not None
                         else not (b == "triton" and dev.type == "cpu"))]
         for backend in backends:  # reference first: the others report a speedup over it
             out = run(backend)
-            ran = ops.last_backend(case.op)
+            ran = backend if case.backends else ops.last_backend(case.op)
             ms = median_ms(lambda: run(backend), dev, warmup=1, repeat=repeat)
             if backend == "reference":
                 ref_ms = ms

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import checks as _checks
 from .._extension import extension_unavailable
-from ..reference.cms import INNER_OPTIMIZERS, cms_update_reference
+from ..reference.cms import INNER_OPTIMIZERS, buffered_tokens, cms_update_reference, leftover
 from ..reference.deep_momentum import deep_momentum_reference, initial_keys
 from . import _backend
 from ._define import define_op
@@ -176,6 +176,36 @@ _backend.register("cms_update", _backend.Backend(
     devices=("cuda",), forced_devices=("cpu",), unavailable=_backend.triton_unavailable))
 
 
+def deep_momentum_factored(
+    weight: Tensor, x: Tensor, delta: Tensor, buffer_x: Tensor, buffer_delta: Tensor, filled: int,
+    m0: Tensor, keys: Tensor, values: Tensor, lr: float, beta: float = 0.9,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """deep_momentum_reference (same arguments and results, equal up to float rounding) with the
+    chunk gradient G = D^T X [B, Dout, Din] of each chunk (C tokens) never formed: it enters
+    the hidden layer's write through the factored products V^T G = (V^T D^T) X and
+    G tanh(K)^T = D^T (X tanh(K)^T), which cost C H (Din + Dout) instead of Dout Din H, and the
+    decayed M0 and the step M0 + V tanh(K) are each one fused batched product (baddbmm).
+    Per chunk there remain two products of weight size and the weight's own update and norm,
+    against the reference's five products and seven elementwise passes of that size. Pure
+    torch: differentiable like the reference, on every device."""
+    C = buffer_x.shape[1]
+    xs, ds, n_up = buffered_tokens(buffer_x, buffer_delta, filled, x, delta)
+    W, norms = weight, []
+    s = torch.tanh(keys) if n_up else None  # [B, H, Din], carried: each chunk's new tanh(K) is the next one's
+    for c in range(n_up):
+        X, Dt = xs[:, c * C:(c + 1) * C], ds[:, c * C:(c + 1) * C].transpose(1, 2)  # [B,C,Din], [B,Dout,C]
+        d_keys = ((values.transpose(1, 2) @ Dt) @ X) * (1 - s * s)
+        m0 = torch.baddbmm(m0, Dt, X, beta=beta, alpha=-lr)
+        values = torch.baddbmm(values, Dt, X @ s.transpose(1, 2), beta=beta, alpha=-lr)
+        keys = keys - lr * d_keys
+        s = torch.tanh(keys)
+        step = torch.baddbmm(m0, values, s)
+        W = W + step
+        norms.append(step.flatten(1).norm(dim=1))
+    bx, bd, norms_t = leftover(xs, ds, n_up, C, norms, weight)
+    return W, m0, keys, values, bx, bd, norms_t
+
+
 def _buffered(state: CMSState, x: Tensor, delta: Tensor) -> CMSState:
     """The state after tokens that complete no chunk: appended to the buffers (differentiably),
     the weight and momentum the same tensors (no weight-sized copy per call)."""
@@ -228,10 +258,12 @@ def cms_update(
     if state.filled + T < C:  # no chunk completes: only the buffer changes, the weights are kept
         return _buffered(state, x, delta), CMSUpdate(state.weight.new_zeros(B, 0), ())
     deep = state.deep
-    if optimizer == "deep_momentum":  # no fused kernel: its reference on every device
+    if optimizer == "deep_momentum":  # no kernel: its factored form in torch, or its reference, on every device
         if backend not in (None, "reference"):
-            raise ValueError(f"optimizer='deep_momentum' runs only as its reference (no fused kernel), got backend={backend!r}")
-        W, m, keys, values, bx, bd, norms = deep_momentum_reference(
+            raise ValueError(f"optimizer='deep_momentum' runs as its factored form in torch (backend=None) or as its "
+                             f"reference (backend='reference'), no kernel; got backend={backend!r}")
+        run = deep_momentum_reference if (backend or _backend.forced_backend()) == "reference" else deep_momentum_factored
+        W, m, keys, values, bx, bd, norms = run(
             state.weight, x, delta, state.buffer_x, state.buffer_delta, state.filled, state.momentum, *deep,
             float(lr), float(beta))
         deep = (keys, values)

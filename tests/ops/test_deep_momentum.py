@@ -1,12 +1,14 @@
 """Deep momentum (DMGD) as a CMS inner optimizer: the update of docs/MATH.md section 5.1 by
 hand, each write as one gradient step on the memory's objective, the linear limit equal to
-momentum, streaming in pieces equal to feeding whole, and the state checks."""
+momentum, streaming in pieces equal to feeding whole, the factored form (the default path)
+against the reference in values and gradients, and the state checks."""
 
 import pytest
 import torch
 
 from nested_learning import ops
-from nested_learning.reference.deep_momentum import deep_momentum_step, initial_keys
+from nested_learning.ops.cms import deep_momentum_factored
+from nested_learning.reference.deep_momentum import deep_momentum_reference, deep_momentum_step, initial_keys
 
 B, DOUT, DIN, H = 2, 5, 7, 3
 
@@ -96,7 +98,52 @@ def test_state_checks():
     x, d = _tokens(4)
     with pytest.raises(ValueError, match="needs state.deep"):
         ops.cms_update(_state(4, "momentum"), x, d, lr=0.1, optimizer="deep_momentum")
-    with pytest.raises(ValueError, match="only as its reference"):
+    with pytest.raises(ValueError, match="no kernel"):
         ops.cms_update(_state(4), x, d, lr=0.1, optimizer="deep_momentum", backend="cpu")
     with pytest.raises(ValueError, match="hidden"):
         ops.CMSState.create(torch.zeros(3, 3), 4, batch_size=1, optimizer="deep_momentum", hidden=0)
+
+
+@pytest.mark.parametrize("period,filled,T", [(1, 0, 9), (4, 0, 16), (4, 3, 10), (5, 2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_factored_form_matches_the_reference(period, filled, T, dtype):
+    g = torch.Generator().manual_seed(period * 100 + filled)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    args = (r(B, DOUT, DIN), r(B, T, DIN), r(B, T, DOUT), r(B, period, DIN), r(B, period, DOUT), filled,
+            0.1 * r(B, DOUT, DIN), r(B, H, DIN), 0.1 * r(B, DOUT, H), 0.05, 0.9)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    ours, theirs = deep_momentum_factored(*args), deep_momentum_reference(*args)
+    assert ours[-1].shape == theirs[-1].shape == (B, (filled + T) // period)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_the_factored_form_has_the_references_gradients():
+    """With differentiable writes the update is differentiated by autograd: through the
+    factored products as through the reference's."""
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    W, x, d, m0, K, V = r(B, DOUT, DIN), r(B, 8, DIN), r(B, 8, DOUT), r(B, DOUT, DIN), r(B, H, DIN), r(B, DOUT, H)
+    grads = []
+    for fn in (deep_momentum_factored, deep_momentum_reference):
+        leaves = [t.clone().requires_grad_() for t in (W, x, d, K, V)]
+        out = fn(leaves[0], leaves[1], leaves[2], torch.zeros(B, 2, DIN, dtype=torch.float64),
+                 torch.zeros(B, 2, DOUT, dtype=torch.float64), 0, m0, leaves[3], leaves[4], 0.1, 0.9)
+        loss = (out[0] ** 2).sum() + out[2].sin().sum() + (out[6] ** 2).sum()
+        grads.append(torch.autograd.grad(loss, leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_the_reference_runs_when_asked_for_or_forced(monkeypatch):
+    import nested_learning.ops.cms as cms_op
+
+    x, d = _tokens(8)
+    fast, _ = ops.cms_update(_state(4), x, d, lr=0.1, optimizer="deep_momentum")
+    calls, real = [], cms_op.deep_momentum_reference
+    monkeypatch.setattr(cms_op, "deep_momentum_reference", lambda *a: calls.append(1) or real(*a))
+    asked, _ = ops.cms_update(_state(4), x, d, lr=0.1, optimizer="deep_momentum", backend="reference")
+    with ops.use_backend("reference"):
+        forced, _ = ops.cms_update(_state(4), x, d, lr=0.1, optimizer="deep_momentum")
+    assert calls == [1, 1] and torch.equal(asked.weight, forced.weight)
+    torch.testing.assert_close(fast.weight, asked.weight, rtol=1e-12, atol=1e-12)
