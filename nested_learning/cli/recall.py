@@ -23,6 +23,15 @@ DIR/recall_<model>_memorize.json holds the memorised accuracies with their basel
     python scripts/eval/recall.py --models hope,titans --pairs 2,4,8 --lengths 64 --steps 600 \\
         --segment 16 --memorize --out results/recall_memorize
 
+Training reads each sequence in one piece by default, so a model's CMS levels never update
+within a sequence while it learns. With --train-segment S it learns in segments of S tokens,
+one optimizer step per segment and the CMS update pass between them, as train.py streams a
+document; --input-loss adds the input's own next-token loss (in the pair region: each key's
+value) so that the early segments, which hold no query, have a loss and a teach signal:
+
+    python scripts/eval/recall.py --models hope --pairs 2,4,8 --lengths 64 --steps 600 \\
+        --train-segment 16 --input-loss --segment 16 --memorize --out results/recall_trained_in_segments
+
 Writes DIR/recall_<model>.json (schema nested_learning.eval/1: task "mqar", the mean over
 cells, with the grid, the marginals and the training summaries in extra, and one task per
 cell "mqar_N<pairs>_L<length>"), DIR/recall_table.md (the printed table: accuracy ± standard
@@ -53,7 +62,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", default=",".join(RC.MODELS), help=f"comma-separated, of {', '.join(RC.MODELS)}")
     ap.add_argument("--pairs", default="2,4,8,16", help="numbers of key-value pairs")
     ap.add_argument("--lengths", default="32,64,128", help="sequence lengths in tokens")
-    ap.add_argument("--steps", type=int, default=2000, help="optimizer steps per model and seed")
+    ap.add_argument("--steps", type=int, default=2000,
+                    help="batches of training sequences per model and seed: one optimizer step each (with "
+                         "--train-segment one per segment)")
     ap.add_argument("--seeds", default="0", help="comma-separated; each seed: its own init, data and test set")
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per step (one cell per step)")
     ap.add_argument("--test-sequences", type=int, default=256, help="held-out sequences per cell")
@@ -78,6 +89,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--segment", type=int, default=None,
                     help="read each test sequence in segments of this many tokens, the fast state carried "
                          "(default: in one forward; needed for --memorize to act before the last segment)")
+    ap.add_argument("--train-segment", type=int, default=None,
+                    help="train on the sequences in segments of this many tokens, one optimizer step per segment "
+                         "with the fast state carried (as train.py streams a document), so the CMS levels update "
+                         "between segments of a sequence (default: one step per sequence)")
+    ap.add_argument("--input-loss", action="store_true",
+                    help="train on the input's own next-token loss beside the queries' (the value after each key in "
+                         "the pair region, the filler's next token): every segment then has a loss and a teach "
+                         "signal. Scoring still counts only the queries")
     ap.add_argument("--out", required=True, help="folder for the result JSON, the table and the plot")
     ap.add_argument("--no-progress", action="store_true")
     R.add_memorize_args(ap)
@@ -88,8 +107,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"unknown model(s) {bad}; choose from {', '.join(RC.MODELS)}")
     if a.steps < 1 or a.batch_size < 1 or a.test_sequences < 2:
         raise SystemExit("need --steps >= 1, --batch-size >= 1 and --test-sequences >= 2")
-    if a.segment is not None and a.segment < 1:
-        raise SystemExit(f"--segment must be >= 1 token, got {a.segment}")
+    for flag, v in (("--segment", a.segment), ("--train-segment", a.train_segment)):
+        if v is not None and v < 1:
+            raise SystemExit(f"{flag} must be >= 1 token, got {v}")
     memorize = R.memorize_settings(a)
     if memorize is not None and a.segment is None:
         raise SystemExit("--memorize needs --segment: a sequence read in one piece is scored before anything is "
@@ -114,13 +134,14 @@ def main(argv=None) -> dict:
                 "d_model": a.d_model, "n_layers": a.layers, "n_heads": a.heads, "optimizer": optim, "clip": clip,
                 "inner_updates": not a.no_inner_updates, "time_limit": a.time_limit,
                 "threads": torch.get_num_threads(), "overrides": overrides, "cells": [list(c) for c in cells],
-                "segment": a.segment}
+                "segment": a.segment, "train_segment": a.train_segment, "input_loss": a.input_loss}
     os.makedirs(a.out, exist_ok=True)
     runs = []
     for name in models:
         run = RC.run_model(name, task, cells, a.steps, seeds, a.batch_size, a.test_sequences, a.d_model, a.layers,
                            a.heads, optim, clip, not a.no_progress, a.time_limit, inner_updates=not a.no_inner_updates,
-                           overrides=overrides, segment=a.segment, memorize=memorize)
+                           overrides=overrides, segment=a.segment, memorize=memorize, train_segment=a.train_segment,
+                           input_loss=a.input_loss)
         runs.append(run)
         res = R.result("recall", None, seeds[0], RC.result_tasks(run, task, skipped, settings))
         R.write(res, os.path.join(a.out, f"recall_{name}.json"))

@@ -39,10 +39,13 @@ with the fast state carried, as a stream is read (the same predictions up to flo
 near-ties; exact on the tests' models). Test-time memorisation (predict with a Memorize
 setting) then memorises each segment after scoring it, with the next-token loss of the input
 tokens themselves (k_i -> v_i in the pair region), never the labels; HOPE's CMS levels, read
-at each segment's start, can then hold the pairs for the queries in later segments. Training
-reads each sequence in one piece, its CMS update pass after the step (from a state that is then
-dropped), so a trained model has never used an in-sequence CMS update: memorisation measures
-what the update rule stores as it stands.
+at each segment's start, can then hold the pairs for the queries in later segments. By default
+training reads each sequence in one piece, its CMS update pass after the step (from a state that
+is then dropped), so a trained model has never used an in-sequence CMS update: memorisation
+then measures what the update rule stores as it stands. Training in segments (train_step's
+`segment`) takes one step per segment with the state carried, the update pass between them, as
+train.py streams a document; with the input's own next-token loss (input_targets) the pair
+region has a loss, and so a teach signal that writes k_i -> v_i into the levels.
 
 The control `hope-nowrites` is HOPE with its in-context writes disabled: eta (the learning
 rate of the projection memory and of the main memory) is 0, set through the layer's eta_max
@@ -225,36 +228,75 @@ def build_recall_model(name: str, task: RecallTask, d_model: int = 64, n_layers:
 
 
 # ---------------------------------------------------------------------------- training
+def input_targets(tokens: Tensor, targets: Tensor) -> Tensor:
+    """Targets [B, L] for training with the input's own next-token loss beside the queries': at a
+    query key its value (the label, as in `targets`), at every other position the next input
+    token, at the last position none (-100). A queried value never appears in the input after
+    its query, so no target but the label itself tells a query's answer; in the pair region the
+    target after k_i is v_i, the binding a memory must write to answer the query later."""
+    out = targets.clone()
+    free = out == IGNORE
+    following = torch.full_like(tokens, IGNORE)
+    following[:, :-1] = tokens[:, 1:]
+    out[free] = following[free]
+    return out
+
+
 def train_step(model, opt, tokens: Tensor, targets: Tensor, clip: float | None = 1.0,
-                inner_updates: bool = True, lr_factor: float | None = None) -> dict:
-    """One optimizer step on a batch of fresh sequences: the one training step of train.py
+               inner_updates: bool = True, lr_factor: float | None = None, segment: int | None = None) -> dict:
+    """One batch of fresh sequences: the one training step of train.py
     (nested_learning.train.step.TrainStep, one micro-batch) from a fresh fast state (every row
     starts a new sequence), its result's state dropped (the next batch starts fresh too). A
     skipped step (the loss, gradient norm or fast state not finite, or a NaN gate reaching an
     op) changes nothing: no optimizer step, no inner update. lr_factor: the schedule's factor
-    for this step (optim.lr_factor), set before it."""
-    r = TrainStep(model, opt, clip=clip, inner_updates=inner_updates)(
-        tokens, targets, [model.init_state(tokens.shape[0])], lr_factor=lr_factor)
-    return {"loss": r.loss, "grad_norm": r.grad_norm, "skipped": r.skipped is not None,
-            "inner_updates": r.updates_applied}
+    for this batch (optim.lr_factor), set before each of its steps.
+
+    segment S: the sequences stream in segments of S tokens, one step per segment with the fast
+    state carried from segment to segment, as train.py streams a document: the inner update pass
+    after each segment's step changes the CMS levels that the next segment reads. A segment with
+    no scored target has no loss and no teach signal: its tokens only advance the fast state
+    through a forward, with no step. "loss" is the mean over the scored tokens of the batch,
+    "grad_norm" the largest of its steps', "skipped" how many of its steps were skipped."""
+    step = TrainStep(model, opt, clip=clip, inner_updates=inner_updates)
+    L = tokens.shape[1]
+    seg = L if segment is None else segment
+    state = model.init_state(tokens.shape[0])
+    total, scored, gnorm, skipped, updates, steps = 0.0, 0, 0.0, 0, 0, 0
+    for s in range(0, L, seg):
+        x, y = tokens[:, s:s + seg], targets[:, s:s + seg]
+        n = int((y != IGNORE).sum())
+        if n == 0:
+            with torch.no_grad():
+                _, state = model(x, state)
+            continue
+        r = step(x, y, [state], lr_factor=lr_factor)
+        state, steps = r.states[0], steps + 1
+        total, scored = total + r.loss * n, scored + n
+        gnorm, skipped, updates = max(gnorm, r.grad_norm), skipped + (r.skipped is not None), updates + r.updates_applied
+    return {"loss": total / scored if scored else math.nan, "grad_norm": gnorm, "skipped": skipped,
+            "inner_updates": updates, "steps": steps}
 
 
 def train(model, batches: TrainBatches, steps: int, optim: dict | None = None, clip: float | None = 1.0,
           progress: bool = True, desc: str = "train", time_limit: float | None = None,
-          inner_updates: bool = True) -> dict:
-    """`steps` optimizer steps (linear warm-up over optim["warmup"] steps, then cosine decay to
-    min_lr_ratio, as train.py schedules them); a summary of the run. time_limit (seconds)
-    stops early, recorded as `stopped_at_step`."""
+          inner_updates: bool = True, segment: int | None = None, input_loss: bool = False) -> dict:
+    """`steps` batches of fresh sequences (linear warm-up over optim["warmup"] of them, then
+    cosine decay to min_lr_ratio, as train.py schedules its steps); a summary of the run.
+    Each batch is one optimizer step, or with `segment` one per segment that has a scored
+    target (train_step; `optimizer_steps` counts them). input_loss: train on input_targets
+    (the input's next-token loss beside the queries'), so that every segment has a loss and the
+    pair region a teach signal. time_limit (seconds) stops early, recorded as `stopped_at_step`."""
     optim = OptimConfig.from_dict({**DEFAULT_OPTIM, **(optim or {})})
     opt = build_optimizer(model, optim)
     model.train()
-    losses, skipped, updates, stopped = [], 0, 0, None
+    losses, skipped, updates, stopped, opt_steps = [], 0, 0, None, 0
     bar = progress_bar(steps, desc, "step", off=not progress)
     t0 = time.perf_counter()
     for step in range(steps):
         _, tok, tgt = batches.next()
-        rec = train_step(model, opt, tok, tgt, clip, inner_updates,
-                         lr_factor(step, optim.warmup, steps, optim.min_lr_ratio))
+        rec = train_step(model, opt, tok, input_targets(tok, tgt) if input_loss else tgt, clip, inner_updates,
+                         lr_factor(step, optim.warmup, steps, optim.min_lr_ratio), segment)
+        opt_steps += rec["steps"]
         skipped += rec["skipped"]
         updates += rec["inner_updates"]
         losses.append(rec["loss"])
@@ -273,7 +315,8 @@ def train(model, batches: TrainBatches, steps: int, optim: dict | None = None, c
     return {"steps": len(losses), "seconds": seconds, "skipped_steps": skipped, "inner_updates": updates,
             "loss_first": _nanmean(losses[:k]), "loss_last": _nanmean(losses[-k:]),
             "loss_curve": [[i + 1, losses[i]] for i in range(0, len(losses), every)],
-            "train_rows_replaced": batches.replaced, "stopped_at_step": stopped, "optimizer": optim.as_dict(), "clip": clip}
+            "train_rows_replaced": batches.replaced, "stopped_at_step": stopped, "optimizer": optim.as_dict(), "clip": clip,
+            "segment": segment, "input_loss": input_loss, "optimizer_steps": opt_steps}
 
 
 def _nanmean(xs: list[float]) -> float:
@@ -357,22 +400,24 @@ def run_model(name: str, task: RecallTask, cells: list[tuple[int, int]], steps: 
               batch: int = 32, n_test: int = 256, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
               optim: dict | None = None, clip: float | None = 1.0, progress: bool = True,
               time_limit: float | None = None, inner_updates: bool = True, overrides: dict | None = None,
-              segment: int | None = None, memorize: Memorize | None = None) -> dict:
+              segment: int | None = None, memorize: Memorize | None = None, train_segment: int | None = None,
+              input_loss: bool = False) -> dict:
     """Train and evaluate model `name` once per seed; {"cells": {(N, L): summary over seeds},
     "seeds": [per seed: training summary and per-cell results], "parameters", "config"}. With
     `memorize`, each seed's model is also evaluated with test-time memorisation (predict):
     "cells_memorized" (and per seed), and "memorize_tally", the memorisation reports' totals
     (None for a model without CMS levels: it has nothing to memorise, and its memorised
     cells are its baseline's)."""
-    if segment is not None and segment < 1:
-        raise ValueError(f"segment must be >= 1 token, got {segment}")
+    for what, v in (("segment", segment), ("train_segment", train_segment)):
+        if v is not None and v < 1:
+            raise ValueError(f"{what} must be >= 1 token, got {v}")
     per_seed, tally = [], MemorizeTally() if memorize is not None else None
     for seed in seeds:
         test = make_test_set(task, cells, n_test, seed)
         model = build_recall_model(name, task, d_model, n_layers, n_heads, seed, **(overrides or {}))
         batches = TrainBatches(task, cells, batch, seed, test)
         summary = train(model, batches, steps, optim, clip, progress, f"{name} seed {seed}", time_limit,
-                        inner_updates)
+                        inner_updates, train_segment, input_loss)
         t0 = time.perf_counter()
         rec = {"seed": seed, "train": summary, "cells": evaluate(model, test, segment=segment)}
         summary["eval_seconds"] = time.perf_counter() - t0

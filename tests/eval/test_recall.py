@@ -173,6 +173,68 @@ def test_train_step_trains_and_skips_nothing():
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+
+def test_input_targets_add_the_inputs_next_tokens_and_keep_the_labels():
+    tok = torch.tensor([[1, 30, 2, 31, 57, 58, 2, 59, 1, 60]])  # k1 v1 k2 v2 | filler, queries of k2 then k1
+    tgt = torch.full_like(tok, RC.IGNORE)
+    tgt[0, 6], tgt[0, 8] = 31, 30
+    got = RC.input_targets(tok, tgt)
+    assert got.tolist() == [[30, 2, 31, 57, 58, 2, 31, 1, 30, RC.IGNORE]]
+    tok, tgt = RC.make_batch(TASK, 4, 32, 16, np.random.default_rng(3))
+    got = RC.input_targets(tok, tgt)
+    q = tgt != RC.IGNORE
+    assert torch.equal(got[q], tgt[q])  # the labels as they were
+    assert torch.equal(got[:, :-1][~q[:, :-1]], tok[:, 1:][~q[:, :-1]])  # elsewhere the input's next token
+    assert (got[:, -1][~q[:, -1]] == RC.IGNORE).all()
+
+
+def _segment_model(seed=0):
+    return RC.build_recall_model("hope", TASK, d_model=16, n_heads=2, seed=seed, proj_chunk=4, memory_chunk=8,
+                                 cms_periods=(1, 4))
+
+
+def test_training_in_one_segment_is_the_unsegmented_step():
+    tok, tgt = RC.make_batch(TASK, 4, 16, 4, np.random.default_rng(0))
+    got = []
+    for segment in (None, 16, 64):
+        model = _segment_model()
+        rec = RC.train_step(model, RC.build_optimizer(model, RC.DEFAULT_OPTIM), tok, tgt, segment=segment)
+        got.append((rec, [p.detach().clone() for p in model.parameters()]))
+    for rec, params in got[1:]:
+        assert rec == got[0][0] and rec["steps"] == 1
+        assert all(torch.equal(a, b) for a, b in zip(params, got[0][1]))
+
+
+def test_training_in_segments_steps_per_scored_segment_and_carries_the_state(monkeypatch):
+    """One optimizer step per segment that has a scored target; each step starts from the state
+    the previous segment left (the CMS levels updated by its teach signal); a segment without a
+    target only advances the state through a forward."""
+    calls = []
+    real = RC.TrainStep.__call__
+
+    def spy(self, tokens, targets, states, **kw):
+        r = real(self, tokens, targets, states, **kw)
+        calls.append((tokens.shape[1], states[0], r.states[0], r.updates_applied))
+        return r
+
+    monkeypatch.setattr(RC.TrainStep, "__call__", spy)
+    tok, tgt = RC.make_batch(TASK, 4, 32, 4, np.random.default_rng(0))  # pairs at 0-7, queries from 8 on
+    model = _segment_model()
+    opt = RC.build_optimizer(model, RC.DEFAULT_OPTIM)
+    rec = RC.train_step(model, opt, tok, RC.input_targets(tok, tgt), segment=8)
+    assert rec["steps"] == 4 == len(calls) and [c[0] for c in calls] == [8, 8, 8, 8] and rec["skipped"] == 0
+    assert all(c[3] > 0 for c in calls) and rec["inner_updates"] == sum(c[3] for c in calls)
+    for before, after in zip(calls, calls[1:]):
+        assert after[1] is before[2]  # the state carried
+    lvl = calls[1][1].tensors()  # the state the second segment read differs from a fresh one
+    fresh = model.init_state(4).tensors()
+    assert any(a.shape == b.shape and not torch.equal(a, b) for a, b in zip(lvl, fresh))
+    calls.clear()
+    rec = RC.train_step(model, opt, tok, tgt, segment=8)  # queries only: the pair segment has no loss
+    first_query = int((tgt != RC.IGNORE).float().argmax(1).min())
+    assert rec["steps"] == len(calls) == 4 - first_query // 8 and np.isfinite(rec["loss"])
+
+
 @pytest.mark.slow
 def test_the_command_line_end_to_end(tmp_path):
     """Every model, a tiny width, a few steps, through the script: JSON in the schema, the table
@@ -302,3 +364,19 @@ def test_the_command_line_memorises_in_segments(tmp_path):
     titans = json.loads((out / "recall_titans_memorize.json").read_text())
     assert titans["memorize"]["updates_applied"] == 0 and "no CMS levels" in titans["warnings"][0]
     assert all(b["baseline_delta"]["acc"] == 0 for b in titans["tasks"].values())
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_in_segments_with_the_input_loss(tmp_path):
+    out = tmp_path / "recall"
+    r = run_python("scripts/eval/recall.py", "--models", "hope", "--pairs", "2,4", "--lengths", "32",
+                   "--steps", "3", "--seeds", "0", "--batch-size", "4", "--test-sequences", "4", "--vocab", "64",
+                   "--filler", "8", "--d-model", "16", "--heads", "2", "--train-segment", "8", "--input-loss",
+                   "--out", str(out), "--no-progress", timeout=300)
+    assert r.returncode == 0, r.stderr
+    ex = json.loads((out / "recall_hope.json").read_text())["tasks"]["mqar"]["extra"]
+    assert ex["settings"]["train_segment"] == 8 and ex["settings"]["input_loss"] is True
+    t = ex["training"][0]
+    assert t["steps"] == 3 and t["optimizer_steps"] == 12 and t["segment"] == 8 and t["input_loss"] is True
+    bad = run_python("scripts/eval/recall.py", "--models", "hope", "--train-segment", "0", "--out", str(out))
+    assert bad.returncode != 0 and "--train-segment must be >= 1 token" in bad.stderr
