@@ -167,8 +167,16 @@ def test_make_report_writes_where_the_campaign_file_says(tmp_path):
     assert make_report.main([*args, "--check"]) == {}  # and its check reads the same files
 
 
-@pytest.mark.parametrize("campaign", ["cpu", "cms_lr"])
+@pytest.mark.parametrize("campaign", ["cpu", "cms_lr", "cms_optimizer"])
 def test_the_committed_reports_regenerate_from_the_committed_result_files(campaign):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_report.py"), "--campaign", campaign,
                         "--check"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_one_model_campaign_says_it_has_no_ordering():
+    from nested_learning.campaign.report import Report
+    from nested_learning.campaign.spec import Campaign
+
+    assert "this campaign has one model, so no ordering" in Report(Campaign.load("cms_optimizer")).ordering()
+    assert "this campaign has one model" not in Report(Campaign.load("cpu")).ordering()
