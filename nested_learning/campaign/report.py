@@ -229,10 +229,10 @@ class Report:
         return lines
 
     def ordering(self) -> str:
-        ranked = sorted((m, v, sd, n) for v in self.r.variants("main")
-                        for m, sd, n in [self.r.stat(v, "val_loss")] if m is not None)
-        if len(self.r.variants("main")) < 2:
+        models = self.r.variants("main")
+        if len(models) < 2:
             return "Ordering by final validation loss: this campaign has one model, so no ordering (its ablations are below)."
+        ranked = sorted((m, v, sd, n) for v in models for m, sd, n in [self.r.stat(v, "val_loss")] if m is not None)
         if len(ranked) < 2:
             return "Ordering by final validation loss: not enough finished models yet."
         ref_sd = self.r.stat(self.c.reference, "val_loss")[1]

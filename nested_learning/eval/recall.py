@@ -261,7 +261,7 @@ def train_step(model, opt, tokens: Tensor, targets: Tensor, clip: float | None =
     L = tokens.shape[1]
     seg = L if segment is None else segment
     state = model.init_state(tokens.shape[0])
-    total, scored, gnorm, skipped, updates, steps = 0.0, 0, 0.0, 0, 0, 0
+    total, scored, gnorms, skipped, updates, steps = 0.0, 0, [], 0, 0, 0
     for s in range(0, L, seg):
         x, y = tokens[:, s:s + seg], targets[:, s:s + seg]
         n = int((y != IGNORE).sum())
@@ -272,7 +272,9 @@ def train_step(model, opt, tokens: Tensor, targets: Tensor, clip: float | None =
         r = step(x, y, [state], lr_factor=lr_factor)
         state, steps = r.states[0], steps + 1
         total, scored = total + r.loss * n, scored + n
-        gnorm, skipped, updates = max(gnorm, r.grad_norm), skipped + (r.skipped is not None), updates + r.updates_applied
+        gnorms.append(r.grad_norm)
+        skipped, updates = skipped + (r.skipped is not None), updates + r.updates_applied
+    gnorm = max(gnorms) if gnorms and all(math.isfinite(g) for g in gnorms) else math.nan  # NaN: a step had none
     return {"loss": total / scored if scored else math.nan, "grad_norm": gnorm, "skipped": skipped,
             "inner_updates": updates, "steps": steps}
 

@@ -186,7 +186,7 @@ def deep_momentum_factored(
     G tanh(K)^T = D^T (X tanh(K)^T), which cost C H (Din + Dout) instead of Dout Din H, and the
     decayed M0 and the step M0 + V tanh(K) are each one fused batched product (baddbmm).
     Per chunk there remain two products of weight size and the weight's own update and norm,
-    against the reference's five products and seven elementwise passes of that size. Pure
+    against the reference's four products and seven elementwise passes of that size. Pure
     torch: differentiable like the reference, on every device."""
     C = buffer_x.shape[1]
     xs, ds, n_up = buffered_tokens(buffer_x, buffer_delta, filled, x, delta)
