@@ -6,7 +6,7 @@ from tests.helpers import run_python
 
 
 @pytest.mark.parametrize("study", ["forget_sweep.py", "optimizer_compare.py", "variant_stability.py",
-                                   "inner_curvature.py", "cms_lr.py"])
+                                   "inner_curvature.py", "cms_lr.py", "run_health.py"])
 def test_a_study_runs_as_a_file_from_the_repository_root(study):
     """`python studies/X.py` finds its sibling modules (studies/ is sys.path[0]) and the package
     (installed), with no sys.path edit."""
@@ -64,3 +64,15 @@ def test_layer_cost_times_the_three_ways_of_bounding_the_mlp_memory():
     med = variant_stability.layer_cost(repeats=1)
     assert set(med) == {"no bound, one call", "bound in the op, one call", "bound in the layer, one call per chunk"}
     assert all(v > 0 for v in med.values()) and TitansMemory.mlp_bound_in_op is True
+
+
+def test_run_health_refuses_a_folder_that_is_not_a_run(tmp_path):
+    r = run_python("studies/run_health.py", str(tmp_path), timeout=300)
+    assert r.returncode != 0 and "not a finished run folder" in r.stderr
+
+
+def test_run_health_uses_the_cms_lr_studys_measurements():
+    import studies.cms_lr
+    import studies.run_health
+
+    assert studies.run_health.drift is studies.cms_lr.drift and studies.run_health.grad_groups is studies.cms_lr.grad_groups
